@@ -1,0 +1,1 @@
+"""gateway_guard: resilient outbound HTTP calls and honest gateway error pages."""

@@ -1,0 +1,341 @@
+"""The exception tree, and the one place that names upstream failures.
+
+::
+
+    GatewayGuardError
+    ├── SettingsError               (also a ValueError) bad settings, raised at startup
+    └── UpstreamError               anything rendered as a gateway error
+        ├── UpstreamConnectError    502  dns_error, connection_refused,
+        │                                destination_ip_unroutable, tls_*
+        ├── UpstreamTimeout         504  connection_timeout, connection_read_timeout,
+        │                                connection_write_timeout, http_response_timeout
+        ├── UpstreamProtocolError   502  http_protocol_error, http_response_incomplete,
+        │                                connection_terminated
+        ├── UpstreamStatusError     502  the upstream answered a failure status (received_status)
+        ├── CircuitOpenError        503  destination_unavailable
+        ├── LoadShedError           503  connection_limit_reached
+        └── UpstreamConfigError     500  proxy_configuration_error
+
+Error types are RFC 9209's registry names; :func:`classify` picks the most specific one
+by walking an httpx exception's cause chain down to the real ``OSError`` / ``ssl`` error.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from collections.abc import Iterator, Sequence
+from typing import ClassVar
+
+import httpx
+
+__all__ = [
+    "CircuitOpenError",
+    "GatewayGuardError",
+    "LoadShedError",
+    "SettingsError",
+    "SettingsProblem",
+    "UpstreamConfigError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamStatusError",
+    "UpstreamTimeout",
+    "classify",
+    "from_exception",
+]
+
+
+class GatewayGuardError(Exception):
+    """Base class of every exception gateway_guard raises on purpose."""
+
+
+class SettingsProblem:
+    """One thing wrong with the settings: where (dotted key path) and what."""
+
+    __slots__ = ("message", "path")
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+    def __repr__(self) -> str:
+        return f"SettingsProblem({self.path!r}, {self.message!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SettingsProblem) and (self.path, self.message) == (
+            other.path,
+            other.message,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.path, self.message))
+
+
+class SettingsError(GatewayGuardError, ValueError):
+    """Invalid settings. The message lists every problem, one per line, each with its key path.
+
+    ``problems`` holds them as :class:`SettingsProblem` objects for tools (the Django system
+    checks turn each into its own check message).
+    """
+
+    def __init__(self, problems: Sequence[SettingsProblem] | str) -> None:
+        if isinstance(problems, str):
+            problems = [SettingsProblem("", problems)]
+        self.problems: tuple[SettingsProblem, ...] = tuple(problems)
+        if len(self.problems) == 1:
+            message = str(self.problems[0])
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            message = f"{len(self.problems)} problems in gateway_guard settings:\n{lines}"
+        super().__init__(message)
+
+
+class UpstreamError(GatewayGuardError):
+    """An upstream call failed in a way the inbound request should answer as a gateway error.
+
+    Attributes (``None`` where unknown):
+
+    - ``status``: the HTTP status to answer with (502, 503, 504, or 500 for configuration).
+    - ``proxy_error``: the RFC 9209 error type, or ``None`` when the upstream answered a
+      failure status (``received_status`` then says which).
+    - ``upstream``: the configured upstream name (never its host).
+    - ``attempts``: how many attempts were made (0 when none was: breaker open, shed).
+    - ``elapsed``: seconds spent on the call including retries and waits.
+    - ``retry_after``: seconds after which trying again makes sense.
+    - ``received_status``: the status the upstream answered, where it answered one.
+    """
+
+    default_status: ClassVar[int] = 502
+    default_proxy_error: ClassVar[str | None] = "http_protocol_error"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        proxy_error: str | None = None,
+        upstream: str | None = None,
+        attempts: int = 0,
+        elapsed: float = 0.0,
+        retry_after: float | None = None,
+        received_status: int | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message or self.__class__.__name__)
+        self.status: int = status if status is not None else self.default_status
+        self.proxy_error: str | None = (
+            proxy_error if proxy_error is not None else self.default_proxy_error
+        )
+        self.upstream = upstream
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.retry_after = retry_after
+        self.received_status = received_status
+
+
+class UpstreamConnectError(UpstreamError):
+    """The connection to the upstream could not be made (the request was never sent)."""
+
+    default_proxy_error = "connection_refused"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer in time."""
+
+    default_status = 504
+    default_proxy_error = "http_response_timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered, but not with a whole, well-formed HTTP response."""
+
+    default_proxy_error = "http_protocol_error"
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered a failure status and retries are spent.
+
+    ``response`` is the last response, already read and closed (its body is available as
+    ``response.content`` for logging; it is never shown to visitors).
+    """
+
+    default_proxy_error = None
+
+    def __init__(
+        self, message: str = "", *, response: httpx.Response | None = None, **kwargs: object
+    ) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.response = response
+
+
+class CircuitOpenError(UpstreamError):
+    """The upstream's circuit breaker is open: the call was not attempted."""
+
+    default_status = 503
+    default_proxy_error = "destination_unavailable"
+
+
+class LoadShedError(UpstreamError):
+    """A concurrency limit was reached (outbound bulkhead or inbound shedding)."""
+
+    default_status = 503
+    default_proxy_error = "connection_limit_reached"
+
+
+class UpstreamConfigError(UpstreamError):
+    """The call could not be made because of how it is configured (bad URL, scheme, ...)."""
+
+    default_status = 500
+    default_proxy_error = "proxy_configuration_error"
+
+
+# --- classification --------------------------------------------------------------------
+
+_UNROUTABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL})
+_RESET = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
+# Resolver failures surface as plain OSErrors with only a message on some paths (anyio
+# wraps them), so the text is the last resort. These are glibc's and macOS' wordings.
+_DNS_WORDS = (
+    "name or service not known",
+    "temporary failure in name resolution",
+    "nodename nor servname",
+    "no address associated with hostname",
+    "name resolution",
+    "getaddrinfo failed",
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """Every exception behind ``exc``: causes, contexts and exception-group members."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        if current.__cause__ is not None:
+            stack.append(current.__cause__)
+        if current.__context__ is not None and not current.__suppress_context__:
+            stack.append(current.__context__)
+
+
+def _connect_error_type(exc: BaseException) -> tuple[type[UpstreamError], str]:
+    for inner in _chain(exc):
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            return UpstreamConnectError, "tls_certificate_error"
+        if isinstance(inner, ssl.SSLError):
+            return UpstreamConnectError, "tls_protocol_error"
+        if isinstance(inner, socket.gaierror):
+            return UpstreamConnectError, "dns_error"
+        if isinstance(inner, ConnectionRefusedError):
+            return UpstreamConnectError, "connection_refused"
+        if isinstance(inner, TimeoutError | socket.timeout):
+            return UpstreamTimeout, "connection_timeout"
+        if isinstance(inner, OSError) and inner.errno in _UNROUTABLE:
+            return UpstreamConnectError, "destination_ip_unroutable"
+        if isinstance(inner, OSError) and inner.errno == errno.ECONNREFUSED:
+            return UpstreamConnectError, "connection_refused"
+    text = " ".join(str(e).lower() for e in _chain(exc))
+    if any(word in text for word in _DNS_WORDS):
+        return UpstreamConnectError, "dns_error"
+    if "certificate" in text:
+        return UpstreamConnectError, "tls_certificate_error"
+    if "ssl" in text or "tls" in text:
+        return UpstreamConnectError, "tls_protocol_error"
+    if "refused" in text or "all connection attempts failed" in text:
+        return UpstreamConnectError, "connection_refused"
+    if "unreachable" in text:
+        return UpstreamConnectError, "destination_ip_unroutable"
+    return UpstreamConnectError, "connection_refused"
+
+
+def _was_reset(exc: BaseException) -> bool:
+    return any(
+        isinstance(inner, ConnectionResetError | BrokenPipeError | ConnectionAbortedError)
+        or (isinstance(inner, OSError) and inner.errno in _RESET)
+        for inner in _chain(exc)
+    )
+
+
+def classify(exc: BaseException) -> tuple[type[UpstreamError], str]:
+    """Name a transport failure: the exception class to raise and the RFC 9209 error type.
+
+    Accepts httpx exceptions (and what they wrap) and plain ``OSError`` / ``ssl`` errors.
+    Anything unrecognised is an ``http_protocol_error``: we know the upstream exchange
+    failed but not how, and 502 is the honest answer.
+    """
+    if isinstance(exc, UpstreamError):
+        return type(exc), exc.proxy_error or "http_protocol_error"
+    if isinstance(exc, httpx.ConnectTimeout):
+        return UpstreamTimeout, "connection_timeout"
+    if isinstance(exc, httpx.ReadTimeout):
+        return UpstreamTimeout, "connection_read_timeout"
+    if isinstance(exc, httpx.WriteTimeout):
+        return UpstreamTimeout, "connection_write_timeout"
+    if isinstance(exc, httpx.PoolTimeout):
+        # Our own connection pool was exhausted: a local limit, not the upstream's fault.
+        return LoadShedError, "connection_limit_reached"
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout, "http_response_timeout"
+    if isinstance(exc, httpx.ConnectError):
+        return _connect_error_type(exc)
+    if isinstance(exc, httpx.ProxyError):
+        return UpstreamConnectError, "destination_unavailable"
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return UpstreamConfigError, "proxy_configuration_error"
+    if isinstance(exc, httpx.DecodingError):
+        return UpstreamProtocolError, "http_response_content_coding"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        text = str(exc).lower()
+        if _was_reset(exc):
+            return UpstreamProtocolError, "connection_terminated"
+        if "incomplete" in text or "complete message body" in text:
+            return UpstreamProtocolError, "http_response_incomplete"
+        if "disconnected without sending" in text:
+            return UpstreamProtocolError, "connection_terminated"
+        return UpstreamProtocolError, "http_protocol_error"
+    if isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.CloseError):
+        return UpstreamProtocolError, "connection_terminated"
+    if isinstance(exc, httpx.LocalProtocolError):
+        return UpstreamConfigError, "proxy_internal_error"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return UpstreamProtocolError, "http_protocol_error"
+    if isinstance(exc, ssl.SSLError | socket.gaierror | ConnectionRefusedError):
+        return _connect_error_type(exc)
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout, "http_response_timeout"
+    if _was_reset(exc):
+        return UpstreamProtocolError, "connection_terminated"
+    return UpstreamProtocolError, "http_protocol_error"
+
+
+def from_exception(
+    exc: BaseException,
+    *,
+    upstream: str | None = None,
+    attempts: int = 1,
+    elapsed: float = 0.0,
+) -> UpstreamError:
+    """Build the classified :class:`UpstreamError` for ``exc`` (the caller chains it).
+
+    The message is for logs and debug pages only; production pages never show it.
+    """
+    if isinstance(exc, UpstreamError):
+        return exc
+    cls, proxy_error = classify(exc)
+    detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return cls(
+        f"upstream {upstream or '?'} failed ({proxy_error}): {detail}",
+        proxy_error=proxy_error,
+        upstream=upstream,
+        attempts=attempts,
+        elapsed=elapsed,
+    )

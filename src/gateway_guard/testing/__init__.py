@@ -1,0 +1,1 @@
+"""Helpers for testing apps that use gateway_guard (and gateway_guard itself)."""
