@@ -1,1 +1,47 @@
-"""gateway_guard: resilient outbound HTTP calls and honest gateway error pages."""
+"""gateway_guard: resilient outbound HTTP calls and honest gateway error pages.
+
+Guard your app's calls to its upstreams with budgeted safe retries, circuit breakers and
+load shedding; when an upstream still fails, answer with a branded 502/503/504 page and
+standard diagnostic headers (RFC 9209 ``Proxy-Status``).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .errors import (
+    CircuitOpenError,
+    GatewayGuardError,
+    LoadShedError,
+    SettingsError,
+    UpstreamConfigError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from .guard import Guard
+from .settings import Settings, load_settings
+
+try:
+    __version__ = version("gateway-guard")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = [
+    "CircuitOpenError",
+    "GatewayGuardError",
+    "Guard",
+    "LoadShedError",
+    "Settings",
+    "SettingsError",
+    "UpstreamConfigError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamStatusError",
+    "UpstreamTimeout",
+    "__version__",
+    "load_settings",
+]

@@ -7,16 +7,22 @@ The hot path only reads these: every field is already in the form it is used in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
+
+from .routing import Route, RouteTable
+from .settings import CallSettings, Settings, ShedSettings, effective_call, merge_shed
 
 __all__ = [
     "BreakerPolicy",
     "BulkheadPolicy",
     "CallPolicy",
+    "Policies",
     "Priority",
     "RetryPolicy",
     "ShedPolicy",
+    "compile_policies",
 ]
 
 Priority = Literal["critical", "normal", "sheddable"]
@@ -90,3 +96,116 @@ class CallPolicy:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     bulkhead: BulkheadPolicy = field(default_factory=BulkheadPolicy)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Policies:
+    """Everything compiled from one :class:`~gateway_guard.settings.Settings`."""
+
+    settings: Settings
+    service: str
+    debug: bool
+    brand_app_errors: bool
+    # The policy of each upstream outside any route (or when no route matches).
+    calls: Mapping[str, CallPolicy]
+    routes: RouteTable
+    shed: ShedPolicy
+
+    def call(
+        self, upstream: str, route_calls: Mapping[str, CallPolicy] | None = None
+    ) -> CallPolicy:
+        """The effective policy of ``upstream``, inside a route when its calls are given."""
+        if route_calls is not None:
+            policy = route_calls.get(upstream)
+            if policy is not None:
+                return policy
+        return self.calls[upstream]
+
+
+def _call_policy(name: str, base_url: str | None, call: CallSettings) -> CallPolicy:
+    r, b, h = call.retry, call.breaker, call.bulkhead
+    return CallPolicy(
+        upstream=name,
+        base_url=base_url,
+        connect_timeout=call.connect_timeout,
+        read_timeout=call.read_timeout,
+        deadline=call.deadline,
+        raise_on_failure_status=call.raise_on_failure_status,
+        retry=RetryPolicy(
+            attempts=r.attempts,
+            backoff_initial=r.backoff_initial,
+            backoff_max=r.backoff_max,
+            jitter=r.jitter,
+            on_status=frozenset(r.on_status),
+            methods=frozenset(m.upper() for m in r.methods),
+            retry_non_idempotent=r.retry_non_idempotent,
+            budget_ratio=r.budget_ratio,
+            budget_min_per_second=r.budget_min_per_second,
+            respect_retry_after=r.respect_retry_after,
+            max_retry_after=r.max_retry_after,
+        ),
+        breaker=BreakerPolicy(
+            enabled=b.enabled,
+            failure_rate=b.failure_rate,
+            window=b.window,
+            window_size=b.window_size,
+            min_calls=b.min_calls,
+            open_seconds=b.open_seconds,
+            max_open_seconds=b.max_open_seconds,
+            half_open_calls=b.half_open_calls,
+            slow_call_seconds=b.slow_call_seconds,
+            slow_call_rate=b.slow_call_rate,
+            failure_status=frozenset(b.failure_status),
+        ),
+        bulkhead=BulkheadPolicy(max_concurrent=h.max_concurrent, max_wait=h.max_wait),
+    )
+
+
+def _shed_policy(shed: ShedSettings) -> ShedPolicy:
+    return ShedPolicy(
+        max_concurrent=shed.max_concurrent,
+        max_queue=shed.max_queue,
+        queue_timeout=shed.queue_timeout,
+    )
+
+
+def compile_policies(settings: Settings) -> Policies:
+    """Compile validated settings into the frozen objects the hot path reads.
+
+    Layering is ``defaults`` < ``upstreams.<name>`` < the route, merged per key. Identical
+    effective policies are shared, so breakers and budgets can be keyed by upstream while
+    a route only changes what a route may change (timeouts, deadline, retries).
+    """
+    calls = {
+        name: _call_policy(name, up.base_url, effective_call(settings, name, None))
+        for name, up in settings.upstreams.items()
+    }
+    routes = []
+    for index, rs in enumerate(settings.routes):
+        route_calls: dict[str, CallPolicy] = {}
+        for name, up in settings.upstreams.items():
+            policy = _call_policy(name, up.base_url, effective_call(settings, name, rs))
+            route_calls[name] = calls[name] if policy == calls[name] else policy
+        route_shed = merge_shed(settings.shed, rs)
+        routes.append(
+            Route(
+                index=index,
+                pattern=rs.path,
+                name=rs.name or rs.path,
+                methods=frozenset(m.upper() for m in rs.methods) if rs.methods else None,
+                priority=rs.priority,
+                depends_on=tuple(rs.depends_on),
+                deadline=rs.deadline,
+                shed=_shed_policy(route_shed) if route_shed is not None else None,
+                calls=route_calls,
+            )
+        )
+    return Policies(
+        settings=settings,
+        service=settings.service,
+        debug=settings.debug,
+        brand_app_errors=settings.brand_app_errors,
+        calls=calls,
+        routes=RouteTable(routes, settings.shed.exempt),
+        shed=_shed_policy(settings.shed),
+    )
