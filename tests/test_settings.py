@@ -111,6 +111,23 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ),
     ({"routes": [{"path": "/a", "shed": {"exempt": ["/x"]}}]}, "routes.0.shed.exempt", "app-wide"),
     ({"routes": {"path": "/a"}}, "routes", "list"),
+    ({"routes": [{"path": "/a", "methods": []}]}, "routes.0.methods", "at least 1"),
+    (
+        {"routes": [{"path": "/a", "retry": {"budget_ratio": 0.5}}]},
+        "routes.0.retry.budget_ratio",
+        "per upstream",
+    ),
+    # Only the deadline was set here: blame it, not the inherited read_timeout.
+    (
+        {"upstreams": {"search": {"deadline": 2.5}}},
+        "upstreams.search.deadline",
+        "read_timeout 10 s",
+    ),
+    (
+        {"upstreams": {"s": {"breaker": {"window_size": 5}}}},
+        "upstreams.s.breaker.window_size",
+        "min_calls 10",
+    ),
 ]
 
 
@@ -249,6 +266,17 @@ def test_env_overrides_are_coerced_to_the_field_type() -> None:
     assert s.upstreams["payments"].read_timeout == 1.5
     assert s.routes[0].deadline == 4
     assert s.brand.name == "123"
+
+
+def test_env_list_items_are_trimmed() -> None:
+    env = {"GATEWAY_GUARD__DEFAULTS__RETRY__METHODS": "GET, PUT"}
+    assert load_settings({}, environ=env).defaults.retry.methods == ["GET", "PUT"]
+
+
+def test_json_schema_key_is_ignored(tmp_path: Path) -> None:
+    file = tmp_path / "gg.json"
+    file.write_text(json.dumps({"$schema": "./schema.json", "service": "api"}))
+    assert load_settings(file, environ={}).service == "api"
 
 
 def test_env_override_creates_an_upstream() -> None:

@@ -103,7 +103,9 @@ class BreakerSettings(_Model):
     max_open_seconds: PositiveSeconds = Field(
         300.0, description="Cap of the growing open time after failed probes."
     )
-    half_open_calls: int = Field(3, ge=1, le=1000, description="Concurrent probes in half-open.")
+    half_open_calls: int = Field(
+        3, ge=1, le=1000, description="Probes admitted in half-open; this many successes close it."
+    )
     slow_call_seconds: PositiveSeconds = Field(5.0, description="A call this long is slow.")
     slow_call_rate: Rate = Field(1.0, description="Open at this slow-call rate (1 = never).")
     failure_status: list[HttpStatus] = Field(
@@ -153,7 +155,9 @@ class RouteSettings(_Model):
     """``[[routes]]``: a route policy; the first matching entry wins."""
 
     path: str = Field(description="Route template: /orders/{id}, /static/{rest:path}.")
-    methods: list[HttpMethod] | None = Field(None, description="Methods matched (all if unset).")
+    methods: list[HttpMethod] | None = Field(
+        None, min_length=1, description="Methods matched (all if unset)."
+    )
     name: str | None = Field(None, max_length=100, description="Name in logs (default: path).")
     priority: Priority = Field("normal", description="Shedding order: sheddable goes first.")
     depends_on: list[str] = Field(
@@ -257,6 +261,8 @@ def _read_file(path: str, what: str) -> dict[str, Any]:
         raise SettingsError(f"{what} {path!r}: is not valid {suffix[1:].upper()}: {exc}") from exc
     if not isinstance(parsed, dict):
         raise SettingsError(f"{what} {path!r}: must hold a table/object at the top level")
+    # Editors point JSON files at their schema with "$schema"; it is not a setting.
+    parsed.pop("$schema", None)
     result: dict[str, Any] = _plain(parsed)
     return result
 
@@ -322,7 +328,7 @@ def _coerce_env(text: str, annotation: Any) -> Any:
     stripped = text.strip()
     wants_list = _is_list(annotation)
     if wants_list and stripped and not stripped.startswith("["):
-        return [_coerce_env(item, _list_item(annotation)) for item in stripped.split(",")]
+        return [_coerce_env(item.strip(), _list_item(annotation)) for item in stripped.split(",")]
     if _wants_str(annotation):
         return text
     try:
@@ -512,7 +518,7 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
         add(
             "service",
             f"must be a structured-field token (letters, digits, -._:/ ...; "
-            f"starting with a letter), got {_show(settings.service)}",
+            f"starting with a letter or *), got {_show(settings.service)}",
         )
     brand = settings.brand
     if not _COLOUR.match(brand.accent_color):
@@ -536,7 +542,7 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
             why := _url_problem(upstream.base_url, allow_path=False)
         ):
             add(f"{where}.base_url", why)
-        _check_call(_merge_call(settings.defaults, upstream), where, problems)
+        _check_call(_merge_call(settings.defaults, upstream), where, problems, owner=upstream)
 
     _check_shed(settings.shed, "shed", problems)
     for i, pattern in enumerate(settings.shed.exempt):
@@ -570,7 +576,7 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
         for name, base in bases.items():
             merged = _merge_route(base, route)
             suffix = f" (for upstream {name!r})" if name else ""
-            _check_call(merged, where, problems, suffix=suffix, only_route=route)
+            _check_call(merged, where, problems, suffix=suffix, owner=route)
     # Several routes x upstreams can report the same problem; say each once.
     return list(dict.fromkeys(problems))
 
@@ -580,61 +586,87 @@ def _check_shed(shed: ShedSettings, where: str, problems: list[SettingsProblem])
         problems.append(SettingsProblem(f"{where}.max_queue", "needs max_concurrent > 0"))
 
 
+def _set_keys(owner: _Model | None, dotted: str) -> bool:
+    """Whether ``owner`` (None: the defaults, which own everything) set ``dotted`` itself."""
+    if owner is None:
+        return True
+    section, _, key = dotted.partition(".")
+    if not key:
+        return section in owner.model_fields_set
+    sub = getattr(owner, section, None) if section in owner.model_fields_set else None
+    return isinstance(sub, _Model) and key in sub.model_fields_set
+
+
+def _blame(owner: _Model | None, first: str, second: str) -> str | None:
+    """Which of two conflicting keys to report: one the user set at this level.
+
+    A conflict made only of inherited values was already reported where they were set.
+    """
+    if _set_keys(owner, first):
+        return first
+    if _set_keys(owner, second):
+        return second
+    return None
+
+
 def _check_call(
     call: CallSettings,
     where: str,
     problems: list[SettingsProblem],
     *,
     suffix: str = "",
-    only_route: RouteSettings | None = None,
+    owner: _Model | None = None,
 ) -> None:
-    def add(key: str, message: str) -> None:
-        problems.append(SettingsProblem(f"{where}.{key}", message + suffix))
+    """Cross-field rules of one layered call policy, reported at the keys ``owner`` set."""
 
-    def owns(key: str) -> bool:
-        # For a route, report only what the route itself set: the rest was reported at
-        # the upstream or defaults level already.
-        if only_route is None:
-            return True
-        top = key.split(".", maxsplit=1)[0]
-        if top == "retry":
-            return (
-                only_route.retry is not None
-                and key.split(".")[1] in only_route.retry.model_fields_set
-            )
-        return top in only_route.model_fields_set
+    def add(key: str | None, message: str) -> None:
+        if key is not None:
+            problems.append(SettingsProblem(f"{where}.{key}", message + suffix))
 
+    is_route = isinstance(owner, RouteSettings)
     for key in ("connect_timeout", "read_timeout"):
         value = getattr(call, key)
+        if value <= call.deadline:
+            continue
         # An inherited timeout longer than a route's deadline is fine: attempts are clipped
         # to the time left. Only a timeout the route sets itself is a contradiction.
-        if value > call.deadline and owns(key):
-            add(key, f"{key} {value:g} s must not exceed the deadline {call.deadline:g} s")
-    retry = call.retry
-    if retry.backoff_initial > retry.backoff_max and (
-        owns("retry.backoff_initial") or owns("retry.backoff_max")
-    ):
-        add(
-            "retry.backoff_initial",
-            f"must not exceed backoff_max {retry.backoff_max:g}, got {retry.backoff_initial:g}",
+        blame = (
+            (key if _set_keys(owner, key) else None) if is_route else _blame(owner, key, "deadline")
         )
-    if only_route is not None:
+        add(blame, f"{key} {value:g} s must not exceed the deadline {call.deadline:g} s")
+    retry = call.retry
+    if retry.backoff_initial > retry.backoff_max:
+        add(
+            _blame(owner, "retry.backoff_initial", "retry.backoff_max"),
+            f"backoff_initial {retry.backoff_initial:g} must not exceed backoff_max "
+            f"{retry.backoff_max:g}",
+        )
+    if is_route:
+        for key in ("budget_ratio", "budget_min_per_second"):
+            if _set_keys(owner, f"retry.{key}"):
+                add(
+                    f"retry.{key}",
+                    "retry budgets are per upstream: set it in [upstreams.NAME.retry]",
+                )
         return
     breaker = call.breaker
     if breaker.window == "count" and breaker.min_calls > breaker.window_size:
         add(
-            "breaker.min_calls",
-            f"must not exceed window_size {breaker.window_size} for a count window, "
-            f"got {breaker.min_calls}",
+            _blame(owner, "breaker.min_calls", "breaker.window_size"),
+            f"min_calls {breaker.min_calls} must not exceed window_size {breaker.window_size} "
+            "for a count window",
         )
     if breaker.max_open_seconds < breaker.open_seconds:
         add(
-            "breaker.max_open_seconds",
-            f"must be at least open_seconds {breaker.open_seconds:g}, "
-            f"got {breaker.max_open_seconds:g}",
+            _blame(owner, "breaker.max_open_seconds", "breaker.open_seconds"),
+            f"max_open_seconds {breaker.max_open_seconds:g} must be at least open_seconds "
+            f"{breaker.open_seconds:g}",
         )
     if math.isclose(breaker.failure_rate, 0.0) and breaker.enabled:
-        add("breaker.failure_rate", "must be greater than 0 (0 would open on the first call)")
+        add(
+            _blame(owner, "breaker.failure_rate", "breaker.enabled"),
+            "failure_rate must be greater than 0 (0 would open on the first call)",
+        )
 
 
 def _override(base: _Model, over: _Model | None) -> Any:
