@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .asgi import GatewayGuardMiddleware
+from .breaker import BreakerState, CircuitBreaker
+from .context import RequestContext, current_context, current_guard
 from .errors import (
     CircuitOpenError,
     GatewayGuardError,
@@ -22,7 +25,9 @@ from .errors import (
     UpstreamTimeout,
 )
 from .guard import Guard
+from .limiter import ConcurrencyLimiter
 from .settings import Settings, load_settings
+from .wsgi import GatewayGuardWSGI
 
 try:
     __version__ = version("gateway-guard")
@@ -30,10 +35,16 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     __version__ = "0.0.0"
 
 __all__ = [
+    "BreakerState",
+    "CircuitBreaker",
     "CircuitOpenError",
+    "ConcurrencyLimiter",
     "GatewayGuardError",
+    "GatewayGuardMiddleware",
+    "GatewayGuardWSGI",
     "Guard",
     "LoadShedError",
+    "RequestContext",
     "Settings",
     "SettingsError",
     "UpstreamConfigError",
@@ -43,5 +54,7 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamTimeout",
     "__version__",
+    "current_context",
+    "current_guard",
     "load_settings",
 ]

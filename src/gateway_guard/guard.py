@@ -2,10 +2,64 @@
 
 from __future__ import annotations
 
-from .policy import CallPolicy, Policies, compile_policies
-from .settings import Settings, SettingsSource, load_settings
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-__all__ = ["Guard"]
+import httpx
+
+from .breaker import BreakerState, CircuitBreaker
+from .errors import UpstreamError
+from .limiter import ConcurrencyLimiter, InboundShedding, bulkhead
+from .policy import CallPolicy, Policies, compile_policies
+from .retry import RetryBudget
+from .settings import Settings, SettingsSource, load_settings
+from .transport import AsyncGuardedTransport, GuardedTransport
+
+if TYPE_CHECKING:
+    from .render import ErrorRenderer
+
+__all__ = ["Guard", "UpstreamRuntime"]
+
+logger = logging.getLogger("gateway_guard")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class UpstreamRuntime:
+    """The shared state of one upstream: every client and transport of it uses this."""
+
+    __slots__ = ("breaker", "budget", "bulkhead", "clock", "name", "policy")
+
+    def __init__(self, policy: CallPolicy, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = policy.upstream
+        self.policy = policy
+        # Deadlines, breakers, budgets and bulkheads all read this one clock, so tests can
+        # drive them together with a fake one: Guard(settings, clock=fake).
+        self.clock = clock
+        self.breaker = CircuitBreaker(policy.upstream, policy.breaker, clock=clock)
+        self.bulkhead: ConcurrencyLimiter = bulkhead(policy.upstream, policy.bulkhead, clock=clock)
+        self.budget = RetryBudget.from_policy(policy.retry, clock=clock)
+        self.breaker.add_listener(_log_state_change)
+
+
+def _log_state_change(breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
+    # One line per transition, never per rejected call: an outage must not flood logs.
+    level = (
+        logging.WARNING if new in (BreakerState.OPEN, BreakerState.FORCED_OPEN) else logging.INFO
+    )
+    logger.log(
+        level,
+        "circuit breaker for upstream %s: %s -> %s",
+        breaker.name,
+        old.value,
+        new.value,
+        extra={"upstream": breaker.name, "breaker_from": old.value, "breaker_to": new.value},
+    )
 
 
 class Guard:
@@ -14,16 +68,207 @@ class Guard:
     ``settings`` is a mapping, a ``.toml``/``.json`` path, a :class:`Settings`, or ``None``
     to read ``GATEWAY_GUARD_SETTINGS`` and ``GATEWAY_GUARD__*`` from the environment.
     Raises :class:`gateway_guard.SettingsError` naming every bad key.
+
+    Breakers, retry budgets and bulkheads belong to the Guard, so every client and
+    transport of the same upstream shares them::
+
+        guard = Guard("gateway_guard.toml")
+        with guard.client("payments") as payments:
+            payments.post("/charges", json=charge, headers={"Idempotency-Key": key})
     """
 
-    def __init__(self, settings: SettingsSource = None) -> None:
+    def __init__(
+        self, settings: SettingsSource = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        # ``clock`` (monotonic seconds) drives deadlines, breakers, budgets and limiters;
+        # tests pass a fake one. RequestContext.deadline_at is on this clock too.
         self.settings: Settings = load_settings(settings)
         self.policies: Policies = compile_policies(self.settings)
+        self.clock = clock
+        self._upstreams = {
+            name: UpstreamRuntime(policy, clock) for name, policy in self.policies.calls.items()
+        }
+        self.shedding = InboundShedding.from_policies(
+            self.policies.shed,
+            {route.index: route.shed for route in self.policies.routes.routes},
+            clock=clock,
+        )
+
+    def __repr__(self) -> str:
+        return f"<Guard service={self.settings.service!r} upstreams={sorted(self._upstreams)}>"
+
+    # --- lookups -----------------------------------------------------------------------
+
+    def runtime(self, upstream: str) -> UpstreamRuntime:
+        try:
+            return self._upstreams[upstream]
+        except KeyError:
+            known = ", ".join(sorted(self._upstreams)) or "none configured"
+            raise KeyError(
+                f"unknown upstream {upstream!r} (upstreams: {known}); add it under "
+                f"[upstreams.{upstream}] in the settings"
+            ) from None
 
     def policy(self, upstream: str) -> CallPolicy:
         """The effective policy of ``upstream`` outside any route."""
+        return self.runtime(upstream).policy
+
+    def breaker(self, upstream: str) -> CircuitBreaker:
+        """The circuit breaker of ``upstream`` (``.state``, ``force_open()``, ``reset()``...)."""
+        return self.runtime(upstream).breaker
+
+    def bulkhead(self, upstream: str) -> ConcurrencyLimiter:
+        """The outbound concurrency limiter of ``upstream``."""
+        return self.runtime(upstream).bulkhead
+
+    @functools.cached_property
+    def renderer(self) -> ErrorRenderer:
+        """Renders gateway error responses with this Guard's branding and debug setting."""
+        from .render import ErrorRenderer  # noqa: PLC0415 - templates load on first use
+
+        return ErrorRenderer(self.settings)
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        return tuple(self._upstreams)
+
+    # --- httpx ---------------------------------------------------------------------------
+
+    def transport(
+        self, upstream: str, inner: httpx.BaseTransport | None = None
+    ) -> GuardedTransport:
+        """An ``httpx.BaseTransport`` guarding calls to ``upstream`` through ``inner``."""
+        return GuardedTransport(self.runtime(upstream), inner or httpx.HTTPTransport())
+
+    def async_transport(
+        self, upstream: str, inner: httpx.AsyncBaseTransport | None = None
+    ) -> AsyncGuardedTransport:
+        """An ``httpx.AsyncBaseTransport`` guarding calls to ``upstream`` through ``inner``."""
+        return AsyncGuardedTransport(self.runtime(upstream), inner or httpx.AsyncHTTPTransport())
+
+    def _client_kwargs(self, upstream: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        policy = self.policy(upstream)
+        if policy.base_url is not None:
+            kwargs.setdefault("base_url", policy.base_url)
+        # Per-attempt timeouts are set by the transport from the policy; this is only
+        # what httpx reports if something reads the client's timeout.
+        kwargs.setdefault(
+            "timeout", httpx.Timeout(policy.read_timeout, connect=policy.connect_timeout)
+        )
+        return kwargs
+
+    def client(self, upstream: str, **kwargs: Any) -> httpx.Client:
+        """A new guarded ``httpx.Client`` for ``upstream``, owned (and closed) by the caller.
+
+        ``base_url`` comes from the settings; any ``httpx.Client`` argument may be given.
+        A ``transport=`` is wrapped, not replaced.
+        """
+        inner = kwargs.pop("transport", None)
+        kwargs = self._client_kwargs(upstream, kwargs)
+        return httpx.Client(transport=self.transport(upstream, inner), **kwargs)
+
+    def async_client(self, upstream: str, **kwargs: Any) -> httpx.AsyncClient:
+        """A new guarded ``httpx.AsyncClient`` for ``upstream``, owned by the caller."""
+        inner = kwargs.pop("transport", None)
+        kwargs = self._client_kwargs(upstream, kwargs)
+        return httpx.AsyncClient(transport=self.async_transport(upstream, inner), **kwargs)
+
+    # --- any callable ------------------------------------------------------------------
+
+    def protect(
+        self,
+        upstream: str,
+        *,
+        failure: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        ignore: type[BaseException] | tuple[type[BaseException], ...] = (),
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Guard any sync or async callable with ``upstream``'s breaker and bulkhead.
+
+        An exception matching ``failure`` (default: any ``Exception``) counts against the
+        breaker; one matching ``ignore`` counts as a success (the upstream answered, the
+        answer was "no"). Cancellation, and an :class:`UpstreamError` passing through
+        (say from a guarded client called inside), count as neither. The call is not
+        retried: only the caller knows whether it is safe to repeat.
+
+        ::
+
+            @guard.protect("search", ignore=(NotFound,))
+            async def lookup(q: str) -> list[Hit]: ...
+        """
+        rt = self.runtime(upstream)
+
+        def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+            if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+                getattr(fn, "__call__", None)  # noqa: B004 - an object with async __call__
+            ):
+                return _protect_async(rt, fn, failure, ignore)  # type: ignore[arg-type, return-value]
+            return _protect_sync(rt, fn, failure, ignore)
+
+        return decorate
+
+
+def _outcome(
+    rt: UpstreamRuntime,
+    exc: BaseException,
+    probe: bool,
+    t0: float,
+    failure: type[BaseException] | tuple[type[BaseException], ...],
+    ignore: type[BaseException] | tuple[type[BaseException], ...],
+) -> None:
+    duration = time.monotonic() - t0
+    if isinstance(exc, ignore):
+        rt.breaker.record_success(duration, probe)
+    elif isinstance(exc, failure) and not isinstance(exc, UpstreamError):
+        rt.breaker.record_failure(duration, probe)
+    else:
+        rt.breaker.record_ignored(probe)
+
+
+def _protect_sync(
+    rt: UpstreamRuntime,
+    fn: Callable[P, R],
+    failure: type[BaseException] | tuple[type[BaseException], ...],
+    ignore: type[BaseException] | tuple[type[BaseException], ...],
+) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        rt.bulkhead.acquire()
         try:
-            return self.policies.calls[upstream]
-        except KeyError:
-            known = ", ".join(sorted(self.policies.calls)) or "none configured"
-            raise KeyError(f"unknown upstream {upstream!r} (upstreams: {known})") from None
+            probe = rt.breaker.admit()
+            t0 = time.monotonic()
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                _outcome(rt, exc, probe, t0, failure, ignore)
+                raise
+            rt.breaker.record_success(time.monotonic() - t0, probe)
+            return result
+        finally:
+            rt.bulkhead.release()
+
+    return wrapper
+
+
+def _protect_async(
+    rt: UpstreamRuntime,
+    fn: Callable[P, Awaitable[R]],
+    failure: type[BaseException] | tuple[type[BaseException], ...],
+    ignore: type[BaseException] | tuple[type[BaseException], ...],
+) -> Callable[P, Awaitable[R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        await rt.bulkhead.acquire_async()
+        try:
+            probe = rt.breaker.admit()
+            t0 = time.monotonic()
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                _outcome(rt, exc, probe, t0, failure, ignore)
+                raise
+            rt.breaker.record_success(time.monotonic() - t0, probe)
+            return result
+        finally:
+            rt.bulkhead.release()
+
+    return wrapper

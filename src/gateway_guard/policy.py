@@ -96,6 +96,32 @@ class CallPolicy:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     bulkhead: BulkheadPolicy = field(default_factory=BulkheadPolicy)
+    # Statuses that are a failed call once retries are spent (retry.on_status and
+    # breaker.failure_status); computed here so the hot path does one set lookup.
+    failure_statuses: frozenset[int] = frozenset()
+
+    # The httpx timeout extension for an attempt with time to spare. Shared by every
+    # request (httpx and httpcore only read it), so the common case allocates nothing.
+    timeouts: Mapping[str, float] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.failure_statuses:
+            union = self.retry.on_status | self.breaker.failure_status
+            object.__setattr__(self, "failure_statuses", union)
+        object.__setattr__(
+            self,
+            "timeouts",
+            {
+                "connect": self.connect_timeout,
+                "read": self.read_timeout,
+                "write": self.read_timeout,
+                "pool": self.connect_timeout,
+            },
+        )
+        # The longer of the two: with at least this much time left no clipping is needed.
+        object.__setattr__(self, "unclipped_after", max(self.connect_timeout, self.read_timeout))
+
+    unclipped_after: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -41,10 +41,8 @@ reason                   retry when
 
 from __future__ import annotations
 
-import calendar
 import functools
 import math
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -63,6 +61,7 @@ from gateway_guard.errors import (
     UpstreamTimeout,
     classify,
 )
+from gateway_guard.headers import parse_retry_after
 from gateway_guard.policy import RetryPolicy
 
 if TYPE_CHECKING:
@@ -461,91 +460,6 @@ def is_retryable_exception(exc: BaseException) -> bool:
         return False
     error_class, proxy_error = classify(exc)
     return issubclass(error_class, _RETRYABLE_CLASSES) and proxy_error not in _DETERMINISTIC
-
-
-# --- Retry-After -------------------------------------------------------------------------
-
-_DAYS = "Mon|Tue|Wed|Thu|Fri|Sat|Sun"
-_LONG_DAYS = "Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday"
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-_MONTH_NUMBER = {name.lower(): number for number, name in enumerate(_MONTHS, start=1)}
-_MONTH = "|".join(_MONTHS)
-_TIME = r"(?P<hour>\d\d):(?P<minute>\d\d):(?P<second>\d\d)"
-# The three HTTP-date forms of RFC 9110 §5.6.7. Recipients must accept all three; names
-# are matched without regard to case because being stricter than senders helps no one.
-_IMF_FIXDATE = re.compile(
-    rf"(?:{_DAYS}), (?P<day>\d\d) (?P<month>{_MONTH}) (?P<year>\d{{4}}) {_TIME} GMT",
-    re.ASCII | re.IGNORECASE,
-)
-_RFC850_DATE = re.compile(
-    rf"(?:{_LONG_DAYS}), (?P<day>\d\d)-(?P<month>{_MONTH})-(?P<year>\d\d) {_TIME} GMT",
-    re.ASCII | re.IGNORECASE,
-)
-_ASCTIME_DATE = re.compile(
-    rf"(?:{_DAYS}) (?P<month>{_MONTH}) (?P<day>[ \d]\d) {_TIME} (?P<year>\d{{4}})",
-    re.ASCII | re.IGNORECASE,
-)
-# The longest valid value is an rfc850-date with "Wednesday" (33 characters). Anything
-# much longer is not a date, and refusing it early bounds the work a hostile upstream
-# can cause.
-_MAX_RETRY_AFTER_LENGTH = 40
-# 18 digits fit a float without surprises and stay far below Python's int-parsing limit.
-_MAX_DELAY_DIGITS = 18
-
-
-def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
-    """Seconds to wait according to a ``Retry-After`` value (RFC 9110 §10.2.3).
-
-    Accepts delay-seconds (``"120"``) and an HTTP-date in any of its three forms, which is
-    turned into seconds from ``now`` (a ``time.time()`` timestamp, by default the current
-    time); a date in the past gives 0. Returns None for anything else (negative or
-    fractional numbers, malformed or overlong values) and never raises.
-    """
-    text = value.strip(" \t")
-    if not text or len(text) > _MAX_RETRY_AFTER_LENGTH:
-        return None
-    if text.isascii() and text.isdigit():
-        return float(int(text)) if len(text) <= _MAX_DELAY_DIGITS else None
-    if now is None:
-        now = time.time()
-    timestamp = _parse_http_date(text, now)
-    if timestamp is None:
-        return None
-    delay = timestamp - now
-    # Written so that a NaN ``now`` gives 0 rather than NaN.
-    return delay if delay > 0 else 0.0
-
-
-def _parse_http_date(text: str, now: float) -> float | None:
-    match = (
-        _IMF_FIXDATE.fullmatch(text)
-        or _RFC850_DATE.fullmatch(text)
-        or _ASCTIME_DATE.fullmatch(text)
-    )
-    if match is None:
-        return None
-    year = int(match["year"])
-    if len(match["year"]) == 2:
-        # RFC 9110: a two-digit year more than 50 years in the future means the most
-        # recent past year with those last two digits.
-        this_year = _year_of(now)
-        year += this_year - this_year % 100
-        if year > this_year + 50:
-            year -= 100
-    month = _MONTH_NUMBER[match["month"].lower()]
-    day, hour, minute = int(match["day"]), int(match["hour"]), int(match["minute"])
-    if not (1 <= day <= calendar.monthrange(year, month)[1] and hour < 24 and minute < 60):
-        return None
-    # HTTP-dates allow a leap second (:60); POSIX timestamps have no room for it.
-    second = min(int(match["second"]), 59)
-    return float(calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)))
-
-
-def _year_of(timestamp: float) -> int:
-    try:
-        return time.gmtime(timestamp).tm_year
-    except (OverflowError, OSError, ValueError):  # NaN, inf or beyond the platform's range
-        return time.gmtime().tm_year
 
 
 # --- the decision ------------------------------------------------------------------------

@@ -1,0 +1,654 @@
+"""Circuit breaker: a plain, synchronous, I/O-free state machine shared by every driver.
+
+::
+
+                 trip (rates over the window)
+      CLOSED ─────────────────────────────────► OPEN
+        ▲                                        │ open time elapsed (on the next admit)
+        │ half_open_calls probe successes        ▼
+        └──────────────────────────────────── HALF_OPEN ──► OPEN (a probe failed;
+                                                             the open time doubles)
+
+      FORCED_OPEN and DISABLED are entered and left only by hand
+      (force_open / disable / force_closed / reset).
+
+A driver (transport, decorator) asks and then reports::
+
+    probe = breaker.admit()              # raises CircuitOpenError when it must not call
+    try:
+        response = send(request)
+    except BaseException as exc:
+        if it_was_our_own_cancellation(exc):
+            breaker.record_ignored(probe)
+        else:
+            breaker.record_failure(elapsed, probe)
+        raise
+    breaker.record_status(response.status_code, elapsed, probe)
+
+Every admitted call must be reported exactly once, or a half-open probe slot leaks and the
+breaker stays half-open until it is reset. The breaker never holds its lock across the
+call, only for the few operations of one state update, so the same object serves threads
+and thousands of asyncio tasks alike.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import random as _random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
+
+from gateway_guard.errors import CircuitOpenError
+from gateway_guard.policy import BreakerPolicy
+
+__all__ = [
+    "HALF_OPEN_RETRY_AFTER",
+    "BreakerSnapshot",
+    "BreakerState",
+    "CallListener",
+    "CallOutcome",
+    "CircuitBreaker",
+    "StateListener",
+]
+
+logger = logging.getLogger("gateway_guard")
+
+# What a caller rejected in HALF_OPEN is told. The probes in flight decide the next state
+# and we cannot know when they finish; one second is the smallest whole Retry-After that
+# is not "now", and a client coming back then finds the breaker closed or open again.
+HALF_OPEN_RETRY_AFTER = 1.0
+
+# One recorded call, as stored in the windows: bit 0 failed, bit 1 slow.
+_OK = 0
+_FAIL = 1
+_SLOW = 2
+
+
+class BreakerState(enum.StrEnum):
+    """The state of a :class:`CircuitBreaker`; the value is what metrics and the CLI show.
+
+    A ``str`` subclass (``StrEnum`` is ``str`` + ``Enum``): ``state == "open"`` holds.
+    """
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+    FORCED_OPEN = "forced_open"
+    DISABLED = "disabled"
+
+
+class CallOutcome(enum.StrEnum):
+    """What a call listener is told about one call."""
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    IGNORED = "ignored"  # reported through record_ignored: neither success nor failure
+    REJECTED = "rejected"  # admit() refused it; the duration reported is 0.0
+
+
+_CLOSED = BreakerState.CLOSED
+_OPEN = BreakerState.OPEN
+_HALF_OPEN = BreakerState.HALF_OPEN
+_FORCED_OPEN = BreakerState.FORCED_OPEN
+_DISABLED = BreakerState.DISABLED
+
+StateListener: TypeAlias = Callable[["CircuitBreaker", BreakerState, BreakerState], None]
+"""``fn(breaker, old_state, new_state)``, called after every state change."""
+
+CallListener: TypeAlias = Callable[["CircuitBreaker", CallOutcome, float], None]
+"""``fn(breaker, outcome, duration)``, called for every reported call and every rejection."""
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSnapshot:
+    """A consistent copy of a breaker's numbers at one instant, for metrics and the CLI.
+
+    ``calls``, ``failures`` and ``slow`` count the current window (slow calls include slow
+    failures). ``open_until`` is on the breaker's clock (``time.monotonic`` by default);
+    it and ``open_remaining`` are ``None`` unless the state is ``OPEN``.
+    """
+
+    name: str
+    state: BreakerState
+    calls: int
+    failures: int
+    slow: int
+    failure_rate: float
+    slow_rate: float
+    open_until: float | None
+    open_remaining: float | None
+    consecutive_opens: int
+    probes_in_flight: int
+
+
+class _CountWindow:
+    """The last ``size`` calls: a ring of outcome codes with running totals."""
+
+    __slots__ = ("_pos", "_ring", "_size", "calls", "failures", "slow")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ring = [_OK] * size
+        self._pos = 0
+        self.calls = 0
+        self.failures = 0
+        self.slow = 0
+
+    def add(self, code: int) -> bool:
+        """Count one call; True when the rates may have risen, so thresholds need a look.
+
+        A plain success in a full window replaces an equal or worse call, which can only
+        lower the rates: skipping the check then keeps the steady state cheap.
+        """
+        pos = self._pos
+        ring = self._ring
+        old = ring[pos]
+        # Slots are filled in order from a clear ring, so until the window is full the
+        # slot under `pos` is empty and holds _OK: there is nothing to subtract.
+        if old != code:
+            ring[pos] = code
+            self.failures += (code & _FAIL) - (old & _FAIL)
+            self.slow += (code >> 1) - (old >> 1)
+        pos += 1
+        self._pos = 0 if pos == self._size else pos
+        if self.calls < self._size:
+            self.calls += 1
+            return True
+        return code != _OK
+
+    def refresh(self) -> None:
+        """Nothing expires in a count window."""
+
+    def clear(self) -> None:
+        self._ring = [_OK] * self._size
+        self._pos = 0
+        self.calls = self.failures = self.slow = 0
+
+
+class _TimeWindow:
+    """The last ``size`` seconds in one bucket per second, with running totals.
+
+    Buckets are indexed by ``second % size``; when the clock moves on, the buckets of the
+    seconds skipped over are emptied (all of them at once after a gap of a whole window),
+    so each bucket is cleared at most once per second it covers: O(1) amortised, and
+    memory is three lists of ``size`` ints whatever the traffic.
+    """
+
+    __slots__ = (
+        "_b_calls",
+        "_b_failures",
+        "_b_slow",
+        "_clock",
+        "_head",
+        "_size",
+        "calls",
+        "failures",
+        "slow",
+    )
+
+    def __init__(self, size: int, clock: Callable[[], float]) -> None:
+        self._size = size
+        self._clock = clock
+        self._b_calls = [0] * size
+        self._b_failures = [0] * size
+        self._b_slow = [0] * size
+        self._head: int | None = None
+        self.calls = 0
+        self.failures = 0
+        self.slow = 0
+
+    def _advance(self) -> int:
+        """Move the window's end to the current second; returns that second's bucket index."""
+        second = math.floor(self._clock())
+        size = self._size
+        head = self._head
+        if head is None or second - head >= size:
+            if self.calls:
+                self.clear()
+            head = second
+        elif second > head:
+            b_calls, b_failures, b_slow = self._b_calls, self._b_failures, self._b_slow
+            for s in range(head + 1, second + 1):
+                i = s % size
+                if b_calls[i]:
+                    self.calls -= b_calls[i]
+                    self.failures -= b_failures[i]
+                    self.slow -= b_slow[i]
+                    b_calls[i] = b_failures[i] = b_slow[i] = 0
+            head = second
+        # A clock that steps back (only a test's can) leaves the window where it is: the call
+        # is counted in the newest bucket rather than resurrecting an expired one.
+        self._head = head
+        return head % size
+
+    def add(self, code: int) -> bool:
+        i = self._advance()
+        self._b_calls[i] += 1
+        self.calls += 1
+        if code:
+            failed = code & _FAIL
+            slow = code >> 1
+            self._b_failures[i] += failed
+            self._b_slow[i] += slow
+            self.failures += failed
+            self.slow += slow
+        # Expiring old buckets can raise the rates even when this call succeeded.
+        return True
+
+    def refresh(self) -> None:
+        self._advance()
+
+    def clear(self) -> None:
+        size = self._size
+        self._b_calls = [0] * size
+        self._b_failures = [0] * size
+        self._b_slow = [0] * size
+        self.calls = self.failures = self.slow = 0
+
+
+class CircuitBreaker:
+    """A circuit breaker for one upstream, driven by :meth:`admit` and the ``record_*`` calls.
+
+    ``clock`` (seconds, monotonic) and ``random`` (uniform in [0, 1), for the jitter of
+    re-open times) are injectable so tests are exact without sleeping.
+
+    >>> from gateway_guard.policy import BreakerPolicy
+    >>> breaker = CircuitBreaker("payments", BreakerPolicy(min_calls=2, window_size=2))
+    >>> for _ in range(2):
+    ...     probe = breaker.admit()
+    ...     breaker.record_failure(0.1, probe)
+    >>> breaker.state
+    <BreakerState.OPEN: 'open'>
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_call_listeners",
+        "_clock",
+        "_consecutive_opens",
+        "_failure_rate",
+        "_failure_status",
+        "_fast",
+        "_half_open_calls",
+        "_lock",
+        "_max_open_seconds",
+        "_min_calls",
+        "_open_seconds",
+        "_open_until",
+        "_pass",
+        "_probe_successes",
+        "_probes",
+        "_random",
+        "_slow_call_rate",
+        "_slow_seconds",
+        "_slow_trips",
+        "_state",
+        "_state_listeners",
+        "_window",
+        "name",
+        "policy",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        policy: BreakerPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._clock = clock
+        self._random = random
+        self._lock = threading.Lock()
+        # Policy values are copied into slots so the hot path reads one attribute each, and
+        # clamped so a policy that slipped past validation cannot wedge the state machine.
+        self._failure_rate = policy.failure_rate
+        self._failure_status = policy.failure_status
+        self._min_calls = max(1, policy.min_calls)
+        self._slow_seconds = policy.slow_call_seconds
+        self._slow_call_rate = policy.slow_call_rate
+        self._slow_trips = policy.slow_call_rate < 1.0
+        self._open_seconds = policy.open_seconds
+        self._max_open_seconds = max(policy.max_open_seconds, 0.0)
+        self._half_open_calls = max(1, policy.half_open_calls)
+        size = max(1, policy.window_size)
+        self._window: _CountWindow | _TimeWindow = (
+            _TimeWindow(size, clock) if policy.window == "time" else _CountWindow(size)
+        )
+        self._state_listeners: tuple[StateListener, ...] = ()
+        self._call_listeners: tuple[CallListener, ...] = ()
+        self._open_until = 0.0
+        self._consecutive_opens = 0
+        self._probes = 0  # probes admitted in this half-open spell, minus ignored ones
+        self._probe_successes = 0
+        self._state = _CLOSED if policy.enabled else _DISABLED
+        # The two hot-path flags, kept in step with _state by _set_state:
+        # _pass: admit() may say yes without the lock (CLOSED, DISABLED).
+        # _fast: record_success() may take the short path (CLOSED, and no call listener).
+        self._pass = True
+        self._fast = policy.enabled
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.name!r} {self.state.value}>"
+
+    # --- the decision API ----------------------------------------------------------------
+
+    def admit(self) -> bool:
+        """May a call go ahead? Returns True when it is a half-open probe.
+
+        Raises :class:`CircuitOpenError` when the call must not be made. Every admitted
+        call must then be reported once through ``record_success`` / ``record_failure`` /
+        ``record_status`` / ``record_ignored`` with the probe flag returned here.
+        """
+        if self._pass:
+            return False
+        return self._admit_slow()
+
+    def _admit_slow(self) -> bool:
+        changed: tuple[BreakerState, BreakerState] | None = None
+        retry_after: float | None = None
+        with self._lock:
+            state = self._state
+            if state is _CLOSED or state is _DISABLED:
+                # It was not when admit() looked, but it is now.
+                return False
+            now = self._clock()
+            if state is _OPEN and now >= self._open_until:
+                # Half-open is entered lazily, by the first caller after the open time.
+                changed = self._set_state(_HALF_OPEN)
+                state = _HALF_OPEN
+            admitted = state is _HALF_OPEN and self._probes < self._half_open_calls
+            if admitted:
+                self._probes += 1
+            elif state is _OPEN:
+                retry_after = self._open_until - now
+            elif state is _HALF_OPEN:
+                retry_after = HALF_OPEN_RETRY_AFTER
+        if changed is not None:
+            self._notify_state(*changed)
+        if admitted:
+            return True
+        if self._call_listeners:
+            self._notify_call(CallOutcome.REJECTED, 0.0)
+        raise CircuitOpenError(
+            f"circuit breaker for upstream {self.name!r} is {state.value}",
+            upstream=self.name,
+            retry_after=retry_after,
+        )
+
+    def record_success(self, duration: float, probe: bool) -> None:
+        """Report an admitted call that succeeded after ``duration`` seconds."""
+        if self._fast and not probe and duration < self._slow_seconds:
+            with self._lock:
+                if not self._window.add(_OK) or not self._over_threshold():
+                    return
+                changed = self._trip()
+            if changed is not None:
+                self._notify_state(*changed)
+            return
+        self._record(_SLOW if duration >= self._slow_seconds else _OK, duration, probe)
+
+    def record_failure(self, duration: float, probe: bool) -> None:
+        """Report an admitted call that failed after ``duration`` seconds."""
+        self._record((_FAIL | _SLOW) if duration >= self._slow_seconds else _FAIL, duration, probe)
+
+    def record_status(self, status: int, duration: float, probe: bool) -> None:
+        """Report an admitted call by the status it answered.
+
+        A status in the policy's ``failure_status`` is a failure; anything else, 4xx
+        included, is a success: the upstream answered as designed, the client asked wrong.
+        """
+        if status in self._failure_status:
+            self.record_failure(duration, probe)
+        else:
+            self.record_success(duration, probe)
+
+    def record_ignored(self, probe: bool) -> None:
+        """Report an admitted call whose outcome must not count (e.g. the caller cancelled).
+
+        A half-open probe gives its slot back, so another caller can probe instead.
+        """
+        if probe:
+            with self._lock:
+                # More ignored than outstanding can only be a report from an earlier
+                # half-open spell; it must not hand out extra slots in this one.
+                if self._state is _HALF_OPEN and self._probes > self._probe_successes:
+                    self._probes -= 1
+        if self._call_listeners and self._state is not _DISABLED:
+            self._notify_call(CallOutcome.IGNORED, 0.0)
+
+    def _record(self, code: int, duration: float, probe: bool) -> None:
+        changed: tuple[BreakerState, BreakerState] | None = None
+        with self._lock:
+            state = self._state
+            if state is _DISABLED:
+                return
+            if state is _CLOSED:
+                # A probe reported after a manual close is just a call made while closed.
+                if self._window.add(code) and self._over_threshold():
+                    changed = self._trip()
+            elif state is _HALF_OPEN and probe:
+                if code & _FAIL or (code & _SLOW and self._slow_trips):
+                    # One bad probe is enough: the upstream is not back. A slow probe is bad
+                    # only when slowness can trip the breaker; closing would re-trip anyway.
+                    changed = self._open()
+                else:
+                    self._probe_successes += 1
+                    if self._probe_successes >= self._half_open_calls:
+                        self._window.clear()
+                        self._consecutive_opens = 0
+                        changed = self._set_state(_CLOSED)
+            # Otherwise a call admitted before the breaker opened (or a probe of an earlier
+            # half-open spell) finished late: it says nothing about the upstream now.
+        if changed is not None:
+            self._notify_state(*changed)
+        if self._call_listeners:
+            self._notify_call(
+                CallOutcome.FAILURE if code & _FAIL else CallOutcome.SUCCESS, duration
+            )
+
+    # --- transitions (all called with the lock held) -------------------------------------
+
+    def _over_threshold(self) -> bool:
+        window = self._window
+        calls = window.calls
+        if calls < self._min_calls:
+            return False
+        # Division, not a precomputed count: failures / calls is correctly rounded, so a
+        # rate exactly at the threshold (3 of 10 against 0.3) compares equal, as documented.
+        # A window with no failures never trips on failures, even at failure_rate 0.
+        failures = window.failures
+        if failures and failures / calls >= self._failure_rate:
+            return True
+        slow = window.slow
+        return self._slow_trips and slow > 0 and slow / calls >= self._slow_call_rate
+
+    def _trip(self) -> tuple[BreakerState, BreakerState] | None:
+        # Another thread may have opened (or disabled) the breaker between this call's
+        # fast-path check and taking the lock.
+        if self._state is not _CLOSED:
+            return None
+        return self._open()
+
+    def _open(self) -> tuple[BreakerState, BreakerState]:
+        reopens = self._consecutive_opens
+        self._consecutive_opens = reopens + 1
+        # min() on the exponent keeps 2.0 ** n finite however long the upstream stays down.
+        wait = min(self._open_seconds * 2.0 ** min(reopens, 64), self._max_open_seconds)
+        if reopens:
+            # Jitter only downwards, so the cap is a promise; it spreads the probes of many
+            # processes that opened together. The first open stays exact and predictable.
+            wait *= 1.0 - 0.2 * self._random()
+        self._open_until = self._clock() + wait
+        return self._set_state(_OPEN)
+
+    def _set_state(self, new: BreakerState) -> tuple[BreakerState, BreakerState]:
+        old = self._state
+        self._state = new
+        self._pass = new is _CLOSED or new is _DISABLED
+        self._fast = new is _CLOSED and not self._call_listeners
+        self._probes = self._probe_successes = 0
+        return old, new
+
+    # --- manual control ------------------------------------------------------------------
+
+    def force_open(self) -> None:
+        """Reject every call until :meth:`force_closed`, :meth:`reset` or :meth:`disable`."""
+        self._manual(_FORCED_OPEN)
+
+    def disable(self) -> None:
+        """Admit every call and count nothing, until :meth:`force_closed` or :meth:`reset`."""
+        self._manual(_DISABLED)
+
+    def force_closed(self) -> None:
+        """Return to normal operation from any state: CLOSED, with a fresh window.
+
+        Also switches on a breaker whose policy has ``enabled = false``.
+        """
+        self._manual(_CLOSED)
+
+    def reset(self) -> None:
+        """As new: the policy's starting state (CLOSED, or DISABLED when the settings say
+        ``enabled = false``), an empty window, re-open count zero. Resetting every breaker
+        must never switch on one the configuration turned off."""
+        self._manual(_CLOSED if self.policy.enabled else _DISABLED, fresh=True)
+
+    def _manual(self, new: BreakerState, *, fresh: bool = False) -> None:
+        with self._lock:
+            if fresh or new is _CLOSED:
+                self._window.clear()
+                self._consecutive_opens = 0
+            old, _ = self._set_state(new)
+        if old is not new:
+            self._notify_state(old, new)
+
+    # --- reading -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> BreakerState:
+        """The current state; HALF_OPEN as soon as the open time is over, before any admit."""
+        state = self._state
+        if state is _OPEN and self._clock() >= self._open_until:
+            return _HALF_OPEN
+        return state
+
+    def retry_after(self) -> float | None:
+        """What a call rejected now would be told, in seconds.
+
+        ``None`` when a call would be admitted now, or when no time can be promised
+        (FORCED_OPEN: it opens when an operator says so).
+        """
+        with self._lock:
+            state = self._state
+            if state is _OPEN:
+                remaining = self._open_until - self._clock()
+                if remaining > 0:
+                    return remaining
+                return None  # the next admit becomes the first probe
+            if state is _HALF_OPEN and self._probes >= self._half_open_calls:
+                return HALF_OPEN_RETRY_AFTER
+            return None
+
+    def snapshot(self) -> BreakerSnapshot:
+        with self._lock:
+            window = self._window
+            window.refresh()
+            state = self._state
+            now = self._clock()
+            open_until: float | None = None
+            open_remaining: float | None = None
+            if state is _OPEN:
+                if now >= self._open_until:
+                    state = _HALF_OPEN
+                else:
+                    open_until = self._open_until
+                    open_remaining = open_until - now
+            calls, failures, slow = window.calls, window.failures, window.slow
+            return BreakerSnapshot(
+                name=self.name,
+                state=state,
+                calls=calls,
+                failures=failures,
+                slow=slow,
+                failure_rate=failures / calls if calls else 0.0,
+                slow_rate=slow / calls if calls else 0.0,
+                open_until=open_until,
+                open_remaining=open_remaining,
+                consecutive_opens=self._consecutive_opens,
+                probes_in_flight=(
+                    self._probes - self._probe_successes if self._state is _HALF_OPEN else 0
+                ),
+            )
+
+    # --- listeners -----------------------------------------------------------------------
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Call ``listener(breaker, old_state, new_state)`` after every state change.
+
+        Listeners run after the breaker's lock is released, on whichever thread or task
+        caused the change; one that raises is logged and skipped, never propagated.
+        """
+        with self._lock:
+            self._state_listeners = (*self._state_listeners, listener)
+
+    def remove_listener(self, listener: StateListener) -> None:
+        """Stop calling ``listener``; ValueError if it was not added."""
+        with self._lock:
+            self._state_listeners = _without(self._state_listeners, listener)
+
+    def add_call_listener(self, listener: CallListener) -> None:
+        """Call ``listener(breaker, outcome, duration)`` for every call reported or rejected.
+
+        Outcomes reported while DISABLED are not passed on. Having any call listener moves
+        successes off the fastest path, so use one only when you need per-call metrics.
+        """
+        with self._lock:
+            self._call_listeners = (*self._call_listeners, listener)
+            self._fast = False
+
+    def remove_call_listener(self, listener: CallListener) -> None:
+        """Stop calling ``listener``; ValueError if it was not added."""
+        with self._lock:
+            self._call_listeners = _without(self._call_listeners, listener)
+            self._fast = self._state is _CLOSED and not self._call_listeners
+
+    def _notify_state(self, old: BreakerState, new: BreakerState) -> None:
+        # The tuple is replaced, never mutated, so iterating it needs no lock.
+        for listener in self._state_listeners:
+            try:
+                listener(self, old, new)
+            except Exception:
+                logger.exception(
+                    "circuit breaker %r: state listener %r failed on %s -> %s",
+                    self.name,
+                    listener,
+                    old.value,
+                    new.value,
+                )
+
+    def _notify_call(self, outcome: CallOutcome, duration: float) -> None:
+        for listener in self._call_listeners:
+            try:
+                listener(self, outcome, duration)
+            except Exception:
+                logger.exception(
+                    "circuit breaker %r: call listener %r failed on %s",
+                    self.name,
+                    listener,
+                    outcome.value,
+                )
+
+
+_T = TypeVar("_T")
+
+
+def _without(items: tuple[_T, ...], item: _T) -> tuple[_T, ...]:
+    index = items.index(item)  # ValueError for a listener that was never added
+    return items[:index] + items[index + 1 :]

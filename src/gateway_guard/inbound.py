@@ -1,0 +1,203 @@
+"""The inbound decision core shared by every middleware (ASGI, WSGI, Django, Flask).
+
+Framework adapters translate their request into (method, path, a few headers), call
+:func:`start`, and turn what comes back into their own response type. Everything that is
+a decision — exemption, route, request id, dependency check, error mapping, logging —
+lives here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import httpx
+
+from .breaker import BreakerState
+from .context import RequestContext
+from .errors import CircuitOpenError, UpstreamError, from_exception
+from .headers import new_request_id, parse_traceparent, valid_request_id
+
+if TYPE_CHECKING:
+    from .guard import Guard
+    from .render import RenderedError
+    from .routing import Route
+
+__all__ = ["Inbound", "as_upstream_error", "log_gateway_error", "render_error", "start"]
+
+logger = logging.getLogger("gateway_guard")
+
+_ADMITTING = (BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.DISABLED)
+
+
+class Inbound:
+    """What the middleware decided about one inbound request."""
+
+    __slots__ = ("blocked", "ctx", "exempt", "priority", "route", "route_key", "started")
+
+    def __init__(
+        self,
+        ctx: RequestContext,
+        route: Route | None,
+        exempt: bool,
+        blocked: CircuitOpenError | None,
+        started: float,
+    ) -> None:
+        self.ctx = ctx
+        self.route = route
+        self.exempt = exempt
+        self.blocked = blocked
+        self.started = started
+        self.priority = route.priority if route is not None else "normal"
+        self.route_key = route.index if route is not None and route.shed is not None else None
+
+
+def start(
+    guard: Guard,
+    method: str,
+    path: str,
+    request_id: str | bytes | None,
+    traceparent: str | bytes | None,
+) -> Inbound:
+    """Decide what to do with an inbound request before any of the app's code runs."""
+    now = guard.clock()
+    rid = valid_request_id(request_id) if request_id is not None else None
+    if rid is None:
+        rid = new_request_id()
+    trace_id = None
+    if traceparent is not None:
+        parsed = parse_traceparent(traceparent)
+        if parsed is not None:
+            trace_id = parsed[0]
+    routes = guard.policies.routes
+    exempt = routes.is_exempt(path)
+    route = None if exempt else routes.match(method, path)
+    blocked = None
+    deadline_at = None
+    if route is not None:
+        if route.deadline is not None:
+            deadline_at = now + route.deadline
+        if route.depends_on:
+            blocked = _dependency_down(guard, route)
+    ctx = RequestContext(guard, rid, route, deadline_at, trace_id)
+    return Inbound(ctx, route, exempt, blocked, now)
+
+
+def _dependency_down(guard: Guard, route: Route) -> CircuitOpenError | None:
+    """A 503 to answer at once when an upstream the route needs has its breaker open.
+
+    Half-open lets the request through: it may be the probe that closes the breaker.
+    """
+    for name in route.depends_on:
+        breaker = guard.breaker(name)
+        if breaker.state not in _ADMITTING:
+            return CircuitOpenError(
+                f"route {route.name!r} depends on upstream {name!r}, whose breaker is open",
+                upstream=name,
+                retry_after=breaker.retry_after(),
+            )
+    return None
+
+
+def as_upstream_error(exc: BaseException) -> UpstreamError | None:
+    """The gateway error to render for ``exc``, or None when it is not ours to answer.
+
+    An ``httpx.TransportError`` the app did not catch (an unguarded client) is still an
+    upstream failure: classify it rather than let it become a bare 500.
+    """
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, httpx.TransportError):
+        error = from_exception(exc)
+        error.__cause__ = exc
+        return error
+    return None
+
+
+class _Throttle:
+    """At most one log line per key per interval, then a count of what was held back.
+
+    Keys are (upstream name, error type): bounded by the settings and RFC 9209's registry,
+    never by anything a client sends.
+    """
+
+    __slots__ = ("_interval", "_lock", "_state")
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._state: dict[tuple[str | None, str | None], tuple[float, int]] = {}
+
+    def admit(self, key: tuple[str | None, str | None], now: float) -> int | None:
+        """None to hold this line back; else how many were held back before it."""
+        with self._lock:
+            last, held = self._state.get(key, (-1e18, 0))
+            if now - last < self._interval:
+                self._state[key] = (last, held + 1)
+                return None
+            if len(self._state) > 1024:  # belt and braces: keys are bounded anyway
+                self._state.clear()
+            self._state[key] = (now, 0)
+            return held
+
+
+_throttle = _Throttle()
+
+
+def log_gateway_error(inbound: Inbound, error: UpstreamError, *, started: bool = False) -> None:
+    """Log a gateway error with fields JSON log setups can pick up.
+
+    Failures (502/504) are logged one line each, at ERROR. Shedding and open breakers
+    (503) are expected under load: WARNING, no traceback, and at most one line per
+    second per upstream and error type, so an outage does not bury the logs.
+    """
+    held = 0
+    expected = error.status == 503
+    if expected:
+        admitted = _throttle.admit((error.upstream, error.proxy_error), time.monotonic())
+        if admitted is None:
+            return
+        held = admitted
+    route = inbound.route
+    fields = {
+        "request_id": inbound.ctx.request_id,
+        "route": route.name if route is not None else None,
+        "upstream": error.upstream,
+        "proxy_error": error.proxy_error,
+        "status": error.status,
+        "received_status": error.received_status,
+        "attempts": error.attempts,
+        "elapsed": round(error.elapsed, 6),
+        "response_started": started,
+        "suppressed": held,
+    }
+    logger.log(
+        logging.WARNING if expected else logging.ERROR,
+        "gateway error %s %s on %s (upstream %s, request %s)%s%s",
+        error.status,
+        error.proxy_error or f"received-status={error.received_status}",
+        fields["route"] or "-",
+        error.upstream or "-",
+        inbound.ctx.request_id,
+        " after the response started" if started else "",
+        f" (+{held} like it in the last second)" if held else "",
+        extra=fields,
+        exc_info=None if expected else error,
+    )
+
+
+def render_error(
+    guard: Guard, inbound: Inbound, error: UpstreamError, accept: str | None, method: str
+) -> RenderedError:
+    """The response for ``error``; never raises (the renderer falls back to plain text)."""
+    timings: list[tuple[str, float, str | None]] = []
+    if guard.settings.debug:
+        total = guard.clock() - inbound.started
+        timings.append(("total", total, None))
+        for call in inbound.ctx.calls:
+            timings.append((f"upstream-{call.upstream}", call.elapsed, call.error))
+    return guard.renderer.render(
+        error, request_id=inbound.ctx.request_id, accept=accept, method=method, timings=timings
+    )

@@ -1,0 +1,497 @@
+"""Guarded httpx transports: thin sync and async drivers over one decision core.
+
+``_Call`` holds every decision of one outbound call (policy, deadline, breaker admission,
+timeouts, classification, retry). The drivers only do what differs between sync and async:
+wait for a bulkhead slot, send through the inner transport, and sleep before a retry.
+
+Only httpx transport errors count against an upstream: any other exception out of the
+inner transport is a bug on our side of the wire, re-raised untouched and never blamed on
+the upstream's breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import httpx
+
+from .context import CallRecord, RequestContext, get_context
+from .errors import (
+    CircuitOpenError,
+    LoadShedError,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    from_exception,
+)
+from .headers import new_traceparent, parse_retry_after
+from .retry import RetryState, request_is_replayable
+
+if TYPE_CHECKING:
+    from .guard import UpstreamRuntime
+
+__all__ = ["AsyncGuardedTransport", "GuardedTransport"]
+
+# The most of a failure response's body kept for logs; the rest is never read.
+_MAX_ERROR_BODY = 64 * 1024
+
+
+class _Call:
+    """The decisions of one outbound call, shared by the sync and async drivers."""
+
+    __slots__ = (
+        "attempt",
+        "clock",
+        "ctx",
+        "deadline_at",
+        "last_status",
+        "policy",
+        "probe",
+        "request",
+        "rt",
+        "started",
+        "state",
+        "streaming",
+        "t0",
+    )
+
+    def __init__(self, rt: UpstreamRuntime, request: httpx.Request) -> None:
+        clock = rt.clock
+        now = clock()
+        self.rt = rt
+        self.clock = clock
+        self.request = request
+        self.started = now
+        self.attempt = 0
+        self.probe = False
+        self.t0 = now
+        self.state: RetryState | None = None
+        self.last_status: int | None = None
+        policy = rt.policy
+        ctx = get_context()
+        self.ctx = ctx
+        deadline_at = now + policy.deadline
+        if ctx is not None:
+            route = ctx.route
+            if route is not None:
+                policy = route.calls.get(rt.name, policy)
+                deadline_at = now + policy.deadline
+            if ctx.deadline_at is not None and ctx.deadline_at < deadline_at:
+                deadline_at = ctx.deadline_at
+            _propagate(request, ctx)
+        self.policy = policy
+        self.deadline_at = deadline_at
+        # A body we hold in memory can be sent again; a stream would be consumed by the
+        # first attempt, so a streaming request (including multipart uploads, whose file
+        # parts are read as they are sent) is never retried.
+        self.streaming = not isinstance(request.stream, httpx.ByteStream)
+
+    # --- before each attempt -------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Admit the next attempt (breaker) and clip its timeouts to the time left."""
+        self.attempt += 1
+        if self.attempt == 1:
+            # Counted only once a bulkhead slot was had: a shed call made no call.
+            self.rt.budget.record_call()
+            now = self.started
+        else:
+            now = self.clock()
+        remaining = self.deadline_at - now
+        if remaining <= 0:
+            raise self._deadline_error()
+        try:
+            self.probe = self.rt.breaker.admit()
+        except CircuitOpenError as exc:
+            # The breaker may open between our own retries: say what was tried.
+            exc.attempts = self.attempt - 1
+            exc.received_status = self.last_status
+            exc.elapsed = now - self.started
+            self._record(self.last_status, exc.proxy_error)
+            raise
+        policy = self.policy
+        if remaining >= policy.unclipped_after:
+            self.request.extensions["timeout"] = policy.timeouts
+        else:
+            connect = min(policy.connect_timeout, remaining)
+            read = min(policy.read_timeout, remaining)
+            self.request.extensions["timeout"] = {
+                "connect": connect,
+                "read": read,
+                "write": read,
+                "pool": connect,
+            }
+        self.t0 = now
+
+    def shed(self, exc: LoadShedError) -> LoadShedError:
+        """The bulkhead refused the call: remember it for the request's diagnostics."""
+        self._record(None, exc.proxy_error)
+        return exc
+
+    # --- after each attempt ----------------------------------------------------------------
+
+    def failed(self, exc: httpx.TransportError) -> float:
+        """The attempt raised: record it, then return the wait before a retry or raise."""
+        now = self.clock()
+        error = from_exception(
+            exc, upstream=self.rt.name, attempts=self.attempt, elapsed=now - self.started
+        )
+        breaker = self.rt.breaker
+        if error.status in (502, 504):
+            breaker.record_failure(now - self.t0, self.probe)
+        else:
+            # Our own pool (503) or configuration (500): nothing to hold against the upstream.
+            breaker.record_ignored(self.probe)
+        wait = self._decide(exc=exc, status=None, retry_after=None, now=now)
+        if wait is None:
+            self._record(None, error.proxy_error)
+            raise error from exc
+        return wait
+
+    def answered(self, response: httpx.Response) -> float | None:
+        """The attempt got a response: None means it is final, else the wait before a retry.
+
+        A success whose body is still to come is recorded in the breaker when the body
+        ends (see :class:`_GuardedStream`): a body that breaks off is a failure, not a
+        success followed by a failure.
+        """
+        status = response.status_code
+        policy = self.policy
+        if status not in policy.failure_statuses:
+            if response.is_stream_consumed:
+                self.rt.breaker.record_success(self.clock() - self.t0, self.probe)
+            if self.ctx is not None:
+                self._record(status, None)
+            return None
+        now = self.clock()
+        self.last_status = status
+        self.rt.breaker.record_status(status, now - self.t0, self.probe)
+        if status in policy.retry.on_status:
+            wait = self._decide(
+                exc=None, status=status, retry_after=response.headers.get("retry-after"), now=now
+            )
+            if wait is not None:
+                return wait
+        self._record(status, None)
+        return None
+
+    def deferred(self, response: httpx.Response) -> bool:
+        """Is this response's breaker outcome still to be recorded when its body ends?"""
+        return (
+            response.status_code not in self.policy.failure_statuses
+            and not response.is_stream_consumed
+        )
+
+    def must_raise(self, response: httpx.Response) -> bool:
+        """Retries are spent on a failure status the caller asked not to receive."""
+        policy = self.policy
+        return policy.raise_on_failure_status and response.status_code in policy.failure_statuses
+
+    def status_error(self, response: httpx.Response) -> UpstreamStatusError:
+        status = response.status_code
+        retry_after = None
+        header = response.headers.get("retry-after")
+        if header is not None:
+            retry_after = parse_retry_after(header)
+        # httpx attaches the request after the transport returns; we raise before that.
+        response.request = self.request
+        return UpstreamStatusError(
+            f"upstream {self.rt.name!r} answered {status} after {self.attempt} attempt(s)",
+            response=response,
+            upstream=self.rt.name,
+            attempts=self.attempt,
+            elapsed=self.clock() - self.started,
+            received_status=status,
+            retry_after=retry_after,
+        )
+
+    def cancelled(self) -> None:
+        """The attempt ended without an upstream answer we can judge (cancelled, or a bug
+        on our side): it says nothing about the upstream."""
+        self.rt.breaker.record_ignored(self.probe)
+
+    # --- the body of a streamed response ---------------------------------------------------
+
+    def body_done(self) -> None:
+        self.rt.breaker.record_success(self.clock() - self.t0, self.probe)
+
+    def body_failed(self, exc: httpx.TransportError) -> UpstreamError:
+        """The response body failed after the headers came: count it, classify it."""
+        now = self.clock()
+        self.rt.breaker.record_failure(now - self.t0, self.probe)
+        error = from_exception(
+            exc, upstream=self.rt.name, attempts=self.attempt, elapsed=now - self.started
+        )
+        self._record(None, error.proxy_error)
+        return error
+
+    # --- shared decisions ------------------------------------------------------------------
+
+    def _decide(
+        self,
+        *,
+        exc: httpx.TransportError | None,
+        status: int | None,
+        retry_after: str | None,
+        now: float,
+    ) -> float | None:
+        policy = self.policy
+        if policy.retry.attempts <= self.attempt:
+            return None
+        state = self.state
+        if state is None:
+            state = self.state = RetryState(policy.retry, self.rt.budget)
+        request = self.request
+        decision = state.decide(
+            attempt=self.attempt,
+            exc=exc,
+            status=status,
+            retry_after_header=retry_after,
+            remaining=self.deadline_at - now,
+            replayable=request_is_replayable(policy.retry, request.method, request.headers),
+            streaming_body=self.streaming,
+        )
+        return decision.wait if decision.retry else None
+
+    def _deadline_error(self) -> UpstreamTimeout:
+        self._record(self.last_status, "http_response_timeout")
+        return UpstreamTimeout(
+            f"deadline of upstream {self.rt.name!r} exhausted after {self.attempt - 1} attempt(s)",
+            proxy_error="http_response_timeout",
+            upstream=self.rt.name,
+            attempts=self.attempt - 1,
+            elapsed=self.clock() - self.started,
+            received_status=self.last_status,
+        )
+
+    def _record(self, status: int | None, error: str | None) -> None:
+        ctx = self.ctx
+        if ctx is not None:
+            ctx.record(
+                CallRecord(
+                    upstream=self.rt.name,
+                    attempts=self.attempt,
+                    elapsed=self.clock() - self.started,
+                    status=status,
+                    error=error,
+                )
+            )
+
+
+def _propagate(request: httpx.Request, ctx: RequestContext) -> None:
+    """Carry the inbound request id and trace to the upstream (the caller's own win)."""
+    headers = request.headers
+    if "x-request-id" not in headers:
+        headers["X-Request-ID"] = ctx.request_id
+    if "traceparent" not in headers:
+        headers["traceparent"] = new_traceparent(ctx.trace_id)
+
+
+def _read_capped(response: httpx.Response) -> None:
+    """Keep up to _MAX_ERROR_BODY of a failure response (decoded) for logs, then close."""
+    if response.is_stream_consumed:  # built from bytes: already in memory
+        response.close()
+        return
+    chunks: list[bytes] = []
+    try:
+        size = 0
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= _MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass  # what arrived is kept; a failure body is evidence, not data
+    finally:
+        response._content = b"".join(chunks)[:_MAX_ERROR_BODY]
+        response.close()
+
+
+async def _aread_capped(response: httpx.Response) -> None:
+    if response.is_stream_consumed:
+        await response.aclose()
+        return
+    chunks: list[bytes] = []
+    try:
+        size = 0
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= _MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        response._content = b"".join(chunks)[:_MAX_ERROR_BODY]
+        await response.aclose()
+
+
+class _GuardedStream(httpx.SyncByteStream):
+    """Records the breaker outcome when the body ends; classifies failures mid-body."""
+
+    __slots__ = ("_call", "_inner", "_open")
+
+    def __init__(self, inner: httpx.SyncByteStream, call: _Call) -> None:
+        self._inner = inner
+        self._call = call
+        self._open = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._inner
+        except httpx.TransportError as exc:
+            self._open = False
+            raise self._call.body_failed(exc) from exc
+        if self._open:
+            self._open = False
+            self._call.body_done()
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._settle()
+
+    def _settle(self) -> None:
+        # Closed before the end (the caller stopped reading): nothing learned about the
+        # upstream, but a half-open probe slot must be given back.
+        if self._open:
+            self._open = False
+            self._call.cancelled()
+
+    def __del__(self) -> None:
+        # A response dropped without close() must not keep a probe slot forever.
+        self._settle()
+
+
+class _AsyncGuardedStream(httpx.AsyncByteStream):
+    __slots__ = ("_call", "_inner", "_open")
+
+    def __init__(self, inner: httpx.AsyncByteStream, call: _Call) -> None:
+        self._inner = inner
+        self._call = call
+        self._open = True
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except httpx.TransportError as exc:
+            self._open = False
+            raise self._call.body_failed(exc) from exc
+        if self._open:
+            self._open = False
+            self._call.body_done()
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._settle()
+
+    def _settle(self) -> None:
+        if self._open:
+            self._open = False
+            self._call.cancelled()
+
+    def __del__(self) -> None:
+        self._settle()
+
+
+def _sleep(seconds: float) -> None:
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+class GuardedTransport(httpx.BaseTransport):
+    """An ``httpx.BaseTransport`` that guards every request to one upstream."""
+
+    def __init__(self, runtime: UpstreamRuntime, inner: httpx.BaseTransport) -> None:
+        self._rt = runtime
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        call = _Call(self._rt, request)
+        bulkhead = self._rt.bulkhead
+        try:
+            bulkhead.acquire()
+        except LoadShedError as exc:
+            raise call.shed(exc) from None
+        try:
+            while True:
+                call.admit()
+                try:
+                    response = self._inner.handle_request(request)
+                except httpx.TransportError as exc:
+                    _sleep(call.failed(exc))
+                    continue
+                except BaseException:
+                    call.cancelled()
+                    raise
+                wait = call.answered(response)
+                if wait is None:
+                    break
+                response.close()
+                _sleep(wait)
+        finally:
+            bulkhead.release()
+        if call.must_raise(response):
+            error = call.status_error(response)
+            _read_capped(response)
+            raise error
+        if call.deferred(response):
+            response.stream = _GuardedStream(response.stream, call)  # type: ignore[arg-type]
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class AsyncGuardedTransport(httpx.AsyncBaseTransport):
+    """An ``httpx.AsyncBaseTransport`` that guards every request to one upstream."""
+
+    def __init__(self, runtime: UpstreamRuntime, inner: httpx.AsyncBaseTransport) -> None:
+        self._rt = runtime
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        call = _Call(self._rt, request)
+        bulkhead = self._rt.bulkhead
+        try:
+            await bulkhead.acquire_async()
+        except LoadShedError as exc:
+            raise call.shed(exc) from None
+        try:
+            while True:
+                call.admit()
+                try:
+                    response = await self._inner.handle_async_request(request)
+                except httpx.TransportError as exc:
+                    delay = call.failed(exc)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    continue
+                except BaseException:
+                    call.cancelled()
+                    raise
+                wait = call.answered(response)
+                if wait is None:
+                    break
+                await response.aclose()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+        finally:
+            bulkhead.release()
+        if call.must_raise(response):
+            error = call.status_error(response)
+            await _aread_capped(response)
+            raise error
+        if call.deferred(response):
+            response.stream = _AsyncGuardedStream(response.stream, call)  # type: ignore[arg-type]
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()

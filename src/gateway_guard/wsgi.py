@@ -1,0 +1,231 @@
+"""GatewayGuardWSGI: the WSGI driver of the inbound core (PEP 3333).
+
+A WSGI body is iterated after the app returns, so the request context and the shedding
+slot live until the server calls ``close()`` on the iterable we return, and an upstream
+error raised before the first body chunk can still become an error page (``start_response``
+may be called again with ``exc_info`` until headers are sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import Token
+from types import TracebackType
+from typing import Any
+
+from .context import RequestContext, reset_context, set_context
+from .errors import LoadShedError, UpstreamError
+from .guard import Guard
+from .inbound import Inbound, as_upstream_error, log_gateway_error, render_error, start
+from .settings import SettingsSource
+
+__all__ = ["GatewayGuardWSGI"]
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+_BRANDABLE = frozenset({"502", "503", "504"})
+
+
+class GatewayGuardWSGI:
+    """Guard a WSGI app: request ids, load shedding (threads), and gateway error pages.
+
+    ``app.wsgi_app = GatewayGuardWSGI(app.wsgi_app, guard=guard)`` or ``settings=...``.
+    """
+
+    def __init__(
+        self, app: WSGIApp, *, guard: Guard | None = None, settings: SettingsSource = None
+    ) -> None:
+        if guard is not None and settings is not None:
+            raise TypeError("give GatewayGuardWSGI either guard= or settings=, not both")
+        self.app = app
+        self.guard = guard if guard is not None else Guard(settings)
+        self._shedding = self.guard.shedding
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "") or "/"
+        if not path.isascii():
+            # PEP 3333 hands us the raw bytes as latin-1; routes are written in UTF-8.
+            path = path.encode("latin-1").decode("utf-8", "replace")
+        inbound = start(
+            self.guard,
+            method,
+            path,
+            environ.get("HTTP_X_REQUEST_ID"),
+            environ.get("HTTP_TRACEPARENT"),
+        )
+        accept = environ.get("HTTP_ACCEPT")
+        if inbound.blocked is not None:
+            return self._error(start_response, inbound, inbound.blocked, accept, method, None)
+        shed = not inbound.exempt
+        if shed:
+            try:
+                self._shedding.admit(inbound.route_key, inbound.priority)
+            except LoadShedError as exc:
+                return self._error(start_response, inbound, exc, accept, method, None)
+        response = _Response(self, inbound, start_response, accept, method, shed)
+        token = set_context(inbound.ctx)
+        try:
+            body = self.app(environ, response.start_response)
+        except Exception as exc:
+            error = as_upstream_error(exc)
+            response.finish(token)
+            if error is None:
+                raise
+            return self._error(start_response, inbound, error, accept, method, sys.exc_info())
+        if response.intercepted is not None:
+            _close(body)
+            response.finish(token)
+            return [response.intercepted]
+        return _Body(body, response, token)
+
+    def _error(
+        self,
+        start_response: StartResponse,
+        inbound: Inbound,
+        error: UpstreamError,
+        accept: str | None,
+        method: str,
+        exc_info: ExcInfo | tuple[None, None, None] | None,
+    ) -> list[bytes]:
+        log_gateway_error(inbound, error)
+        rendered = render_error(self.guard, inbound, error, accept, method)
+        status = f"{rendered.status} {_REASONS.get(rendered.status, 'Error')}"
+        if exc_info is not None and exc_info[0] is not None:
+            start_response(status, list(rendered.headers), exc_info)
+        else:
+            start_response(status, list(rendered.headers))
+        return [rendered.body]
+
+
+_REASONS = {
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class _Response:
+    """Per-request state: wraps ``start_response`` and releases what the request holds."""
+
+    __slots__ = (
+        "_accept",
+        "_done",
+        "_method",
+        "_mw",
+        "_shed",
+        "_start_response",
+        "inbound",
+        "intercepted",
+        "status",
+    )
+
+    def __init__(
+        self,
+        mw: GatewayGuardWSGI,
+        inbound: Inbound,
+        start_response: StartResponse,
+        accept: str | None,
+        method: str,
+        shed: bool,
+    ) -> None:
+        self._mw = mw
+        self.inbound = inbound
+        self._start_response = start_response
+        self._accept = accept
+        self._method = method
+        self._shed = shed
+        self._done = False
+        self.status: str | None = None
+        self.intercepted: bytes | None = None
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        self.status = status
+        guard = self._mw.guard
+        if guard.settings.brand_app_errors and status[:3] in _BRANDABLE:
+            rendered = guard.renderer.render_status(
+                int(status[:3]),
+                request_id=self.inbound.ctx.request_id,
+                accept=self._accept,
+                method=self._method,
+            )
+            self.intercepted = rendered.body
+            reason = _REASONS.get(rendered.status, "Error")
+            self._start_response(f"{rendered.status} {reason}", list(rendered.headers), exc_info)
+            return _discard
+        headers.append(("X-Request-ID", self.inbound.ctx.request_id))
+        if exc_info is not None:
+            return self._start_response(status, headers, exc_info)
+        return self._start_response(status, headers)
+
+    def error_body(self, error: UpstreamError) -> list[bytes]:
+        mw = self._mw
+        return mw._error(
+            self._start_response, self.inbound, error, self._accept, self._method, sys.exc_info()
+        )
+
+    def finish(self, token: Token[RequestContext | None] | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        if token is not None:
+            # close() may run in another context than __call__ (some servers do); the
+            # token cannot be reset there, and that context dies with the request anyway.
+            with contextlib.suppress(ValueError):
+                reset_context(token)
+        if self._shed:
+            self._mw._shedding.release(self.inbound.route_key)
+
+
+def _discard(data: bytes) -> None:
+    return None
+
+
+def _close(body: Iterable[bytes]) -> None:
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
+
+
+class _Body:
+    """The app's iterable, with errors before the first chunk turned into error pages."""
+
+    __slots__ = ("_body", "_response", "_token")
+
+    def __init__(
+        self, body: Iterable[bytes], response: _Response, token: Token[RequestContext | None]
+    ) -> None:
+        self._body = body
+        self._response = response
+        self._token = token
+
+    def __iter__(self) -> Iterator[bytes]:
+        sent = False
+        try:
+            for chunk in self._body:
+                if chunk:
+                    sent = True
+                yield chunk
+        except Exception as exc:
+            error = as_upstream_error(exc)
+            if error is None:
+                raise
+            if sent:
+                # Headers and part of the body are out: all that is left is to make the
+                # server drop the connection so the client knows the body is incomplete.
+                log_gateway_error(self._response.inbound, error, started=True)
+                raise
+            yield from self._response.error_body(error)
+
+    def close(self) -> None:
+        try:
+            _close(self._body)
+        finally:
+            self._response.finish(self._token)

@@ -1,0 +1,61 @@
+"""Real servers on loopback for end-to-end tests: uvicorn (ASGI) and cheroot (WSGI).
+
+Each runs in a background thread of the test process, bound to 127.0.0.1 on an ephemeral
+port, and is stopped with bounded waits. The network is never faked here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from cheroot import wsgi as cheroot_wsgi
+
+START_TIMEOUT = 15.0
+
+
+@contextmanager
+def serve_asgi(app: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn; yield its base URL."""
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        log_level="error",
+        lifespan="on",
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + START_TIMEOUT
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@contextmanager
+def serve_wsgi(app: Callable[..., Any], *, threads: int = 16) -> Iterator[str]:
+    """Serve a WSGI app with cheroot (a production, thread-pool WSGI server)."""
+    server = cheroot_wsgi.Server(("127.0.0.1", 0), app, numthreads=threads, timeout=10)
+    server.prepare()
+    port = server.bind_addr[1]
+    thread = threading.Thread(target=server.serve, name="cheroot-test", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        thread.join(10)
