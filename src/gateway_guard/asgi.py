@@ -11,10 +11,12 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .context import reset_context, set_context
+from .context import RequestContext, reset_context, set_context
 from .errors import LoadShedError, UpstreamError
 from .guard import Guard
-from .inbound import Inbound, as_upstream_error, log_gateway_error, render_error, start
+from .headers import parse_retry_after
+from .inbound import as_upstream_error, log_gateway_error, render_error, start
+from .render import RenderedError
 from .settings import SettingsSource
 
 __all__ = ["GatewayGuardMiddleware"]
@@ -44,6 +46,9 @@ class GatewayGuardMiddleware:
         self.app = app
         self.guard = guard if guard is not None else Guard(settings)
         self._shedding = self.guard.shedding
+        # Requests outside a route with its own limiter (most) go straight to the app's.
+        self._app_try = self._shedding.app.try_acquire
+        self._app_release = self._shedding.app.release
         self._brand_app_errors = self.guard.settings.brand_app_errors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -59,47 +64,45 @@ class GatewayGuardMiddleware:
             elif name == b"accept":
                 accept = value
         method = scope["method"]
-        inbound = start(self.guard, method, scope["path"], request_id, traceparent)
-        rid_header = (b"x-request-id", inbound.ctx.request_id.encode("ascii"))
+        ctx = start(self.guard, method, scope["path"], request_id, traceparent)
+        rid_header = (b"x-request-id", ctx.request_id.encode("ascii"))
 
-        if inbound.blocked is not None:
-            await self._error(send, inbound, inbound.blocked, accept, method)
+        if ctx.blocked is not None:
+            await self._error(send, ctx, ctx.blocked, accept, method)
             return
-        shed = not inbound.exempt
-        if shed:
+        shed = not ctx.exempt
+        route_key = ctx.route_key
+        # The common case takes a free slot without creating a coroutine.
+        if shed and not (
+            self._app_try() if route_key is None else self._shedding.try_admit(route_key)
+        ):
             try:
-                await self._shedding.admit_async(inbound.route_key, inbound.priority)
+                await self._shedding.admit_async(route_key, ctx.priority)
             except LoadShedError as exc:
-                await self._error(send, inbound, exc, accept, method)
+                await self._error(send, ctx, exc, accept, method)
                 return
 
         started = False
-        intercepted = False
+        brand = self._brand_app_errors
 
         async def guarded_send(message: Message) -> None:
-            nonlocal started, intercepted
-            if intercepted:
-                return  # the app's own 502/503/504 body, replaced by our page
+            nonlocal started, brand
             if message["type"] == "http.response.start":
                 started = True
-                if self._brand_app_errors and message["status"] in _BRANDABLE:
-                    intercepted = True
-                    rendered = self.guard.renderer.render_status(
-                        message["status"],
-                        request_id=inbound.ctx.request_id,
-                        accept=_text(accept),
-                        method=method,
-                    )
-                    await _send_rendered(send, rendered)
+                if brand and message["status"] in _BRANDABLE:
+                    await self._brand(send, ctx, message, accept, method)
                     return
+                brand = False
                 headers = message.get("headers")
                 if isinstance(headers, list):
                     headers.append(rid_header)
                 else:
                     message = {**message, "headers": [*(headers or ()), rid_header]}
+            elif brand:
+                return  # the app's own 502/503/504 body, replaced by our page
             await send(message)
 
-        token = set_context(inbound.ctx)
+        token = set_context(ctx)
         try:
             await self.app(scope, receive, guarded_send)
         except Exception as exc:
@@ -110,32 +113,55 @@ class GatewayGuardMiddleware:
                 # Too late for an error page. Returning without finishing the body makes
                 # the server close the connection, so the client sees an incomplete
                 # response instead of a truncated one that looks whole.
-                log_gateway_error(inbound, error, started=True)
+                log_gateway_error(ctx, error, started=True)
                 return
-            await self._error(send, inbound, error, accept, method)
+            await self._error(send, ctx, error, accept, method)
         finally:
             reset_context(token)
             if shed:
-                self._shedding.release(inbound.route_key)
+                if route_key is None:
+                    self._app_release()
+                else:
+                    self._shedding.release(route_key)
+
+    async def _brand(
+        self, send: Send, ctx: RequestContext, message: Message, accept: bytes | None, method: str
+    ) -> None:
+        """Replace an app's own 502/503/504 with the branded page (brand_app_errors)."""
+        rendered = self.guard.renderer.render_status(
+            message["status"],
+            request_id=ctx.request_id,
+            accept=_text(accept),
+            method=method,
+            retry_after=_retry_after(message),
+        )
+        await _send_rendered(send, rendered)
 
     async def _error(
         self,
         send: Send,
-        inbound: Inbound,
+        ctx: RequestContext,
         error: UpstreamError,
         accept: bytes | None,
         method: str,
     ) -> None:
-        log_gateway_error(inbound, error)
-        rendered = render_error(self.guard, inbound, error, _text(accept), method)
+        log_gateway_error(ctx, error)
+        rendered = render_error(self.guard, ctx, error, _text(accept), method)
         await _send_rendered(send, rendered)
+
+
+def _retry_after(message: Message) -> float | None:
+    for name, value in message.get("headers") or ():
+        if name.lower() == b"retry-after":
+            return parse_retry_after(value.decode("latin-1"))
+    return None
 
 
 def _text(value: bytes | None) -> str | None:
     return value.decode("latin-1") if value is not None else None
 
 
-async def _send_rendered(send: Send, rendered: Any) -> None:
+async def _send_rendered(send: Send, rendered: RenderedError) -> None:
     await send(
         {
             "type": "http.response.start",

@@ -8,12 +8,14 @@ thread-local) so it follows asyncio tasks, and threads started with ``copy_conte
 
 from __future__ import annotations
 
-from contextvars import ContextVar, Token
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .errors import CircuitOpenError
     from .guard import Guard
+    from .policy import Priority
     from .routing import Route
 
 __all__ = ["CallRecord", "RequestContext", "current_context", "current_guard"]
@@ -34,33 +36,79 @@ class CallRecord:
     error: str | None
 
 
-@dataclass(slots=True, eq=False)
 class RequestContext:
-    """What the guard knows about the inbound request being served."""
+    """What the guard knows and decided about the inbound request being served.
 
-    guard: Guard
-    request_id: str
-    route: Route | None = None
-    # time.monotonic() value by which the whole inbound request must be answered.
-    deadline_at: float | None = None
-    # The inbound W3C trace id, so outbound traceparents join the caller's trace.
-    trace_id: str | None = None
-    calls: list[CallRecord] = field(default_factory=list)
+    Middlewares build one per request (see :func:`gateway_guard.inbound.start`); guarded
+    transports read it. ``deadline_at`` and ``started`` are on the Guard's clock.
+    """
+
+    __slots__ = (
+        "_calls",
+        "blocked",
+        "deadline_at",
+        "exempt",
+        "guard",
+        "priority",
+        "request_id",
+        "route",
+        "route_key",
+        "started",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        guard: Guard,
+        request_id: str,
+        route: Route | None = None,
+        deadline_at: float | None = None,
+        trace_id: str | None = None,
+        *,
+        started: float = 0.0,
+        exempt: bool = False,
+        blocked: CircuitOpenError | None = None,
+    ) -> None:
+        self.guard = guard
+        self.request_id = request_id
+        self.route = route
+        # time.monotonic()-like value by which the whole inbound request must be answered.
+        self.deadline_at = deadline_at
+        # The inbound W3C trace id, so outbound traceparents join the caller's trace.
+        self.trace_id = trace_id
+        self.started = started
+        # Exempt paths are never shed; a route whose dependency is down is answered with
+        # ``blocked`` before the app runs.
+        self.exempt = exempt
+        self.blocked = blocked
+        self.priority: Priority = route.priority if route is not None else "normal"
+        # The key of the route's own shedding limiter, when it has one.
+        self.route_key = route.index if route is not None and route.shed is not None else None
+        self._calls: list[CallRecord] | None = None
+
+    @property
+    def calls(self) -> list[CallRecord]:
+        """The upstream calls made for this request so far (at most MAX_RECORDS)."""
+        return self._calls if self._calls is not None else []
 
     def record(self, call: CallRecord) -> None:
-        if len(self.calls) < MAX_RECORDS:
-            self.calls.append(call)
+        calls = self._calls
+        if calls is None:
+            self._calls = [call]
+        elif len(calls) < MAX_RECORDS:
+            calls.append(call)
+
+    def __repr__(self) -> str:
+        route = self.route.name if self.route is not None else None
+        return f"<RequestContext {self.request_id} route={route!r}>"
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("gateway_guard_request", default=None)
 
-# Bound once: the transports call these on every request.
+# Bound once: the transports and middlewares call these on every request.
 get_context = _current.get
 set_context = _current.set
-
-
-def reset_context(token: Token[RequestContext | None]) -> None:
-    _current.reset(token)
+reset_context = _current.reset
 
 
 def current_context() -> RequestContext | None:

@@ -7,7 +7,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
@@ -15,12 +15,10 @@ from .breaker import BreakerState, CircuitBreaker
 from .errors import UpstreamError
 from .limiter import ConcurrencyLimiter, InboundShedding, bulkhead
 from .policy import CallPolicy, Policies, compile_policies
+from .render import ErrorRenderer
 from .retry import RetryBudget
 from .settings import Settings, SettingsSource, load_settings
 from .transport import AsyncGuardedTransport, GuardedTransport
-
-if TYPE_CHECKING:
-    from .render import ErrorRenderer
 
 __all__ = ["Guard", "UpstreamRuntime"]
 
@@ -88,6 +86,9 @@ class Guard:
         self._upstreams = {
             name: UpstreamRuntime(policy, clock) for name, policy in self.policies.calls.items()
         }
+        # Built now, not on the first error: a broken template shows up at startup
+        # (renderer.template_problems) and the first outage pays no compile cost.
+        self.renderer = ErrorRenderer(self.settings)
         self.shedding = InboundShedding.from_policies(
             self.policies.shed,
             {route.index: route.shed for route in self.policies.routes.routes},
@@ -120,13 +121,6 @@ class Guard:
     def bulkhead(self, upstream: str) -> ConcurrencyLimiter:
         """The outbound concurrency limiter of ``upstream``."""
         return self.runtime(upstream).bulkhead
-
-    @functools.cached_property
-    def renderer(self) -> ErrorRenderer:
-        """Renders gateway error responses with this Guard's branding and debug setting."""
-        from .render import ErrorRenderer  # noqa: PLC0415 - templates load on first use
-
-        return ErrorRenderer(self.settings)
 
     @property
     def upstreams(self) -> tuple[str, ...]:

@@ -25,33 +25,11 @@ if TYPE_CHECKING:
     from .render import RenderedError
     from .routing import Route
 
-__all__ = ["Inbound", "as_upstream_error", "log_gateway_error", "render_error", "start"]
+__all__ = ["as_upstream_error", "log_gateway_error", "render_error", "start"]
 
 logger = logging.getLogger("gateway_guard")
 
 _ADMITTING = (BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.DISABLED)
-
-
-class Inbound:
-    """What the middleware decided about one inbound request."""
-
-    __slots__ = ("blocked", "ctx", "exempt", "priority", "route", "route_key", "started")
-
-    def __init__(
-        self,
-        ctx: RequestContext,
-        route: Route | None,
-        exempt: bool,
-        blocked: CircuitOpenError | None,
-        started: float,
-    ) -> None:
-        self.ctx = ctx
-        self.route = route
-        self.exempt = exempt
-        self.blocked = blocked
-        self.started = started
-        self.priority = route.priority if route is not None else "normal"
-        self.route_key = route.index if route is not None and route.shed is not None else None
 
 
 def start(
@@ -60,9 +38,8 @@ def start(
     path: str,
     request_id: str | bytes | None,
     traceparent: str | bytes | None,
-) -> Inbound:
+) -> RequestContext:
     """Decide what to do with an inbound request before any of the app's code runs."""
-    now = guard.clock()
     rid = valid_request_id(request_id) if request_id is not None else None
     if rid is None:
         rid = new_request_id()
@@ -71,18 +48,19 @@ def start(
         parsed = parse_traceparent(traceparent)
         if parsed is not None:
             trace_id = parsed[0]
-    routes = guard.policies.routes
-    exempt = routes.is_exempt(path)
-    route = None if exempt else routes.match(method, path)
+    exempt, route = guard.policies.routes.resolve(method, path)
     blocked = None
     deadline_at = None
+    # The clock is read only when something needs it: a deadline, or debug timings.
+    now = guard.clock() if guard.settings.debug or route is not None else 0.0
     if route is not None:
         if route.deadline is not None:
             deadline_at = now + route.deadline
         if route.depends_on:
             blocked = _dependency_down(guard, route)
-    ctx = RequestContext(guard, rid, route, deadline_at, trace_id)
-    return Inbound(ctx, route, exempt, blocked, now)
+    return RequestContext(
+        guard, rid, route, deadline_at, trace_id, started=now, exempt=exempt, blocked=blocked
+    )
 
 
 def _dependency_down(guard: Guard, route: Route) -> CircuitOpenError | None:
@@ -146,7 +124,7 @@ class _Throttle:
 _throttle = _Throttle()
 
 
-def log_gateway_error(inbound: Inbound, error: UpstreamError, *, started: bool = False) -> None:
+def log_gateway_error(ctx: RequestContext, error: UpstreamError, *, started: bool = False) -> None:
     """Log a gateway error with fields JSON log setups can pick up.
 
     Failures (502/504) are logged one line each, at ERROR. Shedding and open breakers
@@ -160,9 +138,9 @@ def log_gateway_error(inbound: Inbound, error: UpstreamError, *, started: bool =
         if admitted is None:
             return
         held = admitted
-    route = inbound.route
+    route = ctx.route
     fields = {
-        "request_id": inbound.ctx.request_id,
+        "request_id": ctx.request_id,
         "route": route.name if route is not None else None,
         "upstream": error.upstream,
         "proxy_error": error.proxy_error,
@@ -180,7 +158,7 @@ def log_gateway_error(inbound: Inbound, error: UpstreamError, *, started: bool =
         error.proxy_error or f"received-status={error.received_status}",
         fields["route"] or "-",
         error.upstream or "-",
-        inbound.ctx.request_id,
+        ctx.request_id,
         " after the response started" if started else "",
         f" (+{held} like it in the last second)" if held else "",
         extra=fields,
@@ -189,15 +167,15 @@ def log_gateway_error(inbound: Inbound, error: UpstreamError, *, started: bool =
 
 
 def render_error(
-    guard: Guard, inbound: Inbound, error: UpstreamError, accept: str | None, method: str
+    guard: Guard, ctx: RequestContext, error: UpstreamError, accept: str | None, method: str
 ) -> RenderedError:
     """The response for ``error``; never raises (the renderer falls back to plain text)."""
     timings: list[tuple[str, float, str | None]] = []
     if guard.settings.debug:
-        total = guard.clock() - inbound.started
+        total = guard.clock() - ctx.started
         timings.append(("total", total, None))
-        for call in inbound.ctx.calls:
+        for call in ctx.calls:
             timings.append((f"upstream-{call.upstream}", call.elapsed, call.error))
     return guard.renderer.render(
-        error, request_id=inbound.ctx.request_id, accept=accept, method=method, timings=timings
+        error, request_id=ctx.request_id, accept=accept, method=method, timings=timings
     )

@@ -398,6 +398,25 @@ class ConcurrencyLimiter:
             timer.cancel()
         self._settle(task_waiter)
 
+    def try_acquire(self) -> bool:
+        """Take a free slot without waiting; False when none is free (nothing is queued).
+
+        The drivers' fast path: an async caller skips creating a coroutine when a slot is
+        free. Waiters are only queued while every slot is taken, so this never barges.
+        """
+        if self._unlimited:
+            return True
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._in_flight < self._max_concurrent:
+                self._in_flight += 1
+                self._occupancy -= self._clock()
+                return True
+            return False
+        finally:
+            lock.release()
+
     def release(self) -> None:
         """Give back a slot: to the best waiter if anyone waits, else to the pool.
 
@@ -696,6 +715,22 @@ class InboundShedding:
         except BaseException:
             route.release()
             raise
+
+    def try_admit(self, route_key: RouteKey | None) -> bool:
+        """Admit at once if the route's and the app's limiters both have a free slot.
+
+        False (holding nothing) means the caller must go through :meth:`admit_async` /
+        :meth:`admit`, which queue or shed.
+        """
+        route = self.routes.get(route_key) if route_key is not None else None
+        if route is None:
+            return self.app.try_acquire()
+        if not route.try_acquire():
+            return False
+        if self.app.try_acquire():
+            return True
+        route.release()
+        return False
 
     async def admit_async(self, route_key: RouteKey | None, priority: Priority = "normal") -> None:
         """Like :meth:`admit`, suspending instead of blocking while queued."""

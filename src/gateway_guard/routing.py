@@ -85,41 +85,78 @@ class Route:
 
 
 class RouteTable:
-    """Ordered routes and exempt paths, each compiled into a single regular expression."""
+    """Ordered routes and exempt paths, compiled into one regular expression per method.
 
-    __slots__ = ("_exempt", "_groups", "_matcher", "routes")
+    Exempt paths come first in every expression, so one ``fullmatch`` answers both "is it
+    exempt?" and "which route?". Methods not named by any route share one expression;
+    the table never grows with what clients send.
+    """
+
+    __slots__ = ("_by_method", "_exempt", "_groups", "_other", "routes")
 
     def __init__(self, routes: Sequence[Route], exempt: Sequence[str] = ()) -> None:
         self.routes: tuple[Route, ...] = tuple(routes)
-        alternatives = []
-        self._groups: dict[str, Route] = {}
+        self._groups: dict[str, Route | None] = {"x": None}
+        exempt_rx = "|".join(f"(?:{parse_template(p)})" for p in exempt)
+        self._exempt = re.compile(exempt_rx, re.DOTALL) if exempt else None
+        methods: set[str] = set()
         for route in self.routes:
-            methods = route.methods
-            if methods is None:
-                method_rx = "[^ ]+"
-            else:
+            self._groups[f"r{route.index}"] = route
+            if route.methods is not None:
+                methods |= route.methods
                 # Like most frameworks, a GET route answers HEAD too.
-                if "GET" in methods:
-                    methods = methods | {"HEAD"}
-                method_rx = "(?:" + "|".join(sorted(re.escape(m) for m in methods)) + ")"
-            group = f"r{route.index}"
-            self._groups[group] = route
-            alternatives.append(f"(?P<{group}>{method_rx} {parse_template(route.pattern)})")
-        self._matcher = re.compile("|".join(alternatives), re.DOTALL) if alternatives else None
-        self._exempt = (
-            re.compile("|".join(f"(?:{parse_template(p)})" for p in exempt), re.DOTALL)
-            if exempt
-            else None
-        )
+                if "GET" in route.methods:
+                    methods.add("HEAD")
+
+        def compile_for(method: str | None) -> re.Pattern[str] | None:
+            parts = [f"(?P<x>{exempt_rx})"] if exempt else []
+            for route in self.routes:
+                allowed = route.methods
+                if allowed is not None and "GET" in allowed:
+                    allowed = allowed | {"HEAD"}
+                if allowed is None or (method is not None and method in allowed):
+                    parts.append(f"(?P<r{route.index}>{parse_template(route.pattern)})")
+            return re.compile("|".join(parts), re.DOTALL) if parts else None
+
+        self._by_method = {m: compile_for(m) for m in sorted(methods)}
+        self._other = compile_for(None)
+
+    def resolve(self, method: str, path: str) -> tuple[bool, Route | None]:
+        """``(exempt, route)``: whether ``path`` is exempt, else the first matching route."""
+        matcher = self._by_method.get(method, self._other)
+        if matcher is None:
+            return False, None
+        m = matcher.fullmatch(path)
+        if m is None:
+            return False, None
+        group = m.lastgroup
+        if group == "x":
+            return True, None
+        return False, self._groups[group]  # type: ignore[index]
 
     def match(self, method: str, path: str) -> Route | None:
-        """The first route whose methods and template match, or None."""
-        if self._matcher is None:
+        """The first route whose methods and template match (exempt paths aside), or None."""
+        matcher = self._by_method.get(method, self._other)
+        if matcher is None:
             return None
-        m = self._matcher.fullmatch(f"{method} {path}")
-        if m is None:
+        m = matcher.fullmatch(path)
+        if m is None or m.lastgroup == "x":
+            if m is not None and self._exempt is not None:
+                # Exempt paths shadow routes in resolve(); match() still reports the route.
+                return self._match_routes(method, path)
             return None
         return self._groups[m.lastgroup]  # type: ignore[index]
+
+    def _match_routes(self, method: str, path: str) -> Route | None:
+        for route in self.routes:
+            allowed = route.methods
+            if allowed is not None and "GET" in allowed:
+                allowed = allowed | {"HEAD"}
+            if (allowed is None or method in allowed) and re.fullmatch(
+                parse_template(route.pattern), path, re.DOTALL
+            ):
+                return route
+        return None
 
     def is_exempt(self, path: str) -> bool:
         return self._exempt is not None and self._exempt.fullmatch(path) is not None

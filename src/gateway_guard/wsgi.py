@@ -18,7 +18,8 @@ from typing import Any
 from .context import RequestContext, reset_context, set_context
 from .errors import LoadShedError, UpstreamError
 from .guard import Guard
-from .inbound import Inbound, as_upstream_error, log_gateway_error, render_error, start
+from .headers import parse_retry_after
+from .inbound import as_upstream_error, log_gateway_error, render_error, start
 from .settings import SettingsSource
 
 __all__ = ["GatewayGuardWSGI"]
@@ -51,7 +52,7 @@ class GatewayGuardWSGI:
         if not path.isascii():
             # PEP 3333 hands us the raw bytes as latin-1; routes are written in UTF-8.
             path = path.encode("latin-1").decode("utf-8", "replace")
-        inbound = start(
+        ctx = start(
             self.guard,
             method,
             path,
@@ -59,16 +60,16 @@ class GatewayGuardWSGI:
             environ.get("HTTP_TRACEPARENT"),
         )
         accept = environ.get("HTTP_ACCEPT")
-        if inbound.blocked is not None:
-            return self._error(start_response, inbound, inbound.blocked, accept, method, None)
-        shed = not inbound.exempt
+        if ctx.blocked is not None:
+            return self._error(start_response, ctx, ctx.blocked, accept, method, None)
+        shed = not ctx.exempt
         if shed:
             try:
-                self._shedding.admit(inbound.route_key, inbound.priority)
+                self._shedding.admit(ctx.route_key, ctx.priority)
             except LoadShedError as exc:
-                return self._error(start_response, inbound, exc, accept, method, None)
-        response = _Response(self, inbound, start_response, accept, method, shed)
-        token = set_context(inbound.ctx)
+                return self._error(start_response, ctx, exc, accept, method, None)
+        response = _Response(self, ctx, start_response, accept, method, shed)
+        token = set_context(ctx)
         try:
             body = self.app(environ, response.start_response)
         except Exception as exc:
@@ -76,7 +77,7 @@ class GatewayGuardWSGI:
             response.finish(token)
             if error is None:
                 raise
-            return self._error(start_response, inbound, error, accept, method, sys.exc_info())
+            return self._error(start_response, ctx, error, accept, method, sys.exc_info())
         if response.intercepted is not None:
             _close(body)
             response.finish(token)
@@ -86,14 +87,14 @@ class GatewayGuardWSGI:
     def _error(
         self,
         start_response: StartResponse,
-        inbound: Inbound,
+        ctx: RequestContext,
         error: UpstreamError,
         accept: str | None,
         method: str,
         exc_info: ExcInfo | tuple[None, None, None] | None,
     ) -> list[bytes]:
-        log_gateway_error(inbound, error)
-        rendered = render_error(self.guard, inbound, error, accept, method)
+        log_gateway_error(ctx, error)
+        rendered = render_error(self.guard, ctx, error, accept, method)
         status = f"{rendered.status} {_REASONS.get(rendered.status, 'Error')}"
         if exc_info is not None and exc_info[0] is not None:
             start_response(status, list(rendered.headers), exc_info)
@@ -120,7 +121,7 @@ class _Response:
         "_mw",
         "_shed",
         "_start_response",
-        "inbound",
+        "ctx",
         "intercepted",
         "status",
     )
@@ -128,14 +129,14 @@ class _Response:
     def __init__(
         self,
         mw: GatewayGuardWSGI,
-        inbound: Inbound,
+        ctx: RequestContext,
         start_response: StartResponse,
         accept: str | None,
         method: str,
         shed: bool,
     ) -> None:
         self._mw = mw
-        self.inbound = inbound
+        self.ctx = ctx
         self._start_response = start_response
         self._accept = accept
         self._method = method
@@ -150,17 +151,21 @@ class _Response:
         self.status = status
         guard = self._mw.guard
         if guard.settings.brand_app_errors and status[:3] in _BRANDABLE:
+            retry_after = next(
+                (parse_retry_after(v) for k, v in headers if k.lower() == "retry-after"), None
+            )
             rendered = guard.renderer.render_status(
                 int(status[:3]),
-                request_id=self.inbound.ctx.request_id,
+                request_id=self.ctx.request_id,
                 accept=self._accept,
                 method=self._method,
+                retry_after=retry_after,
             )
             self.intercepted = rendered.body
             reason = _REASONS.get(rendered.status, "Error")
             self._start_response(f"{rendered.status} {reason}", list(rendered.headers), exc_info)
             return _discard
-        headers.append(("X-Request-ID", self.inbound.ctx.request_id))
+        headers.append(("X-Request-ID", self.ctx.request_id))
         if exc_info is not None:
             return self._start_response(status, headers, exc_info)
         return self._start_response(status, headers)
@@ -168,7 +173,7 @@ class _Response:
     def error_body(self, error: UpstreamError) -> list[bytes]:
         mw = self._mw
         return mw._error(
-            self._start_response, self.inbound, error, self._accept, self._method, sys.exc_info()
+            self._start_response, self.ctx, error, self._accept, self._method, sys.exc_info()
         )
 
     def finish(self, token: Token[RequestContext | None] | None) -> None:
@@ -181,7 +186,7 @@ class _Response:
             with contextlib.suppress(ValueError):
                 reset_context(token)
         if self._shed:
-            self._mw._shedding.release(self.inbound.route_key)
+            self._mw._shedding.release(self.ctx.route_key)
 
 
 def _discard(data: bytes) -> None:
@@ -220,7 +225,7 @@ class _Body:
             if sent:
                 # Headers and part of the body are out: all that is left is to make the
                 # server drop the connection so the client knows the body is incomplete.
-                log_gateway_error(self._response.inbound, error, started=True)
+                log_gateway_error(self._response.ctx, error, started=True)
                 raise
             yield from self._response.error_body(error)
 
