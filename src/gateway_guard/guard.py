@@ -14,9 +14,10 @@ import httpx
 from .breaker import BreakerState, CircuitBreaker
 from .errors import UpstreamError
 from .limiter import ConcurrencyLimiter, InboundShedding, bulkhead
-from .policy import CallPolicy, Policies, compile_policies
+from .policy import CallPolicy, Policies, compile_policies, compile_view_policy
 from .render import ErrorRenderer
 from .retry import RetryBudget
+from .routing import Route
 from .settings import Settings, SettingsSource, load_settings
 from .transport import AsyncGuardedTransport, GuardedTransport
 
@@ -121,6 +122,15 @@ class Guard:
     def bulkhead(self, upstream: str) -> ConcurrencyLimiter:
         """The outbound concurrency limiter of ``upstream``."""
         return self.runtime(upstream).bulkhead
+
+    def view_policy(self, view: str, **overrides: Any) -> Route:
+        """Compile a per-view policy (keys as in a ``[[routes]]`` entry: ``retry``,
+        ``deadline``, timeouts, ``raise_on_failure_status``, ``depends_on``).
+
+        Framework adapters call this once per decorated view and apply the result with
+        :func:`gateway_guard.inbound.view_policy` while the view runs.
+        """
+        return compile_view_policy(self.policies, view, overrides)
 
     @property
     def upstreams(self) -> tuple[str, ...]:

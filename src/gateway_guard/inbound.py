@@ -8,15 +8,17 @@ lives here once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import httpx
 
 from .breaker import BreakerState
-from .context import RequestContext
+from .context import RequestContext, get_context
 from .errors import CircuitOpenError, UpstreamError, from_exception
 from .headers import new_request_id, parse_traceparent, valid_request_id
 
@@ -25,7 +27,13 @@ if TYPE_CHECKING:
     from .render import RenderedError
     from .routing import Route
 
-__all__ = ["as_upstream_error", "log_gateway_error", "render_error", "start"]
+__all__ = [
+    "as_upstream_error",
+    "log_gateway_error",
+    "render_error",
+    "start",
+    "view_policy",
+]
 
 logger = logging.getLogger("gateway_guard")
 
@@ -179,3 +187,33 @@ def render_error(
     return guard.renderer.render(
         error, request_id=ctx.request_id, accept=accept, method=method, timings=timings
     )
+
+
+@contextlib.contextmanager
+def view_policy(route: Route) -> Iterator[None]:
+    """Apply a per-view policy (Flask's ``@ext.policy``, Django's ``@gateway_policy``)
+    to the current request while the view runs.
+
+    The view's upstream policies replace the route's, its deadline can only shorten the
+    request's, and a dependency whose breaker is open answers 503 before the view runs
+    (raised, so the framework's own error handling renders it).
+    """
+    ctx = get_context()
+    if ctx is None:
+        yield  # called outside a guarded request (a unit test of the view): nothing to do
+        return
+    guard = ctx.guard
+    if route.depends_on:
+        blocked = _dependency_down(guard, route)
+        if blocked is not None:
+            raise blocked
+    saved = ctx.route, ctx.deadline_at
+    ctx.route = route
+    if route.deadline is not None:
+        deadline_at = guard.clock() + route.deadline
+        if ctx.deadline_at is None or deadline_at < ctx.deadline_at:
+            ctx.deadline_at = deadline_at
+    try:
+        yield
+    finally:
+        ctx.route, ctx.deadline_at = saved

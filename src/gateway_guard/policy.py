@@ -11,8 +11,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import SettingsError, SettingsProblem
 from .routing import Route, RouteTable
-from .settings import CallSettings, Settings, ShedSettings, effective_call, merge_shed
+from .settings import (
+    CallSettings,
+    RouteSettings,
+    Settings,
+    ShedSettings,
+    effective_call,
+    merge_shed,
+)
 
 __all__ = [
     "BreakerPolicy",
@@ -23,6 +31,8 @@ __all__ = [
     "RetryPolicy",
     "ShedPolicy",
     "compile_policies",
+    "compile_route",
+    "compile_view_policy",
 ]
 
 Priority = Literal["critical", "normal", "sheddable"]
@@ -195,6 +205,73 @@ def _shed_policy(shed: ShedSettings) -> ShedPolicy:
     )
 
 
+def compile_route(
+    settings: Settings, index: int, rs: RouteSettings, calls: Mapping[str, CallPolicy]
+) -> Route:
+    """One route's policies: each upstream's, layered under the route's own keys."""
+    route_calls: dict[str, CallPolicy] = {}
+    for name, up in settings.upstreams.items():
+        policy = _call_policy(name, up.base_url, effective_call(settings, name, rs))
+        route_calls[name] = calls[name] if policy == calls[name] else policy
+    route_shed = merge_shed(settings.shed, rs)
+    return Route(
+        index=index,
+        pattern=rs.path,
+        name=rs.name or rs.path,
+        methods=frozenset(m.upper() for m in rs.methods) if rs.methods else None,
+        priority=rs.priority,
+        depends_on=tuple(rs.depends_on),
+        deadline=rs.deadline,
+        shed=_shed_policy(route_shed) if route_shed is not None else None,
+        calls=route_calls,
+    )
+
+
+# What a per-view policy (Flask's @ext.policy, Django's @gateway_policy) may set: by the
+# time a view runs, routing and shedding have happened, so those keys cannot apply.
+VIEW_KEYS = frozenset(
+    {
+        "retry",
+        "deadline",
+        "connect_timeout",
+        "read_timeout",
+        "raise_on_failure_status",
+        "depends_on",
+    }
+)
+
+
+def compile_view_policy(policies: Policies, view: str, overrides: Mapping[str, object]) -> Route:
+    """A route policy for one view, from keyword overrides validated like settings.
+
+    Raises :class:`~gateway_guard.SettingsError` naming ``view <name>.<key>``.
+    """
+    from .settings import validate_view_overrides  # noqa: PLC0415 - avoids a cycle
+
+    settings = policies.settings
+    where = f"view {view}"
+    unknown = sorted(set(overrides) - VIEW_KEYS)
+    if unknown:
+        allowed = ", ".join(sorted(VIEW_KEYS))
+        raise SettingsError(
+            [
+                SettingsProblem(f"{where}.{key}", f"not allowed per view (allowed: {allowed})")
+                for key in unknown
+            ]
+        )
+    rs = validate_view_overrides(settings, where, {"path": "/", "name": view, **overrides})
+    route = compile_route(settings, -1, rs, policies.calls)
+    # Priority and shedding were decided before the view ran; a view policy has neither.
+    return Route(
+        index=-1,
+        pattern=route.pattern,
+        name=view,
+        depends_on=route.depends_on,
+        deadline=route.deadline,
+        calls=route.calls,
+    )
+
+
 def compile_policies(settings: Settings) -> Policies:
     """Compile validated settings into the frozen objects the hot path reads.
 
@@ -206,26 +283,7 @@ def compile_policies(settings: Settings) -> Policies:
         name: _call_policy(name, up.base_url, effective_call(settings, name, None))
         for name, up in settings.upstreams.items()
     }
-    routes = []
-    for index, rs in enumerate(settings.routes):
-        route_calls: dict[str, CallPolicy] = {}
-        for name, up in settings.upstreams.items():
-            policy = _call_policy(name, up.base_url, effective_call(settings, name, rs))
-            route_calls[name] = calls[name] if policy == calls[name] else policy
-        route_shed = merge_shed(settings.shed, rs)
-        routes.append(
-            Route(
-                index=index,
-                pattern=rs.path,
-                name=rs.name or rs.path,
-                methods=frozenset(m.upper() for m in rs.methods) if rs.methods else None,
-                priority=rs.priority,
-                depends_on=tuple(rs.depends_on),
-                deadline=rs.deadline,
-                shed=_shed_policy(route_shed) if route_shed is not None else None,
-                calls=route_calls,
-            )
-        )
+    routes = [compile_route(settings, index, rs, calls) for index, rs in enumerate(settings.routes)]
     return Policies(
         settings=settings,
         service=settings.service,

@@ -581,6 +581,33 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
     return list(dict.fromkeys(problems))
 
 
+def validate_view_overrides(
+    settings: Settings, where: str, raw: Mapping[str, Any]
+) -> RouteSettings:
+    """Validate a per-view policy as a route entry; problems are named ``<where>.<key>``."""
+    problems: list[SettingsProblem] = []
+    try:
+        route = RouteSettings.model_validate(_plain(raw))
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            problem = _translate(err)
+            problems.append(SettingsProblem(f"{where}.{problem.path}", problem.message))
+        raise SettingsError(problems) from None
+    for j, dep in enumerate(route.depends_on):
+        if dep not in settings.upstreams:
+            known = ", ".join(sorted(settings.upstreams)) or "none configured"
+            problems.append(
+                SettingsProblem(f"{where}.depends_on.{j}", f"unknown upstream {dep!r} ({known})")
+            )
+    bases = {n: _merge_call(settings.defaults, up) for n, up in settings.upstreams.items()}
+    for name, base in (bases or {"": settings.defaults}).items():
+        suffix = f" (for upstream {name!r})" if name else ""
+        _check_call(_merge_route(base, route), where, problems, suffix=suffix, owner=route)
+    if problems:
+        raise SettingsError(list(dict.fromkeys(problems)))
+    return route
+
+
 def _check_shed(shed: ShedSettings, where: str, problems: list[SettingsProblem]) -> None:
     if shed.max_concurrent == 0 and shed.max_queue > 0 and "max_queue" in shed.model_fields_set:
         problems.append(SettingsProblem(f"{where}.max_queue", "needs max_concurrent > 0"))
