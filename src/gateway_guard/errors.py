@@ -25,9 +25,11 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
+import anyio
 import httpx
 
 __all__ = [
@@ -207,43 +209,77 @@ _DNS_WORDS = (
     "name resolution",
     "getaddrinfo failed",
 )
+# Chains are short in practice; the cap keeps a pathological one from costing a request.
+_CHAIN_LIMIT = 64
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """Every exception behind ``exc``: causes, contexts and exception-group members."""
+    """``exc`` and every exception behind it, nearest first.
+
+    Follows causes, contexts, exception-group members, and exceptions passed as arguments:
+    httpcore wraps the real error as ``ConnectError(oserror)`` and its connection pool
+    re-raises with ``from None``, so for connection failures ``args`` is the only place the
+    ``OSError`` (and its errno) survives.
+    """
     seen: set[int] = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
+    queue = deque([exc])
+    while queue and len(seen) < _CHAIN_LIMIT:
+        current = queue.popleft()
         if id(current) in seen:
             continue
         seen.add(id(current))
         yield current
         if isinstance(current, BaseExceptionGroup):
-            stack.extend(current.exceptions)
+            queue.extend(current.exceptions)
+        queue.extend(arg for arg in current.args if isinstance(arg, BaseException))
         if current.__cause__ is not None:
-            stack.append(current.__cause__)
+            queue.append(current.__cause__)
         if current.__context__ is not None and not current.__suppress_context__:
-            stack.append(current.__context__)
+            queue.append(current.__context__)
+
+
+def _is_reset(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError) or (
+        isinstance(exc, OSError) and exc.errno in _RESET
+    )
 
 
 def _connect_error_type(exc: BaseException) -> tuple[type[UpstreamError], str]:
-    for inner in _chain(exc):
-        if isinstance(inner, ssl.SSLCertVerificationError):
-            return UpstreamConnectError, "tls_certificate_error"
-        if isinstance(inner, ssl.SSLError):
-            return UpstreamConnectError, "tls_protocol_error"
-        if isinstance(inner, socket.gaierror):
-            return UpstreamConnectError, "dns_error"
-        if isinstance(inner, ConnectionRefusedError):
-            return UpstreamConnectError, "connection_refused"
-        if isinstance(inner, TimeoutError | socket.timeout):
-            return UpstreamTimeout, "connection_timeout"
-        if isinstance(inner, OSError) and inner.errno in _UNROUTABLE:
-            return UpstreamConnectError, "destination_ip_unroutable"
-        if isinstance(inner, OSError) and inner.errno == errno.ECONNREFUSED:
-            return UpstreamConnectError, "connection_refused"
-    text = " ".join(str(e).lower() for e in _chain(exc))
+    chain = list(_chain(exc))
+
+    def found(*types: type[BaseException], errnos: frozenset[int] = frozenset()) -> bool:
+        return any(
+            isinstance(e, types) or (isinstance(e, OSError) and e.errno in errnos) for e in chain
+        )
+
+    # Most specific first. A connect can fail several ways at once (one attempt per
+    # resolved address, gathered in an exception group by anyio), so each test looks at the
+    # whole chain before the next: 127.0.0.1 refusing beats ::1 being unreachable, whichever
+    # attempt happened to come first.
+    if found(ssl.SSLCertVerificationError):
+        return UpstreamConnectError, "tls_certificate_error"
+    if found(ssl.SSLError):
+        return UpstreamConnectError, "tls_protocol_error"
+    if found(socket.gaierror):
+        return UpstreamConnectError, "dns_error"
+    if found(ConnectionRefusedError, errnos=frozenset({errno.ECONNREFUSED})):
+        return UpstreamConnectError, "connection_refused"
+    if found(TimeoutError):
+        return UpstreamTimeout, "connection_timeout"
+    if found(errnos=_UNROUTABLE):
+        return UpstreamConnectError, "destination_ip_unroutable"
+    # A refused TCP connect is ECONNREFUSED; a reset or EOF while connecting means the TCP
+    # connection was made and then dropped during the TLS handshake (the sync backend
+    # reports that EOF as ssl.SSLEOFError, the anyio one as a bare EndOfStream).
+    if found(
+        ConnectionResetError,
+        BrokenPipeError,
+        ConnectionAbortedError,
+        anyio.EndOfStream,
+        errnos=_RESET,
+    ):
+        return UpstreamConnectError, "tls_protocol_error"
+    text = " ".join(str(e).lower() for e in chain)
     if any(word in text for word in _DNS_WORDS):
         return UpstreamConnectError, "dns_error"
     if "certificate" in text:
@@ -258,20 +294,11 @@ def _connect_error_type(exc: BaseException) -> tuple[type[UpstreamError], str]:
 
 
 def _was_reset(exc: BaseException) -> bool:
-    return any(
-        isinstance(inner, ConnectionResetError | BrokenPipeError | ConnectionAbortedError)
-        or (isinstance(inner, OSError) and inner.errno in _RESET)
-        for inner in _chain(exc)
-    )
+    return any(_is_reset(inner) for inner in _chain(exc))
 
 
-def classify(exc: BaseException) -> tuple[type[UpstreamError], str]:
-    """Name a transport failure: the exception class to raise and the RFC 9209 error type.
-
-    Accepts httpx exceptions (and what they wrap) and plain ``OSError`` / ``ssl`` errors.
-    Anything unrecognised is an ``http_protocol_error``: we know the upstream exchange
-    failed but not how, and 502 is the honest answer.
-    """
+def _classify_one(exc: BaseException) -> tuple[type[UpstreamError], str] | None:
+    """The classification of ``exc`` itself, or ``None`` when its type says nothing."""
     if isinstance(exc, UpstreamError):
         return type(exc), exc.proxy_error or "http_protocol_error"
     if isinstance(exc, httpx.ConnectTimeout):
@@ -308,10 +335,33 @@ def classify(exc: BaseException) -> tuple[type[UpstreamError], str]:
         return UpstreamConfigError, "proxy_internal_error"
     if isinstance(exc, httpx.TooManyRedirects):
         return UpstreamProtocolError, "http_protocol_error"
-    if isinstance(exc, ssl.SSLError | socket.gaierror | ConnectionRefusedError):
+    if isinstance(exc, ssl.SSLError | socket.gaierror | ConnectionRefusedError) or (
+        isinstance(exc, OSError) and exc.errno in _UNROUTABLE
+    ):
         return _connect_error_type(exc)
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout, "http_response_timeout"
+    if isinstance(exc, OverflowError) and "port must be" in str(exc):
+        # httpx does not range-check URL ports. On asyncio, connect() raises this and it
+        # escapes httpx unmapped, inside anyio's exception group; the sync backend instead
+        # lets getaddrinfo wrap the port modulo 65536 and connects somewhere else.
+        return UpstreamConfigError, "proxy_configuration_error"
+    return None
+
+
+def classify(exc: BaseException) -> tuple[type[UpstreamError], str]:
+    """Name a transport failure: the exception class to raise and the RFC 9209 error type.
+
+    Accepts httpx exceptions (and what they wrap) and plain ``OSError`` / ``ssl`` errors.
+    An exception group (``asyncio.TaskGroup``, anyio), or any exception raised ``from`` one
+    of those, is named after the nearest failure inside it that says more. Anything
+    unrecognised is an ``http_protocol_error``: we know the upstream exchange failed but
+    not how, and 502 is the honest answer.
+    """
+    for inner in _chain(exc):
+        found = _classify_one(inner)
+        if found is not None:
+            return found
     if _was_reset(exc):
         return UpstreamProtocolError, "connection_terminated"
     return UpstreamProtocolError, "http_protocol_error"
@@ -326,10 +376,14 @@ def from_exception(
 ) -> UpstreamError:
     """Build the classified :class:`UpstreamError` for ``exc`` (the caller chains it).
 
+    When ``exc`` is an :class:`UpstreamError` already, or holds one (an exception-group
+    member, or a cause), that error is returned as it is, with its status and
+    ``retry_after``: re-raise it rather than chaining it to ``exc``.
     The message is for logs and debug pages only; production pages never show it.
     """
-    if isinstance(exc, UpstreamError):
-        return exc
+    for inner in _chain(exc):
+        if isinstance(inner, UpstreamError):
+            return inner
     cls, proxy_error = classify(exc)
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return cls(

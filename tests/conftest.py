@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from gateway_guard.retry import testing
+from gateway_guard.testing.upstream import MisbehavingUpstream
+
+
+@pytest.fixture
+def upstream() -> Iterator[MisbehavingUpstream]:
+    """A real misbehaving HTTP upstream on 127.0.0.1 (see gateway_guard.testing.upstream)."""
+    with MisbehavingUpstream() as up:
+        yield up
+
+
+@pytest.fixture
+def no_backoff() -> Iterator[None]:
+    """Retry waits become 0 (gateway_guard's documented testing mode)."""
+    with testing():
+        yield
