@@ -587,3 +587,24 @@ def test_protect_async_applies_the_bulkhead(clock: FakeClock) -> None:
     asyncio.run(asyncio.wait_for(main(), WAIT))
     assert inner_calls == 1
     assert guard.bulkhead("up").in_flight == 0
+
+
+def test_client_connection_options_reach_the_inner_transport() -> None:
+    # httpx ignores verify/limits/... when a transport is given; the guard moves them
+    # onto the inner transport it builds instead of dropping them silently.
+    guard = gg.Guard({"upstreams": {"up": {"base_url": "https://up.test"}}})
+    limits = httpx.Limits(max_connections=3)
+    with guard.client("up", verify=False, limits=limits) as client:
+        inner = client._transport._inner  # type: ignore[attr-defined]
+        assert isinstance(inner, httpx.HTTPTransport)
+        pool = inner._pool
+        assert pool._max_connections == 3
+        assert pool._ssl_context.verify_mode.name == "CERT_NONE"
+
+
+def test_clients_share_one_ssl_context() -> None:
+    guard = gg.Guard({"upstreams": {"up": {"base_url": "https://up.test"}}})
+    with guard.client("up") as a, guard.client("up") as b:
+        ctx_a = a._transport._inner._pool._ssl_context  # type: ignore[attr-defined]
+        ctx_b = b._transport._inner._pool._ssl_context  # type: ignore[attr-defined]
+        assert ctx_a is ctx_b

@@ -80,6 +80,11 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ),
     ({"upstreams": {"pay ments": {}}}, "upstreams.pay ments", "upstream names"),
     (
+        {"upstreams": {"p": {"base_url": "http://127.0.0.1:99999"}}},
+        "upstreams.p.base_url",
+        "invalid port",
+    ),
+    (
         {"upstreams": {"payments": {"base_ur": "http://x"}}},
         "upstreams.payments.base_ur",
         "did you mean 'base_url'",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -24,6 +25,18 @@ from .transport import AsyncGuardedTransport, GuardedTransport
 __all__ = ["Guard", "UpstreamRuntime"]
 
 logger = logging.getLogger("gateway_guard")
+
+# httpx.Client arguments that configure the connection, i.e. the transport.
+_TRANSPORT_OPTIONS = (
+    "verify",
+    "cert",
+    "trust_env",
+    "http1",
+    "http2",
+    "limits",
+    "proxy",
+    "mounts_proxy",
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -84,6 +97,7 @@ class Guard:
         self.settings: Settings = load_settings(settings)
         self.policies: Policies = compile_policies(self.settings)
         self.clock = clock
+        self._ssl: ssl.SSLContext | None = None
         self._upstreams = {
             name: UpstreamRuntime(policy, clock) for name, policy in self.policies.calls.items()
         }
@@ -150,6 +164,25 @@ class Guard:
         """An ``httpx.AsyncBaseTransport`` guarding calls to ``upstream`` through ``inner``."""
         return AsyncGuardedTransport(self.runtime(upstream), inner or httpx.AsyncHTTPTransport())
 
+    def _ssl_context(self) -> ssl.SSLContext:
+        # Loading the CA bundle costs ~20 ms; every client of this Guard shares one.
+        ctx = self._ssl
+        if ctx is None:
+            ctx = httpx.create_ssl_context()
+            self._ssl = ctx
+        return ctx
+
+    def _inner(self, kwargs: dict[str, Any], transport_cls: type[Any]) -> Any:
+        """The inner httpx transport, built from the connection options of ``kwargs``.
+
+        httpx ignores ``verify``, ``cert``, ``http2``, ``limits``... when a transport is
+        given, and we always give one: so they are moved onto the inner transport here.
+        """
+        options = {key: kwargs.pop(key) for key in _TRANSPORT_OPTIONS if key in kwargs}
+        if "verify" not in options and "cert" not in options:
+            options["verify"] = self._ssl_context()
+        return transport_cls(**options)
+
     def _client_kwargs(self, upstream: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         policy = self.policy(upstream)
         if policy.base_url is not None:
@@ -167,13 +200,13 @@ class Guard:
         ``base_url`` comes from the settings; any ``httpx.Client`` argument may be given.
         A ``transport=`` is wrapped, not replaced.
         """
-        inner = kwargs.pop("transport", None)
+        inner = kwargs.pop("transport", None) or self._inner(kwargs, httpx.HTTPTransport)
         kwargs = self._client_kwargs(upstream, kwargs)
         return httpx.Client(transport=self.transport(upstream, inner), **kwargs)
 
     def async_client(self, upstream: str, **kwargs: Any) -> httpx.AsyncClient:
         """A new guarded ``httpx.AsyncClient`` for ``upstream``, owned by the caller."""
-        inner = kwargs.pop("transport", None)
+        inner = kwargs.pop("transport", None) or self._inner(kwargs, httpx.AsyncHTTPTransport)
         kwargs = self._client_kwargs(upstream, kwargs)
         return httpx.AsyncClient(transport=self.async_transport(upstream, inner), **kwargs)
 

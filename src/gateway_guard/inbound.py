@@ -95,11 +95,20 @@ def as_upstream_error(exc: BaseException) -> UpstreamError | None:
     """
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, httpx.TransportError):
+    if isinstance(exc, httpx.TransportError) or (
+        isinstance(exc, BaseExceptionGroup) and _holds_upstream_failure(exc)
+    ):
         error = from_exception(exc)
-        error.__cause__ = exc
+        if error.__cause__ is None:
+            error.__cause__ = exc
         return error
     return None
+
+
+def _holds_upstream_failure(group: BaseExceptionGroup[BaseException]) -> bool:
+    """A task group whose failure was an upstream's (anyio/asyncio wrap errors in groups)."""
+    matched, _ = group.split(lambda e: isinstance(e, UpstreamError | httpx.TransportError))
+    return matched is not None
 
 
 class _Throttle:

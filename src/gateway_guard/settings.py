@@ -19,6 +19,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -504,6 +505,13 @@ def _url_problem(value: str, *, allow_path: bool) -> str | None:
     if not sep or scheme.lower() not in ("http", "https") or not rest or rest.startswith("/"):
         allowed = "an http(s) URL or a /path" if allow_path else "an http(s) URL"
         return f"must be {allowed}, got {_show(value)}"
+    try:
+        # httpx does not range-check ports: sync clients silently wrap 99999 around.
+        port = urlsplit(value).port
+    except ValueError:
+        return f"has an invalid port (1-65535), got {_show(value)}"
+    if port == 0:
+        return f"has an invalid port (1-65535), got {_show(value)}"
     return None
 
 

@@ -44,6 +44,7 @@ class _Call:
 
     __slots__ = (
         "attempt",
+        "clipped",
         "clock",
         "ctx",
         "deadline_at",
@@ -70,6 +71,7 @@ class _Call:
         self.t0 = now
         self.state: RetryState | None = None
         self.last_status: int | None = None
+        self.clipped = False
         policy = rt.policy
         ctx = get_context()
         self.ctx = ctx
@@ -116,6 +118,7 @@ class _Call:
         if remaining >= policy.unclipped_after:
             self.request.extensions["timeout"] = policy.timeouts
         else:
+            self.clipped = True
             connect = min(policy.connect_timeout, remaining)
             read = min(policy.read_timeout, remaining)
             self.request.extensions["timeout"] = {
@@ -139,6 +142,10 @@ class _Call:
         error = from_exception(
             exc, upstream=self.rt.name, attempts=self.attempt, elapsed=now - self.started
         )
+        if self.clipped and isinstance(exc, httpx.TimeoutException) and now >= self.deadline_at:
+            # The attempt's timeout was cut to fit the deadline, and the deadline is what
+            # ran out: say so, rather than blame a connect or read timeout it never reached.
+            error.proxy_error = "http_response_timeout"
         breaker = self.rt.breaker
         if error.status in (502, 504):
             breaker.record_failure(now - self.t0, self.probe)
