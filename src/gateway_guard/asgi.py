@@ -15,7 +15,7 @@ from .context import RequestContext, reset_context, set_context
 from .errors import LoadShedError, UpstreamError
 from .guard import Guard
 from .headers import parse_retry_after
-from .inbound import as_upstream_error, log_gateway_error, render_error, start
+from .inbound import as_upstream_error, inbound_shed, log_gateway_error, render_error, start
 from .render import RenderedError
 from .settings import SettingsSource
 
@@ -62,7 +62,8 @@ class GatewayGuardMiddleware:
             elif name == b"traceparent":
                 traceparent = value
             elif name == b"accept":
-                accept = value
+                # Repeated field lines form one list (RFC 9110 §5.3).
+                accept = value if accept is None else accept + b", " + value
         method = scope["method"]
         ctx = start(self.guard, method, scope["path"], request_id, traceparent)
         rid_header = (b"x-request-id", ctx.request_id.encode("ascii"))
@@ -79,7 +80,7 @@ class GatewayGuardMiddleware:
             try:
                 await self._shedding.admit_async(route_key, ctx.priority)
             except LoadShedError as exc:
-                await self._error(send, ctx, exc, accept, method)
+                await self._error(send, ctx, inbound_shed(exc), accept, method)
                 return
 
         started = False
@@ -93,11 +94,16 @@ class GatewayGuardMiddleware:
                     await self._brand(send, ctx, message, accept, method)
                     return
                 brand = False
-                headers = message.get("headers")
-                if isinstance(headers, list):
-                    headers.append(rid_header)
+                headers = message.get("headers") or ()
+                # ASGI header names are lower-case. An app (or an inner middleware) that
+                # set its own id keeps it; otherwise ours goes on a NEW list, because an
+                # app may reuse one list for every response and must never carry an
+                # earlier visitor's id.
+                for name, _ in headers:
+                    if name == b"x-request-id":
+                        break
                 else:
-                    message = {**message, "headers": [*(headers or ()), rid_header]}
+                    message = {**message, "headers": [*headers, rid_header]}
             elif brand:
                 return  # the app's own 502/503/504 body, replaced by our page
             await send(message)

@@ -19,7 +19,7 @@ import httpx
 
 from .breaker import BreakerState
 from .context import RequestContext, get_context
-from .errors import CircuitOpenError, UpstreamError, from_exception
+from .errors import CircuitOpenError, LoadShedError, UpstreamError, from_exception
 from .headers import new_request_id, parse_traceparent, valid_request_id
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "as_upstream_error",
+    "inbound_shed",
     "log_gateway_error",
     "render_error",
     "start",
@@ -141,20 +142,25 @@ class _Throttle:
 _throttle = _Throttle()
 
 
+def inbound_shed(exc: LoadShedError) -> LoadShedError:
+    """An inbound shed names no upstream (the limiter's name is not one)."""
+    exc.upstream = None
+    return exc
+
+
 def log_gateway_error(ctx: RequestContext, error: UpstreamError, *, started: bool = False) -> None:
     """Log a gateway error with fields JSON log setups can pick up.
 
-    Failures (502/504) are logged one line each, at ERROR. Shedding and open breakers
-    (503) are expected under load: WARNING, no traceback, and at most one line per
-    second per upstream and error type, so an outage does not bury the logs.
+    At most one line per second per upstream and error type (``suppressed`` counts the
+    rest). Failures (502/504) log at ERROR with the exception; shedding and open breakers
+    (503) are expected under load: WARNING, without a traceback.
     """
-    held = 0
+    # One line per second per upstream and error type, with a count of what was held
+    # back: an outage of thousands of failures a second must not bury the logs.
+    held = _throttle.admit((error.upstream, error.proxy_error), time.monotonic())
+    if held is None:
+        return
     expected = error.status == 503
-    if expected:
-        admitted = _throttle.admit((error.upstream, error.proxy_error), time.monotonic())
-        if admitted is None:
-            return
-        held = admitted
     route = ctx.route
     fields = {
         "request_id": ctx.request_id,

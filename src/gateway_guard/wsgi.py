@@ -19,7 +19,7 @@ from .context import RequestContext, reset_context, set_context
 from .errors import LoadShedError, UpstreamError
 from .guard import Guard
 from .headers import parse_retry_after
-from .inbound import as_upstream_error, log_gateway_error, render_error, start
+from .inbound import as_upstream_error, inbound_shed, log_gateway_error, render_error, start
 from .settings import SettingsSource
 
 __all__ = ["GatewayGuardWSGI"]
@@ -67,7 +67,7 @@ class GatewayGuardWSGI:
             try:
                 self._shedding.admit(ctx.route_key, ctx.priority)
             except LoadShedError as exc:
-                return self._error(start_response, ctx, exc, accept, method, None)
+                return self._error(start_response, ctx, inbound_shed(exc), accept, method, None)
         response = _Response(self, ctx, start_response, accept, method, shed)
         token = set_context(ctx)
         try:
@@ -165,7 +165,10 @@ class _Response:
             reason = _REASONS.get(rendered.status, "Error")
             self._start_response(f"{rendered.status} {reason}", list(rendered.headers), exc_info)
             return _discard
-        headers.append(("X-Request-ID", self.ctx.request_id))
+        # A new list: the app may pass the same list for every response. An id the app
+        # set itself is kept.
+        if not any(name.lower() == "x-request-id" for name, _ in headers):
+            headers = [*headers, ("X-Request-ID", self.ctx.request_id)]
         if exc_info is not None:
             return self._start_response(status, headers, exc_info)
         return self._start_response(status, headers)
@@ -213,8 +216,14 @@ class _Body:
 
     def __iter__(self) -> Iterator[bytes]:
         sent = False
+        response = self._response
         try:
             for chunk in self._body:
+                if response.intercepted is not None:
+                    # A generator app called start_response only now, with a 502/503/504
+                    # we brand: its own body gives way to the branded one.
+                    yield response.intercepted
+                    return
                 if chunk:
                     sent = True
                 yield chunk
