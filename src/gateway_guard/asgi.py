@@ -90,11 +90,17 @@ class GatewayGuardMiddleware:
             nonlocal started, brand
             if message["type"] == "http.response.start":
                 started = True
-                if brand and message["status"] in _BRANDABLE:
+                headers = message.get("headers") or ()
+                # A response that already explains itself (our page, or an error handler
+                # that set Proxy-Status) is not re-branded.
+                if (
+                    brand
+                    and message["status"] in _BRANDABLE
+                    and not any(name == b"proxy-status" for name, _ in headers)
+                ):
                     await self._brand(send, ctx, message, accept, method)
                     return
                 brand = False
-                headers = message.get("headers") or ()
                 # ASGI header names are lower-case. An app (or an inner middleware) that
                 # set its own id keeps it; otherwise ours goes on a NEW list, because an
                 # app may reuse one list for every response and must never carry an

@@ -78,10 +78,6 @@ class GatewayGuardWSGI:
             if error is None:
                 raise
             return self._error(start_response, ctx, error, accept, method, sys.exc_info())
-        if response.intercepted is not None:
-            _close(body)
-            response.finish(token)
-            return [response.intercepted]
         return _Body(body, response, token)
 
     def _error(
@@ -112,18 +108,24 @@ _REASONS = {
 
 
 class _Response:
-    """Per-request state: wraps ``start_response`` and releases what the request holds."""
+    """Per-request state: holds the app's status and headers until the first body chunk.
+
+    PEP 3333 lets a middleware delay ``start_response`` until the body starts. Holding it
+    means an upstream error raised before the first chunk replaces the app's response
+    whole, instead of asking the server to swap headers it may already have merged.
+    """
 
     __slots__ = (
         "_accept",
         "_done",
         "_method",
         "_mw",
+        "_pending",
         "_shed",
         "_start_response",
+        "_write",
         "ctx",
         "intercepted",
-        "status",
     )
 
     def __init__(
@@ -142,15 +144,28 @@ class _Response:
         self._method = method
         self._shed = shed
         self._done = False
-        self.status: str | None = None
+        self._pending: tuple[str, list[tuple[str, str]]] | None = None
+        self._write: Callable[[bytes], object] | None = None
         self.intercepted: bytes | None = None
+
+    @property
+    def sent(self) -> bool:
+        """Whether the status and headers went to the server."""
+        return self._write is not None
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
     ) -> Callable[[bytes], object]:
-        self.status = status
+        if exc_info is not None and self.sent:
+            raise exc_info[1].with_traceback(exc_info[2])  # PEP 3333: too late to change
         guard = self._mw.guard
-        if guard.settings.brand_app_errors and status[:3] in _BRANDABLE:
+        if (
+            guard.settings.brand_app_errors
+            and status[:3] in _BRANDABLE
+            # A response that already explains itself (our page, or a user's error
+            # handler that set Proxy-Status) is not re-branded.
+            and not any(name.lower() == "proxy-status" for name, _ in headers)
+        ):
             retry_after = next(
                 (parse_retry_after(v) for k, v in headers if k.lower() == "retry-after"), None
             )
@@ -163,17 +178,30 @@ class _Response:
             )
             self.intercepted = rendered.body
             reason = _REASONS.get(rendered.status, "Error")
-            self._start_response(f"{rendered.status} {reason}", list(rendered.headers), exc_info)
+            self._pending = (f"{rendered.status} {reason}", list(rendered.headers))
             return _discard
+        self.intercepted = None
         # A new list: the app may pass the same list for every response. An id the app
         # set itself is kept.
         if not any(name.lower() == "x-request-id" for name, _ in headers):
             headers = [*headers, ("X-Request-ID", self.ctx.request_id)]
-        if exc_info is not None:
-            return self._start_response(status, headers, exc_info)
-        return self._start_response(status, headers)
+        self._pending = (status, headers)
+        return self.write
+
+    def flush(self) -> None:
+        """Hand the held status and headers to the server (once)."""
+        if self._write is None and self._pending is not None:
+            status, headers = self._pending
+            self._write = self._start_response(status, headers)
+
+    def write(self, data: bytes) -> object:
+        """The legacy ``write()`` callable: it starts the response like a body chunk."""
+        self.flush()
+        assert self._write is not None
+        return self._write(data)
 
     def error_body(self, error: UpstreamError) -> list[bytes]:
+        self._pending = None
         mw = self._mw
         return mw._error(
             self._start_response, self.ctx, error, self._accept, self._method, sys.exc_info()
@@ -215,28 +243,30 @@ class _Body:
         self._token = token
 
     def __iter__(self) -> Iterator[bytes]:
-        sent = False
         response = self._response
         try:
             for chunk in self._body:
                 if response.intercepted is not None:
-                    # A generator app called start_response only now, with a 502/503/504
-                    # we brand: its own body gives way to the branded one.
-                    yield response.intercepted
-                    return
+                    break  # a 502/503/504 we brand: the app's own body gives way
                 if chunk:
-                    sent = True
-                yield chunk
+                    response.flush()
+                    yield chunk
+                elif response.sent:
+                    yield chunk
         except Exception as exc:
             error = as_upstream_error(exc)
             if error is None:
                 raise
-            if sent:
+            if response.sent:
                 # Headers and part of the body are out: all that is left is to make the
                 # server drop the connection so the client knows the body is incomplete.
-                log_gateway_error(self._response.ctx, error, started=True)
+                log_gateway_error(response.ctx, error, started=True)
                 raise
-            yield from self._response.error_body(error)
+            yield from response.error_body(error)
+            return
+        response.flush()  # an empty body still needs its status and headers
+        if response.intercepted is not None:
+            yield response.intercepted
 
     def close(self) -> None:
         try:
