@@ -28,6 +28,10 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The demo: a misbehaving upstream plus the FastAPI example on http://127.0.0.1:8000/.
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
