@@ -408,6 +408,44 @@ class _AsyncGuardedStream(httpx.AsyncByteStream):
         self._settle()
 
 
+# A failure body smaller than this is read before a retry so its connection goes back to
+# the pool; a larger one is cheaper to drop than to download.
+_MAX_DRAIN = 64 * 1024
+
+
+def _drain(response: httpx.Response) -> None:
+    """Read (a small) failure body before retrying, so the connection can be reused."""
+    if response.is_stream_consumed:
+        response.close()
+        return
+    try:
+        size = 0
+        for chunk in response.iter_raw():
+            size += len(chunk)
+            if size > _MAX_DRAIN:
+                break
+    except httpx.HTTPError:
+        pass  # the connection is gone anyway; the retry opens another
+    finally:
+        response.close()
+
+
+async def _adrain(response: httpx.Response) -> None:
+    if response.is_stream_consumed:
+        await response.aclose()
+        return
+    try:
+        size = 0
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > _MAX_DRAIN:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        await response.aclose()
+
+
 def _sleep(seconds: float) -> None:
     if seconds > 0:
         time.sleep(seconds)
@@ -441,7 +479,7 @@ class GuardedTransport(httpx.BaseTransport):
                 wait = call.answered(response)
                 if wait is None:
                     break
-                response.close()
+                _drain(response)
                 _sleep(wait)
         finally:
             bulkhead.release()
@@ -487,7 +525,7 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 wait = call.answered(response)
                 if wait is None:
                     break
-                await response.aclose()
+                await _adrain(response)
                 if wait > 0:
                     await asyncio.sleep(wait)
         finally:
