@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402 - the path above makes the shared helpers importable
+from _common import (
     async_timer,
     compare,
     goal,
@@ -142,8 +142,12 @@ def main(quick: bool = False, markdown: bool = False) -> list[dict[str, Any]]:
         )
     render_us = render_cost(2000 if quick else 20000, 5 if quick else 9)
     headers = ["candidate", "median µs/request", "added µs (median)", "added 95% CI", "ratio"]
-    cells = [[r["candidate"], r["median_us"], r["added_us"], r["added_ci"], r["ratio"]] for r in rows]
-    print(f"middleware overhead, {result.rounds} interleaved rounds of {number} requests (CPU time)")
+    cells = [
+        [r["candidate"], r["median_us"], r["added_us"], r["added_ci"], r["ratio"]] for r in rows
+    ]
+    print(
+        f"middleware overhead, {result.rounds} interleaved rounds of {number} requests (CPU time)"
+    )
     print(machine_note())
     print((markdown_table if markdown else text_table)(headers, cells))
     print(f"render one cached HTML error page: {render_us:.2f} µs")
