@@ -1004,3 +1004,78 @@ def test_inbound_shedding_app_queue_timeout_releases_the_route() -> None:
     assert shedding.routes["checkout"].in_flight == 0
     shedding.release(None)
     assert_idle(shedding.app)
+
+
+# --- TokenLimiter: the lock-free fail-fast bulkhead ---------------------------------------
+
+
+def test_fail_fast_bulkhead_is_a_token_limiter() -> None:
+    from gateway_guard.limiter import TokenLimiter
+
+    limiter = bulkhead("up", BulkheadPolicy(max_concurrent=2, max_wait=0.0))
+    assert isinstance(limiter, TokenLimiter)
+    limiter.acquire()
+    assert limiter.try_acquire() is True
+    assert limiter.try_acquire() is False
+    with pytest.raises(LoadShedError) as info:
+        limiter.acquire()
+    assert info.value.upstream == "up"
+    assert info.value.retry_after == 1.0
+    assert (info.value.status, info.value.proxy_error) == (503, "connection_limit_reached")
+    limiter.release()
+    limiter.release()
+    snap = limiter.snapshot()
+    assert (snap.in_flight, snap.admitted, snap.released, snap.rejected) == (0, 2, 2, 1)
+    with pytest.raises(RuntimeError, match="without acquire"):
+        limiter.release()
+
+
+def test_token_limiter_is_exact_under_64_threads() -> None:
+    limiter = bulkhead("up", BulkheadPolicy(max_concurrent=8, max_wait=0.0))
+    inside = 0
+    peak = 0
+    admitted = 0
+    shed = 0
+    count_lock = threading.Lock()
+    barrier = threading.Barrier(64)
+
+    def worker() -> None:
+        nonlocal inside, peak, admitted, shed
+        barrier.wait(timeout=10)
+        for _ in range(200):
+            try:
+                limiter.acquire()
+            except LoadShedError:
+                with count_lock:
+                    shed += 1
+                continue
+            with count_lock:
+                inside += 1
+                peak = max(peak, inside)
+                admitted += 1
+            with count_lock:
+                inside -= 1
+            limiter.release()
+
+    threads = [threading.Thread(target=worker) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert peak <= 8
+    assert admitted + shed == 64 * 200
+    assert limiter.in_flight == 0
+    assert limiter.snapshot().released == admitted
+
+
+def test_token_limiter_async_slot() -> None:
+    limiter = bulkhead("up", BulkheadPolicy(max_concurrent=1, max_wait=0.0))
+
+    async def main() -> None:
+        async with limiter.async_slot():
+            assert limiter.in_flight == 1
+            with pytest.raises(LoadShedError):
+                await limiter.acquire_async()
+        assert limiter.in_flight == 0
+
+    asyncio.run(main())

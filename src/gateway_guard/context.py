@@ -9,8 +9,7 @@ thread-local) so it follows asyncio tasks, and threads started with ``copy_conte
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from .errors import CircuitOpenError
@@ -25,8 +24,7 @@ __all__ = ["CallRecord", "RequestContext", "current_context", "current_guard"]
 MAX_RECORDS = 32
 
 
-@dataclass(slots=True, frozen=True)
-class CallRecord:
+class CallRecord(NamedTuple):
     """One finished upstream call, as the request's diagnostics remember it."""
 
     upstream: str
@@ -90,6 +88,12 @@ class RequestContext:
     def calls(self) -> list[CallRecord]:
         """The upstream calls made for this request so far (at most MAX_RECORDS)."""
         return self._calls if self._calls is not None else []
+
+    @property
+    def wants_records(self) -> bool:
+        """False once MAX_RECORDS calls are remembered: callers skip building more."""
+        calls = self._calls
+        return calls is None or len(calls) < MAX_RECORDS
 
     def record(self, call: CallRecord) -> None:
         calls = self._calls

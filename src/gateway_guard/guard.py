@@ -14,7 +14,7 @@ import httpx
 
 from .breaker import BreakerState, CircuitBreaker
 from .errors import UpstreamError
-from .limiter import ConcurrencyLimiter, InboundShedding, bulkhead
+from .limiter import InboundShedding, Limiter, bulkhead
 from .policy import CallPolicy, Policies, compile_policies, compile_view_policy
 from .render import ErrorRenderer
 from .retry import RetryBudget
@@ -54,7 +54,7 @@ class UpstreamRuntime:
         # drive them together with a fake one: Guard(settings, clock=fake).
         self.clock = clock
         self.breaker = CircuitBreaker(policy.upstream, policy.breaker, clock=clock)
-        self.bulkhead: ConcurrencyLimiter = bulkhead(policy.upstream, policy.bulkhead, clock=clock)
+        self.bulkhead: Limiter = bulkhead(policy.upstream, policy.bulkhead, clock=clock)
         self.budget = RetryBudget.from_policy(policy.retry, clock=clock)
         self.breaker.add_listener(_log_state_change)
 
@@ -133,7 +133,7 @@ class Guard:
         """The circuit breaker of ``upstream`` (``.state``, ``force_open()``, ``reset()``...)."""
         return self.runtime(upstream).breaker
 
-    def bulkhead(self, upstream: str) -> ConcurrencyLimiter:
+    def bulkhead(self, upstream: str) -> Limiter:
         """The outbound concurrency limiter of ``upstream``."""
         return self.runtime(upstream).bulkhead
 

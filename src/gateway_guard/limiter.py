@@ -35,6 +35,7 @@ timeout or a cancellation racing a hand-off either keeps the slot or gives it ba
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import threading
 import time
@@ -52,8 +53,10 @@ __all__ = [
     "MAX_RETRY_AFTER",
     "ConcurrencyLimiter",
     "InboundShedding",
+    "Limiter",
     "LimiterSnapshot",
     "RouteKey",
+    "TokenLimiter",
     "bulkhead",
     "shedder",
 ]
@@ -623,9 +626,151 @@ class _Slot:
         self._limiter.release()
 
 
+class TokenLimiter:
+    """A fail-fast limiter (no queue) that takes no lock: one token per slot in a deque.
+
+    ``deque.pop()`` and ``deque.append()`` are atomic (thread-safe in CPython, with or
+    without the GIL), so taking and giving back a slot is one C call each, with no lock
+    round trip and no clock read: this sits on every outbound call's path. It has the
+    driver API of :class:`ConcurrencyLimiter`; what it gives up is the hold-time estimate,
+    so a shed says ``Retry-After: 1`` (a fail-fast bulkhead's slots turn over within one
+    upstream call, and a caller that finds it full again is shed again at no cost).
+    """
+
+    __slots__ = ("_max_concurrent", "_rejected", "_released", "_tokens", "name")
+
+    def __init__(self, name: str, max_concurrent: int) -> None:
+        if max_concurrent <= 0:
+            raise ValueError(f"max_concurrent must be > 0, got {max_concurrent}")
+        self.name = name
+        self._max_concurrent = max_concurrent
+        self._tokens: deque[None] = deque([None] * max_concurrent)
+        # itertools.count: next() is atomic, so these need no lock either.
+        self._released = itertools.count()
+        self._rejected = itertools.count()
+
+    def __repr__(self) -> str:
+        return f"<TokenLimiter {self.name!r} {self.in_flight}/{self._max_concurrent} in flight>"
+
+    @property
+    def max_concurrent(self) -> int:
+        return self._max_concurrent
+
+    @property
+    def max_queue(self) -> int:
+        return 0
+
+    @property
+    def queue_timeout(self) -> float:
+        return 0.0
+
+    @property
+    def unlimited(self) -> bool:
+        return False
+
+    @property
+    def in_flight(self) -> int:
+        return self._max_concurrent - len(self._tokens)
+
+    @property
+    def queued(self) -> int:
+        return 0
+
+    def retry_after(self) -> float:
+        return 1.0
+
+    def _shed(self) -> LoadShedError:
+        next(self._rejected)
+        return LoadShedError(
+            f"{self.name}: all {self._max_concurrent} slots are taken",
+            upstream=self.name,
+            retry_after=1.0,
+        )
+
+    def try_acquire(self) -> bool:
+        try:
+            self._tokens.pop()
+        except IndexError:
+            return False
+        return True
+
+    def acquire(self, priority: Priority = "normal") -> None:
+        try:
+            self._tokens.pop()
+        except IndexError:
+            raise self._shed() from None
+
+    async def acquire_async(self, priority: Priority = "normal") -> None:
+        try:
+            self._tokens.pop()
+        except IndexError:
+            raise self._shed() from None
+
+    def release(self) -> None:
+        tokens = self._tokens
+        if len(tokens) >= self._max_concurrent:
+            raise RuntimeError(f"limiter {self.name!r}: release() without acquire()")
+        tokens.append(None)
+        next(self._released)
+
+    def slot(self, priority: Priority = "normal") -> _TokenSlot:
+        return _TokenSlot(self)
+
+    def async_slot(self, priority: Priority = "normal") -> _TokenSlot:
+        return _TokenSlot(self)
+
+    def snapshot(self) -> LimiterSnapshot:
+        released = _peek(self._released)
+        in_flight = self.in_flight
+        return LimiterSnapshot(
+            name=self.name,
+            max_concurrent=self._max_concurrent,
+            max_queue=0,
+            queue_timeout=0.0,
+            in_flight=in_flight,
+            queued=0,
+            queued_by_priority=dict.fromkeys(_PRIORITIES, 0),
+            admitted=released + in_flight,
+            released=released,
+            rejected=_peek(self._rejected),
+            evicted=0,
+            timed_out=0,
+            cancelled=0,
+            hold_time=0.0,
+            retry_after=1.0,
+        )
+
+
+def _peek(counter: itertools.count[int]) -> int:
+    """The next value of an itertools.count without consuming it (metrics only)."""
+    return int(repr(counter)[6:-1])
+
+
+class _TokenSlot:
+    __slots__ = ("_limiter",)
+
+    def __init__(self, limiter: TokenLimiter) -> None:
+        self._limiter = limiter
+
+    def __enter__(self) -> None:
+        self._limiter.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._limiter.release()
+
+    async def __aenter__(self) -> None:
+        await self._limiter.acquire_async()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._limiter.release()
+
+
+Limiter: TypeAlias = "ConcurrencyLimiter | TokenLimiter"
+
+
 def bulkhead(
     name: str, policy: BulkheadPolicy, *, clock: Callable[[], float] = time.monotonic
-) -> ConcurrencyLimiter:
+) -> Limiter:
     """The outbound limiter of upstream ``name``.
 
     ``max_wait == 0`` fails fast: a call that finds every slot taken is shed at once.
@@ -637,7 +782,9 @@ def bulkhead(
     fail anyway, only later and after holding resources the whole time.
     """
     if policy.max_wait <= 0:
-        return ConcurrencyLimiter(name, policy.max_concurrent, 0, 0.0, clock=clock)
+        if policy.max_concurrent == 0:
+            return ConcurrencyLimiter(name, 0, 0, 0.0, clock=clock)
+        return TokenLimiter(name, policy.max_concurrent)
     max_queue = max(policy.max_concurrent, 1) * BULKHEAD_QUEUE_FACTOR
     return ConcurrencyLimiter(name, policy.max_concurrent, max_queue, policy.max_wait, clock=clock)
 

@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncGuardedTransport", "GuardedTransport"]
 
+# What _Call.answered() says besides a retry wait (which is >= 0).
+RETURN = -1.0
+WRAP = -2.0
+RAISE = -3.0
+
 # The most of a failure response's body kept for logs; the rest is never read.
 _MAX_ERROR_BODY = 64 * 1024
 
@@ -98,7 +103,7 @@ class _Call:
         self.attempt += 1
         if self.attempt == 1:
             # Counted only once a bulkhead slot was had: a shed call made no call.
-            self.rt.budget.record_call()
+            self.rt.budget.record_call(self.started)
             now = self.started
         else:
             now = self.clock()
@@ -158,21 +163,24 @@ class _Call:
             raise error from exc
         return wait
 
-    def answered(self, response: httpx.Response) -> float | None:
-        """The attempt got a response: None means it is final, else the wait before a retry.
+    def answered(self, response: httpx.Response) -> float:
+        """The attempt got a response: what to do with it.
 
-        A success whose body is still to come is recorded in the breaker when the body
-        ends (see :class:`_GuardedStream`): a body that breaks off is a failure, not a
-        success followed by a failure.
+        A wait (>= 0) before a retry, or one of :data:`RETURN` (hand it to the caller),
+        :data:`WRAP` (hand it over with its body guarded: its breaker outcome is recorded
+        when the body ends, so a body that breaks off is one failure, not a success and a
+        failure) or :data:`RAISE` (retries spent on a failure status the caller asked not
+        to receive). One decision, so the success path tests the status once.
         """
         status = response.status_code
         policy = self.policy
         if status not in policy.failure_statuses:
-            if response.is_stream_consumed:
-                self.rt.breaker.record_success(self.clock() - self.t0, self.probe)
             if self.ctx is not None:
                 self._record(status, None)
-            return None
+            if response.is_stream_consumed:
+                self.rt.breaker.record_success(self.clock() - self.t0, self.probe)
+                return RETURN
+            return WRAP
         now = self.clock()
         self.last_status = status
         self.rt.breaker.record_status(status, now - self.t0, self.probe)
@@ -183,19 +191,7 @@ class _Call:
             if wait is not None:
                 return wait
         self._record(status, None)
-        return None
-
-    def deferred(self, response: httpx.Response) -> bool:
-        """Is this response's breaker outcome still to be recorded when its body ends?"""
-        return (
-            response.status_code not in self.policy.failure_statuses
-            and not response.is_stream_consumed
-        )
-
-    def must_raise(self, response: httpx.Response) -> bool:
-        """Retries are spent on a failure status the caller asked not to receive."""
-        policy = self.policy
-        return policy.raise_on_failure_status and response.status_code in policy.failure_statuses
+        return RAISE if policy.raise_on_failure_status else RETURN
 
     def status_error(self, response: httpx.Response) -> UpstreamStatusError:
         status = response.status_code
@@ -276,7 +272,7 @@ class _Call:
 
     def _record(self, status: int | None, error: str | None) -> None:
         ctx = self.ctx
-        if ctx is not None:
+        if ctx is not None and ctx.wants_records:
             ctx.record(
                 CallRecord(
                     upstream=self.rt.name,
@@ -476,19 +472,19 @@ class GuardedTransport(httpx.BaseTransport):
                 except BaseException:
                     call.cancelled()
                     raise
-                wait = call.answered(response)
-                if wait is None:
+                outcome = call.answered(response)
+                if outcome < 0:
                     break
                 _drain(response)
-                _sleep(wait)
+                _sleep(outcome)
         finally:
             bulkhead.release()
-        if call.must_raise(response):
+        if outcome == WRAP:
+            response.stream = _GuardedStream(response.stream, call)  # type: ignore[arg-type]
+        elif outcome == RAISE:
             error = call.status_error(response)
             _read_capped(response)
             raise error
-        if call.deferred(response):
-            response.stream = _GuardedStream(response.stream, call)  # type: ignore[arg-type]
         return response
 
     def close(self) -> None:
@@ -522,20 +518,20 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 except BaseException:
                     call.cancelled()
                     raise
-                wait = call.answered(response)
-                if wait is None:
+                outcome = call.answered(response)
+                if outcome < 0:
                     break
                 await _adrain(response)
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                if outcome > 0:
+                    await asyncio.sleep(outcome)
         finally:
             bulkhead.release()
-        if call.must_raise(response):
+        if outcome == WRAP:
+            response.stream = _AsyncGuardedStream(response.stream, call)  # type: ignore[arg-type]
+        elif outcome == RAISE:
             error = call.status_error(response)
             await _aread_capped(response)
             raise error
-        if call.deferred(response):
-            response.stream = _AsyncGuardedStream(response.stream, call)  # type: ignore[arg-type]
         return response
 
     async def aclose(self) -> None:
