@@ -5,9 +5,8 @@ load shedding; when an upstream still fails, answer with a branded 502/503/504 p
 standard diagnostic headers (RFC 9209 ``Proxy-Status``).
 """
 
-from __future__ import annotations
-
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
 from .asgi import GatewayGuardMiddleware
 from .breaker import BreakerState, CircuitBreaker
@@ -30,8 +29,8 @@ from .settings import Settings, load_settings
 from .wsgi import GatewayGuardWSGI
 
 try:
-    __version__ = version("gateway-guard")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    __version__ = _version("gateway-guard")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
 __all__ = [
