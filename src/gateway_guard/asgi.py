@@ -109,7 +109,9 @@ class GatewayGuardMiddleware:
                     if name == b"x-request-id":
                         break
                 else:
-                    message = {**message, "headers": [*headers, rid_header]}
+                    # The message is ours to edit (as Starlette's MutableHeaders does);
+                    # the list inside it may be shared by the app.
+                    message["headers"] = [*headers, rid_header]
             elif brand:
                 return  # the app's own 502/503/504 body, replaced by our page
             await send(message)
