@@ -799,3 +799,11 @@ def test_decisions_are_immutable() -> None:
     decision = decide()
     with pytest.raises(AttributeError):
         decision.wait = 0.0  # type: ignore[misc]
+
+
+def test_testing_mode_is_exported_from_gateway_guard_testing() -> None:
+    from gateway_guard import testing as testing_pkg
+
+    assert testing_pkg.set_testing is retry.set_testing
+    with testing_pkg.testing():
+        assert testing_pkg.is_testing()

@@ -1,1 +1,21 @@
-"""Helpers for testing apps that use gateway_guard (and gateway_guard itself)."""
+"""Helpers for testing apps that use gateway_guard (and gateway_guard itself).
+
+- :func:`set_testing` / :func:`testing`: retry backoff waits become 0 (like stamina's
+  ``set_testing``), optionally capping attempts, so a test suite never sleeps::
+
+      from gateway_guard.testing import testing
+
+      with testing():              # or set_testing(True) in a conftest.py fixture
+          client.get("/orders/1")  # retried without waiting
+
+- :class:`~gateway_guard.testing.upstream.MisbehavingUpstream`: a real HTTP server that
+  refuses, hangs, resets, truncates, answers garbage or a given status on command.
+- ``Guard(settings, clock=fake)``: deadlines, breakers, budgets and limiters all read that
+  clock, so a test can move time instead of sleeping.
+"""
+
+from __future__ import annotations
+
+from ..retry import is_testing, set_testing, testing
+
+__all__ = ["is_testing", "set_testing", "testing"]
