@@ -16,6 +16,6 @@
 
 from __future__ import annotations
 
-from ..retry import is_testing, set_testing, testing
+from gateway_guard.retry import is_testing, set_testing, testing
 
 __all__ = ["is_testing", "set_testing", "testing"]
