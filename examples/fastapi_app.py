@@ -24,13 +24,13 @@ Tests build the app with :func:`create_app`, whose keyword arguments override se
 
 from __future__ import annotations
 
-import argparse
-import html
 import logging
 import os
+import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -41,84 +41,28 @@ from fastapi.responses import HTMLResponse
 
 import gateway_guard as gg
 
-DEFAULT_UPSTREAM_URL = "http://127.0.0.1:9101"
+# examples/shop.py holds what the examples share (settings, items, HTML, command line).
+# Run as a script, this file's folder is first on sys.path already; loaded some other
+# way (by path, as the tests do), it is not: put it there.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shop import (
+    DEFAULT_UPSTREAM_URL,
+    UPSTREAM,
+    arguments,
+    esc,
+    items_json,
+    items_page,
+    page,
+    settings,
+)
+
 # Only shown on the landing page, in the commands that switch the upstream's mode.
 DEFAULT_CONTROL_URL = "http://127.0.0.1:9102"
-UPSTREAM = "catalog"
 
-# The settings, as a mapping. The same thing as a settings file would read:
-#
-#     service = "demo-shop"
-#     [brand]
-#     name = "Acme Demo Shop"
-#     accent_color = "#0f766e"
-#     status_url = "https://status.example.com"
-#     support_url = "https://example.com/support"
-#
-#     [defaults]
-#     connect_timeout = 1.0
-#
-#     [upstreams.catalog]
-#     base_url = "http://127.0.0.1:9101"
-#     read_timeout = 2.0
-#     deadline = 5.0
-#     retry = { attempts = 3, backoff_initial = 0.1, backoff_max = 0.5 }
-#     breaker = { window_size = 10, min_calls = 5, failure_rate = 0.5, open_seconds = 10.0 }
-#
-#     [shed]
-#     max_concurrent = 50
-#     max_queue = 100
-#     queue_timeout = 1.0
-#
-#     [[routes]]
-#     path = "/shop"
-#     priority = "critical"
-#     depends_on = ["catalog"]
-#
-#     [[routes]]
-#     path = "/api/{rest:path}"
-#     priority = "sheddable"
-#     depends_on = ["catalog"]
-#
-# and with that file, ``guard = gg.Guard("gateway_guard.toml")``. Either way, operators
-# can still change one key from the environment: GATEWAY_GUARD__SHED__MAX_CONCURRENT=20.
-# The breaker's thresholds are small so that it visibly opens after a few failed calls.
-SETTINGS: dict[str, Any] = {
-    "service": "demo-shop",
-    "brand": {
-        "name": "Acme Demo Shop",
-        "accent_color": "#0f766e",
-        "status_url": "https://status.example.com",
-        "support_url": "https://example.com/support",
-    },
-    "defaults": {"connect_timeout": 1.0},
-    "upstreams": {
-        UPSTREAM: {
-            "base_url": DEFAULT_UPSTREAM_URL,
-            "read_timeout": 2.0,
-            "deadline": 5.0,
-            "retry": {"attempts": 3, "backoff_initial": 0.1, "backoff_max": 0.5},
-            "breaker": {
-                "window_size": 10,
-                "min_calls": 5,
-                "failure_rate": 0.5,
-                "open_seconds": 10.0,
-            },
-        }
-    },
-    "shed": {"max_concurrent": 50, "max_queue": 100, "queue_timeout": 1.0},
-    "routes": [
-        {"path": "/shop", "priority": "critical", "depends_on": [UPSTREAM]},
-        {"path": "/api/{rest:path}", "priority": "sheddable", "depends_on": [UPSTREAM]},
-    ],
-}
-
-# The upstream is a stand-in that echoes requests, so the items themselves live here.
-ITEMS = (
-    {"sku": "TEA-01", "name": "Sencha green tea, 100 g", "price": "8.50"},
-    {"sku": "MUG-02", "name": "Stoneware mug", "price": "14.00"},
-    {"sku": "POT-03", "name": "Cast-iron teapot", "price": "39.00"},
-)
+# The HTML pages that call the catalog, for the settings' [[routes]] (with /api/...):
+# while its breaker is open they answer 503 at once. Not the landing page "/": it calls
+# no upstream, and shows the breaker's state whatever that is.
+PAGES = ("/shop",)
 
 MODES = (
     ("ok", "answers at once", "200"),
@@ -136,24 +80,14 @@ MODES = (
 def build_settings(upstream_url: str | None = None, **overrides: Any) -> dict[str, Any]:
     """The example's settings, with ``upstream_url`` and ``overrides`` merged in.
 
-    ``upstream_url`` defaults to ``$UPSTREAM_URL``, then ``http://127.0.0.1:9101``.
-    ``overrides`` are top-level settings keys, merged table by table, e.g.
-    ``upstreams={"catalog": {"read_timeout": 0.3}}`` changes only that timeout.
+    See :func:`shop.settings` for the arguments, and for the settings as a settings file
+    would read them: ``guard = gg.Guard("gateway_guard.toml")`` would do the same.
     """
-    url = upstream_url or os.environ.get("UPSTREAM_URL") or DEFAULT_UPSTREAM_URL
-    settings = _merge(SETTINGS, {"upstreams": {UPSTREAM: {"base_url": url}}})
-    return _merge(settings, overrides)
+    return settings(PAGES, upstream_url, **overrides)
 
 
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        old = merged.get(key)
-        if isinstance(old, Mapping) and isinstance(value, Mapping):
-            merged[key] = _merge(old, value)
-        else:
-            merged[key] = value
-    return merged
+# The settings with the default upstream, as a mapping (to read or print).
+SETTINGS = build_settings(DEFAULT_UPSTREAM_URL)
 
 
 def create_app(upstream_url: str | None = None, **overrides: Any) -> FastAPI:
@@ -186,30 +120,12 @@ def create_app(upstream_url: str | None = None, **overrides: Any) -> FastAPI:
     @app.get("/shop", response_class=HTMLResponse)
     async def shop(catalog: Catalog) -> HTMLResponse:
         upstream, elapsed = await _call_catalog(catalog)
-        rows = "".join(
-            f"<tr><td>{_e(item['name'])}</td><td>{_e(item['sku'])}</td>"
-            f"<td class=num>{_e(item['price'])}</td></tr>"
-            for item in ITEMS
-        )
-        body = (
-            "<h1>Shop</h1>"
-            f"<p>The catalog answered in {elapsed * 1000:.0f} ms "
-            f"(its request #{_e(upstream.get('request_number'))}).</p>"
-            f"<table><tr><th>Item</th><th>SKU</th><th class=num>Price</th></tr>{rows}</table>"
-            '<p><a href="/">Back to the demo</a></p>'
-        )
-        return HTMLResponse(_page("Shop", body))
+        return HTMLResponse(items_page(upstream, elapsed, ("/", "Back to the demo")))
 
     @app.get("/api/items")
     async def items(catalog: Catalog) -> dict[str, Any]:
         upstream, elapsed = await _call_catalog(catalog)
-        return {
-            "items": list(ITEMS),
-            "catalog": {
-                "request_number": upstream.get("request_number"),
-                "elapsed_ms": round(elapsed * 1000, 1),
-            },
-        }
+        return items_json(upstream, elapsed)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -243,41 +159,6 @@ async def _call_catalog(catalog: httpx.AsyncClient) -> tuple[dict[str, Any], flo
     return (data if isinstance(data, dict) else {}), elapsed
 
 
-def _e(value: object) -> str:
-    # Everything interpolated into HTML goes through here.
-    return html.escape(str(value))
-
-
-def _page(title: str, body: str) -> str:
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)} · Acme Demo Shop</title>
-<style>
-body {{ font: 1rem/1.6 system-ui, sans-serif; max-width: 48rem; margin: 2rem auto;
-  padding: 0 1rem; color: #111827; }}
-h1, h2 {{ line-height: 1.25; }}
-a {{ color: #0f766e; }}
-code, pre {{ font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .9em; }}
-pre {{ background: #f3f4f6; padding: .75rem; overflow-x: auto; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ text-align: left; padding: .25rem .75rem .25rem 0;
-  border-bottom: 1px solid #d1d5db; }}
-.num {{ text-align: right; }}
-.state {{ font-weight: 600; }}
-</style>
-</head>
-<body>
-<main>
-{body}
-</main>
-</body>
-</html>
-"""
-
-
 def _landing_page(control_url: str) -> str:
     # current_guard() reaches the Guard serving this request from anywhere in it, without
     # passing it around (LookupError outside a request).
@@ -287,7 +168,7 @@ def _landing_page(control_url: str) -> str:
     if retry_after is not None:
         state += f" (half-open in {retry_after:.0f} s)"
     modes = "".join(
-        f"<tr><td><code>{_e(name)}</code></td><td>{_e(does)}</td><td>{_e(sees)}</td></tr>"
+        f"<tr><td><code>{esc(name)}</code></td><td>{esc(does)}</td><td>{esc(sees)}</td></tr>"
         for name, does, sees in MODES
     )
     port = urlsplit(control_url).port
@@ -306,7 +187,7 @@ problem+json, with <code>Proxy-Status</code>, <code>Retry-After</code> and
 <code>X-Request-ID</code> headers (<code>curl -i</code> shows them).</p>
 
 <h2>Circuit breaker</h2>
-<p>The catalog's breaker is <span class="state">{_e(state)}</span>. Reload this page to
+<p>The catalog's breaker is <span class="state">{esc(state)}</span>. Reload this page to
 see it change. After 5 failed calls in the last 10 it opens: <code>/shop</code> and
 <code>/api/items</code> then answer 503 at once, without calling the catalog, for 10
 seconds; then a few probe calls decide whether it closes again.</p>
@@ -315,14 +196,14 @@ seconds; then a few probe calls decide whether it closes again.</p>
 <table><tr><th>mode</th><th>the catalog…</th><th>visitors get</th></tr>{modes}</table>
 
 <h2>Switch modes</h2>
-<pre>python examples/demo.py mode hang{_e(flags)}
-python examples/demo.py mode status --status 503 --retry-after 5{_e(flags)}
-python examples/demo.py mode ok{_e(flags)}</pre>
+<pre>python examples/demo.py mode hang{esc(flags)}
+python examples/demo.py mode status --status 503 --retry-after 5{esc(flags)}
+python examples/demo.py mode ok{esc(flags)}</pre>
 <p>or with curl, against the upstream's control port:</p>
-<pre>{_e(curl)}</pre>
+<pre>{esc(curl)}</pre>
 <p>Health check: <a href="/healthz">/healthz</a> (never shed, calls no upstream).</p>
 """
-    return _page("Demo", body)
+    return page("Demo", body)
 
 
 class _OneLine(logging.Formatter):
@@ -342,14 +223,7 @@ def _console_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The gateway_guard FastAPI example app.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--upstream-url",
-        help=f"the catalog upstream (default: $UPSTREAM_URL or {DEFAULT_UPSTREAM_URL})",
-    )
-    args = parser.parse_args(argv)
+    args = arguments("FastAPI", 8000, argv)
     _console_logging()
     uvicorn.run(create_app(args.upstream_url), host=args.host, port=args.port)
     return 0

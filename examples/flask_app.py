@@ -28,12 +28,11 @@ catalog; ``/healthz`` a health check that calls nothing and is never shed.
 
 from __future__ import annotations
 
-import argparse
 import atexit
-import html
-import os
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,81 +40,27 @@ from flask import Flask, current_app
 
 from gateway_guard.flask import GatewayGuard, get_guard
 
-DEFAULT_UPSTREAM_URL = "http://127.0.0.1:9101"
-UPSTREAM = "catalog"
+# examples/shop.py holds what the examples share (settings, items, HTML, command line).
+# Run as a script, this file's folder is first on sys.path already; loaded some other
+# way (by path, as the tests do), it is not: put it there.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shop import UPSTREAM, arguments, items_json, items_page, settings
+
 # The key under which each app keeps its catalog client in app.extensions.
 CLIENT_KEY = "catalog_client"
 
-# The same settings as examples/fastapi_app.py (see there for them as TOML). The breaker's
-# thresholds are small so that it visibly opens after a few failed calls.
-SETTINGS: dict[str, Any] = {
-    "service": "demo-shop",
-    "brand": {
-        "name": "Acme Demo Shop",
-        "accent_color": "#0f766e",
-        "status_url": "https://status.example.com",
-        "support_url": "https://example.com/support",
-    },
-    "defaults": {"connect_timeout": 1.0},
-    "upstreams": {
-        UPSTREAM: {
-            "base_url": DEFAULT_UPSTREAM_URL,
-            "read_timeout": 2.0,
-            "deadline": 5.0,
-            "retry": {"attempts": 3, "backoff_initial": 0.1, "backoff_max": 0.5},
-            "breaker": {
-                "window_size": 10,
-                "min_calls": 5,
-                "failure_rate": 0.5,
-                "open_seconds": 10.0,
-            },
-        }
-    },
-    "shed": {"max_concurrent": 50, "max_queue": 100, "queue_timeout": 1.0},
-    "routes": [
-        {"path": "/", "priority": "critical", "depends_on": [UPSTREAM]},
-        {"path": "/shop", "priority": "critical", "depends_on": [UPSTREAM]},
-        {"path": "/api/{rest:path}", "priority": "sheddable", "depends_on": [UPSTREAM]},
-    ],
-}
-
-# The upstream is a stand-in that echoes requests, so the items themselves live here.
-ITEMS = (
-    {"sku": "TEA-01", "name": "Sencha green tea, 100 g", "price": "8.50"},
-    {"sku": "MUG-02", "name": "Stoneware mug", "price": "14.00"},
-    {"sku": "POT-03", "name": "Cast-iron teapot", "price": "39.00"},
-)
+# The HTML pages that call the catalog, for the settings' [[routes]] (with /api/...):
+# while its breaker is open they answer 503 at once.
+PAGES = ("/", "/shop")
 
 # One extension object for every app the factory builds; each app gets its own Guard.
 ext = GatewayGuard()
 
 
-def build_settings(upstream_url: str | None = None, **overrides: Any) -> dict[str, Any]:
-    """The example's settings, with ``upstream_url`` and ``overrides`` merged in.
-
-    ``upstream_url`` defaults to ``$UPSTREAM_URL``, then ``http://127.0.0.1:9101``.
-    ``overrides`` are top-level settings keys, merged table by table.
-    """
-    url = upstream_url or os.environ.get("UPSTREAM_URL") or DEFAULT_UPSTREAM_URL
-    settings = _merge(SETTINGS, {"upstreams": {UPSTREAM: {"base_url": url}}})
-    return _merge(settings, overrides)
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in over.items():
-        old = merged.get(key)
-        if isinstance(old, Mapping) and isinstance(value, Mapping):
-            merged[key] = _merge(old, value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def create_app(upstream_url: str | None = None, **overrides: Any) -> Flask:
-    """Build the example app; see :func:`build_settings` for the arguments."""
+    """Build the example app; see :func:`shop.settings` for the arguments."""
     app = Flask(__name__)
-    app.config["GATEWAY_GUARD"] = build_settings(upstream_url, **overrides)
+    app.config["GATEWAY_GUARD"] = settings(PAGES, upstream_url, **overrides)
     # Invalid settings fail here, at startup, with a SettingsError naming the key.
     ext.init_app(app)
 
@@ -129,31 +74,13 @@ def create_app(upstream_url: str | None = None, **overrides: Any) -> Flask:
     @app.get("/shop", endpoint="shop")
     def index() -> str:
         upstream, elapsed = _call_catalog()
-        rows = "".join(
-            f"<tr><td>{_e(item['name'])}</td><td>{_e(item['sku'])}</td>"
-            f"<td class=num>{_e(item['price'])}</td></tr>"
-            for item in ITEMS
-        )
-        return _page(
-            "Shop",
-            "<h1>Shop</h1>"
-            f"<p>The catalog answered in {elapsed * 1000:.0f} ms "
-            f"(its request #{_e(upstream.get('request_number'))}).</p>"
-            f"<table><tr><th>Item</th><th>SKU</th><th class=num>Price</th></tr>{rows}</table>"
-            '<p><a href="/api/items">The same as JSON</a></p>',
-        )
+        return items_page(upstream, elapsed, ("/api/items", "The same as JSON"))
 
     @app.get("/api/items")
     @ext.policy(retry={"attempts": 2}, deadline=3.0)  # an API client retries by itself
     def items() -> dict[str, Any]:
         upstream, elapsed = _call_catalog()
-        return {
-            "items": list(ITEMS),
-            "catalog": {
-                "request_number": upstream.get("request_number"),
-                "elapsed_ms": round(elapsed * 1000, 1),
-            },
-        }
+        return items_json(upstream, elapsed)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -181,46 +108,8 @@ def _call_catalog() -> tuple[dict[str, Any], float]:
     return (data if isinstance(data, dict) else {}), elapsed
 
 
-def _e(value: object) -> str:
-    # Everything interpolated into HTML goes through here.
-    return html.escape(str(value))
-
-
-def _page(title: str, body: str) -> str:
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)} · Acme Demo Shop</title>
-<style>
-body {{ font: 1rem/1.6 system-ui, sans-serif; max-width: 48rem; margin: 2rem auto;
-  padding: 0 1rem; color: #111827; }}
-a {{ color: #0f766e; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ text-align: left; padding: .25rem .75rem .25rem 0;
-  border-bottom: 1px solid #d1d5db; }}
-.num {{ text-align: right; }}
-</style>
-</head>
-<body>
-<main>
-{body}
-</main>
-</body>
-</html>
-"""
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="The gateway_guard Flask example app.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument(
-        "--upstream-url",
-        help=f"the catalog upstream (default: $UPSTREAM_URL or {DEFAULT_UPSTREAM_URL})",
-    )
-    args = parser.parse_args(argv)
+    args = arguments("Flask", 8001, argv)
     # Flask's development server; in production use a WSGI server (gunicorn, waitress...).
     create_app(args.upstream_url).run(host=args.host, port=args.port, threaded=True)
     return 0

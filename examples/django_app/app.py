@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import atexit
 import functools
-import html
-import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
 import httpx
 from django.conf import settings
@@ -50,41 +48,19 @@ from django.urls import path
 
 from gateway_guard.django import gateway_policy, get_guard
 
-DEFAULT_UPSTREAM_URL = "http://127.0.0.1:9101"
-UPSTREAM = "catalog"
+# examples/shop.py holds what the three examples share (settings, items, HTML). This file
+# is one folder down: run as a script (or by gunicorn and uvicorn as below), only its own
+# folder, examples/django_app/, is on sys.path. Put examples/ there too to import shop.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import shop
+from shop import UPSTREAM, items_json, items_page
+
 DEFAULT_ARGS = ["runserver", "127.0.0.1:8002", "--noreload"]
 
-# The same settings as examples/flask_app.py and examples/fastapi_app.py. The breaker's
-# thresholds are small so that it visibly opens after a few failed calls.
-GATEWAY_GUARD: dict[str, Any] = {
-    "service": "demo-shop",
-    "brand": {
-        "name": "Acme Demo Shop",
-        "accent_color": "#0f766e",
-        "status_url": "https://status.example.com",
-        "support_url": "https://example.com/support",
-    },
-    "defaults": {"connect_timeout": 1.0},
-    "upstreams": {
-        UPSTREAM: {
-            "base_url": os.environ.get("UPSTREAM_URL") or DEFAULT_UPSTREAM_URL,
-            "read_timeout": 2.0,
-            "deadline": 5.0,
-            "retry": {"attempts": 3, "backoff_initial": 0.1, "backoff_max": 0.5},
-            "breaker": {
-                "window_size": 10,
-                "min_calls": 5,
-                "failure_rate": 0.5,
-                "open_seconds": 10.0,
-            },
-        }
-    },
-    "shed": {"max_concurrent": 50, "max_queue": 100, "queue_timeout": 1.0},
-    "routes": [
-        {"path": "/", "priority": "critical", "depends_on": [UPSTREAM]},
-        {"path": "/api/{rest:path}", "priority": "sheddable", "depends_on": [UPSTREAM]},
-    ],
-}
+# The demo shop's settings (shop.settings shows them as a settings file would read them).
+# "/" is the HTML page that calls the catalog: with /api/..., while the catalog's breaker
+# is open, it answers 503 at once.
+GATEWAY_GUARD = shop.settings(["/"])
 
 settings.configure(
     DEBUG=False,
@@ -100,13 +76,6 @@ settings.configure(
         "django.middleware.common.CommonMiddleware",
     ],
     GATEWAY_GUARD=GATEWAY_GUARD,
-)
-
-# The upstream is a stand-in that echoes requests, so the items themselves live here.
-ITEMS = (
-    {"sku": "TEA-01", "name": "Sencha green tea, 100 g", "price": "8.50"},
-    {"sku": "MUG-02", "name": "Stoneware mug", "price": "14.00"},
-    {"sku": "POT-03", "name": "Cast-iron teapot", "price": "39.00"},
 )
 
 
@@ -129,21 +98,7 @@ def index(request: HttpRequest) -> HttpResponse:
     started = time.perf_counter()
     upstream = catalog().get("/items").json()
     elapsed = time.perf_counter() - started
-    rows = "".join(
-        f"<tr><td>{_e(item['name'])}</td><td>{_e(item['sku'])}</td>"
-        f"<td class=num>{_e(item['price'])}</td></tr>"
-        for item in ITEMS
-    )
-    return HttpResponse(
-        _page(
-            "Shop",
-            "<h1>Shop</h1>"
-            f"<p>The catalog answered in {elapsed * 1000:.0f} ms "
-            f"(its request #{_e(upstream.get('request_number'))}).</p>"
-            f"<table><tr><th>Item</th><th>SKU</th><th class=num>Price</th></tr>{rows}</table>"
-            '<p><a href="/api/items">The same as JSON</a></p>',
-        )
-    )
+    return HttpResponse(items_page(upstream, elapsed, ("/api/items", "The same as JSON")))
 
 
 @gateway_policy(retry={"attempts": 2}, deadline=3.0)  # an API client retries by itself
@@ -152,15 +107,7 @@ async def items(request: HttpRequest) -> JsonResponse:
     started = time.perf_counter()
     async with get_guard().async_client(UPSTREAM) as client:
         upstream = (await client.get("/items")).json()
-    return JsonResponse(
-        {
-            "items": list(ITEMS),
-            "catalog": {
-                "request_number": upstream.get("request_number"),
-                "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
-            },
-        }
-    )
+    return JsonResponse(items_json(upstream, time.perf_counter() - started))
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -174,37 +121,6 @@ urlpatterns = [
     path("api/items", items),
     path("healthz", healthz),
 ]
-
-
-def _e(value: object) -> str:
-    # Everything interpolated into HTML goes through here.
-    return html.escape(str(value))
-
-
-def _page(title: str, body: str) -> str:
-    return f"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)} · Acme Demo Shop</title>
-<style>
-body {{ font: 1rem/1.6 system-ui, sans-serif; max-width: 48rem; margin: 2rem auto;
-  padding: 0 1rem; color: #111827; }}
-a {{ color: #0f766e; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ text-align: left; padding: .25rem .75rem .25rem 0;
-  border-bottom: 1px solid #d1d5db; }}
-.num {{ text-align: right; }}
-</style>
-</head>
-<body>
-<main>
-{body}
-</main>
-</body>
-</html>
-"""
 
 
 # For a real server: ``gunicorn --chdir examples/django_app app:application`` or the

@@ -709,7 +709,10 @@ class ErrorRenderer:
         self._cache[key] = entry
         return entry
 
-    def _build(self, key: _Key, situation: str) -> _Entry:
+    def _page(
+        self, key: _Key, situation: str, details: Mapping[str, Any] | None = None
+    ) -> tuple[_Page, Media]:
+        """The page a cache key describes, and the media to render it in."""
         app, status, proxy_error, received, retry, media, method_class = key
         if media == "html" and self._template is None:
             media = "text"  # the built-in template failed to load: plain text still informs
@@ -722,7 +725,12 @@ class ErrorRenderer:
             retry_link=method_class == "reload",
             caution=method_class == "unsafe",
             app=app,
+            details=details,
         )
+        return page, media
+
+    def _build(self, key: _Key, situation: str) -> _Entry:
+        page, media = self._page(key, situation)
         headers = self._headers(page, media)
         rid, ts, iso = self._marks
         body = self._body(page, media, rid, ts, iso)
@@ -738,7 +746,7 @@ class ErrorRenderer:
             expected = self._substitute(body, self._marks_b)
             if self._body(page, media, rid_b, ts_b, iso_b) != expected:
                 fmt = None  # e.g. {{ request_id[:8] }} or |upper: render per request
-        return _Entry(status, media, tuple(headers), page, fmt, tuple(slots))
+        return _Entry(page.status, media, tuple(headers), page, fmt, tuple(slots))
 
     def _substitute(self, body: bytes, marks: tuple[str, str, str]) -> bytes:
         values = dict(zip((b"rid", b"ts", b"iso"), (m.encode() for m in marks), strict=True))
@@ -863,32 +871,22 @@ class ErrorRenderer:
         timings: Sequence[tuple[str, float, str | None]],
     ) -> _Entry:
         """An uncached entry with the error's internals: its body is rendered per request."""
-        _, status, proxy_error, received, retry, media, method_class = key
-        if media == "html" and self._template is None:
-            media = "text"
+        # An error's key, from render(): its ``app`` is always False.
+        _, _, proxy_error, received, *_ = key
         attempts, elapsed, upstream = error.attempts, error.elapsed, error.upstream
-        page = _Page(
-            status=status,
-            situation=situation,
-            proxy_error=proxy_error,
-            received_status=received,
-            retry_after=retry,
-            retry_link=method_class == "reload",
-            caution=method_class == "unsafe",
-            app=False,
-            details={
-                "proxy_error": proxy_error,
-                "received_status": received,
-                "upstream": _safe_str(upstream) if upstream is not None else None,
-                "attempts": attempts if type(attempts) is int else None,
-                "elapsed_ms": (
-                    round(elapsed * 1000, 1)
-                    if isinstance(elapsed, int | float) and math.isfinite(elapsed)
-                    else None
-                ),
-                "exception": _exception_text(error),
-            },
-        )
+        details = {
+            "proxy_error": proxy_error,
+            "received_status": received,
+            "upstream": _safe_str(upstream) if upstream is not None else None,
+            "attempts": attempts if type(attempts) is int else None,
+            "elapsed_ms": (
+                round(elapsed * 1000, 1)
+                if isinstance(elapsed, int | float) and math.isfinite(elapsed)
+                else None
+            ),
+            "exception": _exception_text(error),
+        }
+        page, media = self._page(key, situation, details)
         headers = self._headers(
             page,
             media,
@@ -896,7 +894,7 @@ class ErrorRenderer:
             next_hop=_safe_str(upstream) if upstream is not None else None,
             timings=timings,
         )
-        return _Entry(status, media, tuple(headers), page, None, ())
+        return _Entry(page.status, media, tuple(headers), page, None, ())
 
     # --- set-up -----------------------------------------------------------------------------
 
