@@ -1,0 +1,1084 @@
+"""Run every benchmark in one process and write docs/benchmarks.md from what they measured.
+
+    .venv/bin/python bench/run_all.py [--quick] [--output PATH] [--budget SECONDS]
+    .venv/bin/python bench/run_all.py --render-only   # after editing NOTES: no re-run
+
+``make bench`` runs this. Each section calls one bench script's ``main()`` (``--quick``
+passes through) and turns the rows it returns into a table in which every figure that
+has a goal says what the goal is and whether it is met. A summary at the top of the doc
+lists every goal; a goal whose section was skipped or failed is listed as not measured,
+never left out.
+
+Bounded: the whole run must fit in ``--budget`` seconds (10 minutes by default, on a
+2-CPU machine). The scripts bound their own loops with wall-clock budgets, so each
+section's usual duration is known (``Section.seconds``); a section starts only while
+that much is left of the budget, otherwise it is skipped with a note in the doc. The
+sections behind the issue's goals run first, the supporting micro-benchmarks last, so a
+slow machine loses the latter.
+
+The doc is regenerated whole on every run: explain a miss by adding to ``NOTES`` below,
+not by editing docs/benchmarks.md. The raw rows go to docs/benchmarks.json beside it;
+``--render-only`` rewrites the doc from them (new notes without measuring again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import gc
+import importlib
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, only bench/ is on sys.path; the sections import `bench.<script>` as
+# run_all's tests do.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._common import machine_note, markdown_table  # noqa: E402
+
+DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
+DEFAULT_BUDGET = 600.0
+
+# --- human-written notes ------------------------------------------------------------------
+#
+# Keyed by section key ("transport", "middleware", "breaker", "limiter", "render") or, for
+# the outage scenarios, "outage: <scenario>" with the scenario's name as bench/outage
+# reports it. Each note is one markdown paragraph, printed under the section's "Notes"
+# heading. Explain every NOT met here: the doc says "no note yet" where one is missing.
+#
+# Notes are about one run: say which ("Run of <date>: ..."), and revisit them whenever the
+# doc is regenerated.
+_RECOVERY = (
+    "Run of 2026-11-22: recovery is the breaker's open time left when the upstream came "
+    "back, within a few tens of ms (compare the two rows). In both recovery scenarios the "
+    "breaker had opened twice before the switch: after a failed half-open probe it opens "
+    "again for twice as long (2 x `open_seconds`, jittered down by at most 20%, capped by "
+    "`max_open_seconds`; see docs/settings.md), so the second open lasts 4.8-6 s with "
+    "`open_seconds = 3`. Whether recovery is within `open_seconds + 1 s` then depends on "
+    "when in that longer open period the upstream comes back: met in one scenario, NOT met "
+    "in the other (the same in an earlier run that day). The goal as written assumes a "
+    "first open; the team has to decide whether the goal or the doubling gives."
+)
+_SHARED_MACHINE = (
+    "Run of 2026-11-22: the outage verdicts move from run to run on this shared 2-CPU "
+    "machine (see the load averages at the top). An earlier full run the same day, at a "
+    "lower load, had these figures the other way round: async hang dep p99 20.5 ms (NOT "
+    "met) and healthy throughput 0.94x (NOT met), threaded hang dep p99 8.4 ms (met); "
+    "overload served p99 1.30x (met), shed p99 0.80 ms server-side (met) and 27.9 ms "
+    "client-side (NOT met). Read one run's outage verdicts as a sample, not a settled "
+    "result."
+)
+NOTES: dict[str, list[str]] = {
+    "transport": [
+        "Run of 2026-11-22: not noise: both 95% intervals lie wholly above 1.03x (the "
+        "same in an earlier run that day). The guard's transport measured alone, hot, adds "
+        "about 2 µs per call, under 3% of a bare client call (see the caption); inside a "
+        "full `client.get` the guarded call costs over 5 µs more than bare httpx. Where "
+        "the other ~3 µs go is not explained yet: `bench/transport.py --profile` "
+        "(cProfile) and `--instructions` (valgrind instruction counts, free of timing "
+        "noise) are the tools to find out."
+    ],
+    "middleware": [
+        "Run of 2026-11-22: the 95% interval of the added time lies just above 3 µs "
+        "(an earlier run that day gave +3.7 µs). Not explained yet. For scale, "
+        "asgi-correlation-id, which only handles the request id, adds more."
+    ],
+    "outage: 1 upstream hangs (async)": [_SHARED_MACHINE],
+    "outage: 1 upstream hangs (threaded)": [_SHARED_MACHINE],
+    "outage: 3 upstream answers 503 (100%)": [
+        "Run of 2026-11-22: the two rows NOT met are extra runs with the breaker off, so "
+        "only the retry budget limits retries. Halving `budget_ratio` (0.2 to 0.1) lowered "
+        "the figure by about 0.1 calls per request, as it should; the remaining ~0.26 above "
+        "1 + ratio is not explained yet (the same in an earlier run that day). A candidate "
+        "to check: the budget counts calls over a 10 s sliding window and each 503 phase "
+        "lasts 4 s, so calls made before the phase may still fund retries during it."
+    ],
+    "outage: 4 overload at 3x capacity (async)": [
+        "Run of 2026-11-22: the server-side shed time runs from the server handing the "
+        "request to the app to the response's status line (`x-bench-us` in "
+        "bench/outage/apps.py); the client-side one also includes the sockets, the "
+        "server's own HTTP handling and event loop, and the load generator, all on the "
+        "same two CPUs while 3x capacity is offered. Which of the two the goal means is "
+        "not decided yet.",
+        _SHARED_MACHINE,
+    ],
+    "outage: 5 recovery (upstream down, then back)": [_RECOVERY],
+    "outage: 5 recovery (upstream erroring, then back)": [_RECOVERY],
+}
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One of the issue's goals. Figures name it by ``id``; the summary lists every one."""
+
+    id: str
+    section: str
+    text: str
+
+
+# The issue's goals, in the order the summary lists them. A goal no figure reports is
+# shown as not measured, so a section that silently stopped measuring one cannot hide.
+GOALS: tuple[Goal, ...] = (
+    Goal("transport.sync", "transport", "guarded httpx call ≤ 1.03x bare httpx (sync)"),
+    Goal("transport.async", "transport", "guarded httpx call ≤ 1.03x bare httpx (async)"),
+    Goal("middleware", "middleware", "GatewayGuardMiddleware adds ≤ 3 µs per request"),
+    Goal("breaker", "breaker", "breaker admit + record ≤ 0.5 µs per call"),
+    Goal(
+        "outage.hang",
+        "outage",
+        "upstream hangs: dependent route p99 ≤ 10 ms once the breaker opened; healthy "
+        "route ≥ 95% of its no-outage throughput (async and threaded)",
+    ),
+    Goal(
+        "outage.refuse",
+        "outage",
+        "upstream refuses connections: healthy route ≥ 95% of its no-outage throughput; "
+        "≤ 1.1 upstream calls per inbound request plus the retry-budget floor",
+    ),
+    Goal(
+        "outage.503",
+        "outage",
+        "upstream answers 50% / 100% 503: ≤ 1.1 upstream calls per inbound request plus the "
+        "retry-budget floor (tenacity: 3.0)",
+    ),
+    Goal(
+        "outage.overload",
+        "outage",
+        "overload at 3x capacity: served p99 ≤ 2x its p99 at capacity; shed answers ≤ 1 ms",
+    ),
+    Goal("outage.recovery", "outage", "recovery: back to normal ≤ open_seconds + 1 s"),
+)
+
+# How an outage scenario's name maps to the goal it measures (first match wins: recovery
+# first, since "recovery from 503s" is about recovery).
+OUTAGE_KEYWORDS: tuple[tuple[str, str], ...] = (
+    ("recover", "outage.recovery"),
+    ("hang", "outage.hang"),
+    ("refus", "outage.refuse"),
+    ("503", "outage.503"),
+    ("overload", "outage.overload"),
+)
+
+
+@dataclass
+class Figure:
+    """One row of a section's table. ``cells`` line up with the table's ``headers``."""
+
+    cells: list[str]
+    goal: str | None = None  # the goal as written in the table ("≤ 3 µs added")
+    met: bool | None = None
+    goal_id: str | None = None  # which of GOALS it reports, if any
+    label: str = ""  # how the summary names the figure
+    summary: str = ""  # how the summary names a goal outside GOALS (default: the block's title)
+
+
+@dataclass
+class Table:
+    title: str  # "" for a section with one table
+    headers: list[str]
+    figures: list[Figure]
+    align: str = ""
+    caption: str = ""  # how it was run, under the table
+
+
+@dataclass
+class Block:
+    """A titled part of the doc with its own tables and its own Notes."""
+
+    key: str  # NOTES key
+    title: str
+    tables: list[Table]
+    about: str = ""
+
+
+class Skipped(Exception):
+    """A section could not run for a reason that is not a failure (e.g. not written yet)."""
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    part: str  # the doc's part: "overhead", "outage" or "supporting"
+    seconds: tuple[float, float]  # usual wall time (quick, full): the budget check uses it
+    run: Callable[[bool], list[dict[str, Any]]]  # quick -> the script's rows
+    blocks: Callable[[list[dict[str, Any]]], list[Block]]  # rows -> the doc's blocks
+    goals: tuple[str, ...] = ()  # ids of GOALS this section measures
+    about: str = ""
+
+
+@dataclass
+class Outcome:
+    section: Section
+    status: str  # "ok", "skipped", "failed"
+    seconds: float = 0.0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass
+class RunInfo:
+    """What the doc's header says about the run; kept in the JSON for --render-only."""
+
+    started: str  # ISO 8601, UTC
+    commit: str
+    machine_before: str
+    machine_after: str
+    quick: bool
+    budget_seconds: float
+    total_seconds: float
+
+
+# --- formatting helpers ---------------------------------------------------------------------
+
+
+def _verdict(met: bool | None) -> str:
+    # A figure with a goal but no verdict is a reference value (e.g. what tenacity does).
+    if met is None:
+        return "reference"
+    return "met" if met else "**NOT met**"
+
+
+def _count(counts: dict[str, int], met: bool | None) -> None:
+    counts["reference" if met is None else "met" if met else "NOT met"] += 1
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    """A number with ``digits`` significant figures (at least the units); text as it is."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    places = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    return f"{value:,.{places}f}"
+
+
+def _pair(bounds: Sequence[float] | None, fmt: str) -> str:
+    if not bounds:
+        return ""
+    low, high = bounds
+    return f"{low:{fmt}} to {high:{fmt}}"
+
+
+def _import(name: str) -> ModuleType:
+    return importlib.import_module(f"bench.{name}")
+
+
+# --- transport ------------------------------------------------------------------------------
+
+
+def run_transport(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _import("transport").main(quick)
+    return rows
+
+
+def _significance(row: dict[str, Any]) -> str:
+    low, high = row["ratio_ci"]
+    goal = row["goal_ratio"]
+    if low > goal:
+        return "the whole 95% interval is above the goal"
+    if high <= goal:
+        return "the whole 95% interval is within the goal"
+    return "the 95% interval straddles the goal (within noise)"
+
+
+def transport_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    tables = []
+    levels = (
+        ("client", "Client calls: `client.get(path)` (the goal is judged here)"),
+        ("transport", "Transport layer only: `handle_request` on one prebuilt request"),
+    )
+    for level, title in levels:
+        level_rows = [r for r in rows if r.get("level") == level]
+        if not level_rows:
+            continue
+        figures = []
+        for r in level_rows:
+            baseline = r["candidate"] == r["baseline"]
+            goal = f"≤ {r['goal_ratio']}x" if r.get("goal_ratio") is not None else None
+            cells = [
+                r["mode"],
+                r["candidate"],
+                r["version"],
+                f"{r['us_per_call']:.2f}",
+                "1 (baseline)" if baseline else f"{r['ratio']:.3f}x",
+                "" if baseline else _pair(r.get("ratio_ci"), ".3f"),
+                "—" if baseline else f"{r['added_us']:+.2f}",
+            ]
+            figures.append(
+                Figure(
+                    cells,
+                    goal,
+                    r.get("goal_met"),
+                    f"transport.{r['mode']}" if goal else None,
+                    f"gateway_guard / bare httpx, {r['mode']}: {r['ratio']:.3f}x "
+                    f"(95% CI {_pair(r.get('ratio_ci'), '.3f')})",
+                )
+            )
+        verdicts = [f"{r['mode']}: {_significance(r)}" for r in level_rows if r.get("goal_ratio")]
+        floors = [
+            f"{r['mode']}: {r['transport_added_us']:+.2f} µs/call, {r['floor_ratio']:.3f}x "
+            "if that were all"
+            for r in level_rows
+            if r.get("floor_ratio") is not None
+        ]
+        runs = "; ".join(
+            f"{mode}: {r['rounds']} rounds x {r['number']} calls in {r['seconds']:.1f} s"
+            + (" (stopped early: time budget)" if r.get("stopped_early") else "")
+            for mode, r in {r["mode"]: r for r in level_rows}.items()
+        )
+        tables.append(
+            Table(
+                title,
+                [
+                    "mode",
+                    "candidate",
+                    "version",
+                    "µs/call",
+                    "ratio (median)",
+                    "ratio 95% CI",
+                    "+µs/call",
+                ],
+                figures,
+                align="<<<>>>>",
+                caption=" ".join(
+                    [f"{runs}. Clock: {level_rows[0].get('clock', 'cpu')} time."]
+                    + ([f"Against the goal: {'; '.join(verdicts)}."] if verdicts else [])
+                    + (
+                        [f"The transport layer alone, hot, adds {'; '.join(floors)}."]
+                        if floors
+                        else []
+                    )
+                ),
+            )
+        )
+    return [Block("transport", "Guarded httpx calls against bare httpx and the libraries", tables)]
+
+
+# --- middleware -----------------------------------------------------------------------------
+
+
+def run_middleware(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _import("middleware").main(quick=quick)
+    return rows
+
+
+_INTERVAL = re.compile(r"^\s*(-?[\d.]+)\s*-\s*(-?[\d.]+)\s*$")
+
+
+def _interval_text(value: Any) -> str:
+    """bench/middleware.py gives its interval as "low-high" text; "-0.12-0.50" is legal."""
+    if isinstance(value, list | tuple):
+        return _pair(value, "+.2f")
+    match = _INTERVAL.match(str(value or ""))
+    if match is None:
+        return str(value or "")
+    return _pair([float(match[1]), float(match[2])], "+.2f")
+
+
+def middleware_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    module = _import("middleware")
+    added_goal = getattr(module, "ADDED_GOAL_US", 3.0)
+    render_goal = getattr(module, "RENDER_GOAL_US", 50.0)
+    figures = []
+    for r in rows:
+        if r["candidate"] == "render error page":
+            continue
+        is_goal = r["candidate"] == "gateway_guard"
+        baseline = r["candidate"] == "bare"
+        figures.append(
+            Figure(
+                [
+                    r["candidate"],
+                    f"{r['median_us']:.2f}",
+                    "—" if baseline else f"{r['added_us']:+.2f}",
+                    "" if baseline else _interval_text(r.get("added_ci")),
+                    "1 (baseline)" if baseline else f"{r['ratio']:.3f}x",
+                ],
+                f"≤ {added_goal:g} µs added" if is_goal else None,
+                r.get("goal_met") if is_goal else None,
+                "middleware" if is_goal else None,
+                f"GatewayGuardMiddleware adds {r['added_us']:.2f} µs per request",
+            )
+        )
+    table = Table(
+        "",
+        ["app", "µs/request", "added µs (median)", "added 95% CI", "ratio"],
+        figures,
+        align="<>>>>",
+        caption="A bare async Starlette app, and the same app behind each middleware; "
+        "added µs is the median over rounds of (candidate - bare) timed in the same round.",
+    )
+    tables = [table]
+    render = next((r for r in rows if r["candidate"] == "render error page"), None)
+    if render is not None:
+        tables.append(
+            Table(
+                "Rendering one error page (through the guard's renderer)",
+                ["operation", "µs/call"],
+                [
+                    Figure(
+                        ["render one cached HTML error page", f"{render['median_us']:.2f}"],
+                        f"≤ {render_goal:g} µs",
+                        render.get("goal_met"),
+                        label=f"{render['median_us']:.2f} µs",
+                        summary="middleware's error renderer: one cached HTML page (supporting)",
+                    )
+                ],
+                align="<>",
+            )
+        )
+    return [Block("middleware", "Inbound middleware against the usual alternatives", tables)]
+
+
+# --- breaker, limiter, render (no quick mode of their own) ----------------------------------
+#
+# Their main() takes no quick flag; in quick mode the runner calls their run() with fewer,
+# shorter rounds instead.
+
+
+def run_breaker(quick: bool) -> list[dict[str, Any]]:
+    module = _import("breaker")
+    rows: list[dict[str, Any]]
+    rows = module.run(rounds=3, target_seconds=0.02) if quick else module.main()
+    return rows
+
+
+def breaker_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    goal_us = getattr(_import("breaker"), "GOAL_US", 0.5)
+    figures = []
+    for i, r in enumerate(rows):
+        is_goal = i == 0 and "goal_met" in r
+        if r.get("us_per_call") is None:
+            cells = [r["library"], r["version"], r["operation"], r.get("error") or "—", ""]
+        else:
+            spread = f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}"
+            cells = [
+                r["library"],
+                r["version"],
+                r["operation"],
+                f"{r['us_per_call']:.3f}",
+                f"{r['ratio']:.2f}x ({spread})",
+            ]
+        figures.append(
+            Figure(
+                cells,
+                f"≤ {goal_us:g} µs" if is_goal else None,
+                r.get("goal_met") if is_goal else None,
+                "breaker" if is_goal else None,
+                f"admit + record_success: {_num(r.get('us_per_call'))} µs" if is_goal else "",
+            )
+        )
+    rounds = rows[0].get("rounds", "?") if rows else "?"
+    table = Table(
+        "",
+        ["library", "version", "operation", "µs/call", "ratio (min-max)"],
+        figures,
+        align="<<<>>",
+        caption=f"Median of {rounds} interleaved rounds. Ratio: gateway_guard rows against "
+        "the first row; library rows against 'admit + noop() + record_success', which, "
+        "like them, calls a no-op function.",
+    )
+    return [Block("breaker", "Closed circuit breaker: one admitted, successful call", [table])]
+
+
+def run_limiter(quick: bool) -> list[dict[str, Any]]:
+    module = _import("limiter")
+    rows: list[dict[str, Any]]
+    rows = module.run(repeat=3, target_seconds=0.02) if quick else module.main()
+    return rows
+
+
+def limiter_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    figures = []
+    for r in rows:
+        has_goal = "goal_us" in r
+        figures.append(
+            Figure(
+                [
+                    r["kind"],
+                    r["library"],
+                    r["operation"],
+                    f"{r['us_per_call']:.3f}",
+                    f"{r['us_min']:.3f}-{r['us_max']:.3f}",
+                    f"{r['ratio']:.2f}x",
+                ],
+                f"≤ {r['goal_us']:g} µs" if has_goal else None,
+                r.get("goal_met") if has_goal else None,
+                label=f"{r['us_per_call']:.3f} µs" if has_goal else "",
+                summary=f"limiter: uncontended {r['kind']} {r['operation']}",
+            )
+        )
+    repeat = rows[0].get("repeat", "?") if rows else "?"
+    table = Table(
+        "",
+        ["kind", "library", "operation", "µs/call", "min-max", "ratio"],
+        figures,
+        align="<<<>>>",
+        caption=f"Median of {repeat} interleaved repetitions. Ratio: median µs/call over "
+        "the median of the standard library's semaphore of the same kind.",
+    )
+    return [Block("limiter", "Concurrency limiter: one uncontended acquire + release", [table])]
+
+
+def run_render(quick: bool) -> list[dict[str, Any]]:
+    module = _import("render")
+    rows: list[dict[str, Any]]
+    rows = module.run(repeat=3, target_seconds=0.02) if quick else module.main()
+    return rows
+
+
+def render_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    figures = []
+    for r in rows:
+        has_goal = "goal_us" in r
+        figures.append(
+            Figure(
+                [r["operation"], f"{r['us_per_call']:.2f}", f"{r['us_min']:.2f}-{r['us_max']:.2f}"],
+                f"≤ {r['goal_us']:g} µs" if has_goal else None,
+                r.get("goal_met") if has_goal else None,
+                label=f"{r['us_per_call']:.2f} µs" if has_goal else "",
+                summary=f"render: {r['operation']}",
+            )
+        )
+    repeat = rows[0].get("repeat", "?") if rows else "?"
+    table = Table(
+        "",
+        ["operation", "µs/call", "min-max"],
+        figures,
+        align="<>>",
+        caption=f"Median of {repeat} interleaved repetitions.",
+    )
+    return [Block("render", "Rendering gateway error responses", [table])]
+
+
+# --- outage scenarios -----------------------------------------------------------------------
+
+
+def run_outage(quick: bool) -> list[dict[str, Any]]:
+    try:
+        module = _import("outage")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("bench", "bench.outage"):
+            raise Skipped(
+                "bench/outage is not there yet (no `bench.outage` package with `main()`)"
+            ) from exc
+        raise
+    if not callable(getattr(module, "main", None)):
+        raise Skipped("bench/outage is not finished yet (`bench.outage` has no `main()`)")
+    rows: list[dict[str, Any]] = module.main(quick=quick)
+    return rows
+
+
+def outage_goal(scenario: str) -> str | None:
+    lowered = scenario.lower()
+    return next((goal for word, goal in OUTAGE_KEYWORDS if word in lowered), None)
+
+
+def outage_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    """One block (table and Notes) per scenario, in the order bench/outage reports them."""
+    scenarios: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        scenarios.setdefault(str(r["scenario"]), []).append(r)
+    blocks = []
+    for scenario, scenario_rows in scenarios.items():
+        goal_id = outage_goal(scenario)
+        figures = [
+            Figure(
+                [str(r["variant"]), str(r["metric"]), _num(r["value"])],
+                r.get("goal"),
+                r.get("met"),
+                goal_id if r.get("goal") else None,
+                f"{scenario} / {r['variant']}: {r['metric']} = {_num(r['value'])}",
+            )
+            for r in scenario_rows
+        ]
+        table = Table("", ["variant", "metric", "value"], figures, align="<<>")
+        blocks.append(Block(f"outage: {scenario}", scenario, [table]))
+    return blocks
+
+
+# --- the sections, in the order they run --------------------------------------------------
+
+SECTIONS: list[Section] = [
+    Section(
+        "transport",
+        "Outbound: guarded httpx calls",
+        "overhead",
+        (8.0, 40.0),
+        run_transport,
+        transport_blocks,
+        ("transport.sync", "transport.async"),
+        "bench/transport.py. Every candidate makes the same `GET /items/42` through "
+        "`httpx.MockTransport` (no network); rows differ only by what wraps the client. "
+        "gateway_guard runs with its defaults: breaker on, 3 attempts, a bulkhead of 100, "
+        "a deadline. The goal is judged on the `gateway_guard` row (no inbound request "
+        "being served); `gateway_guard (in request)` adds request-id propagation and the "
+        "diagnostics record, as inside the middleware.",
+    ),
+    Section(
+        "middleware",
+        "Inbound: GatewayGuardMiddleware",
+        "overhead",
+        (3.0, 15.0),
+        run_middleware,
+        middleware_blocks,
+        ("middleware",),
+        "bench/middleware.py. One ASGI request straight into a Starlette app (no server, "
+        "no sockets), with route matching, request id, inbound shedding and the request "
+        "context all on.",
+    ),
+    Section(
+        "breaker",
+        "Circuit breaker",
+        "overhead",
+        (5.0, 20.0),
+        run_breaker,
+        breaker_blocks,
+        ("breaker",),
+        "bench/breaker.py. The decision pair a transport makes per call on a closed "
+        "breaker, against each library's cheapest path that still checks the state and "
+        "records the outcome.",
+    ),
+    Section(
+        "outage",
+        "Outage scenarios",
+        "outage",
+        (60.0, 330.0),
+        run_outage,
+        outage_blocks,
+        ("outage.hang", "outage.refuse", "outage.503", "outage.overload", "outage.recovery"),
+        "bench/outage/. Real servers on 127.0.0.1: the project's misbehaving upstream in "
+        "one process, the app under uvicorn (async) or cheroot (threaded, 8 threads) in "
+        "another, and bounded load from this process. Each scenario runs three variants "
+        "of the same app: `plain` (httpx with timeouts), `tenacity+pybreaker` (the usual "
+        "hand-built guard) and `gateway_guard`; goals are judged on the gateway_guard rows, "
+        "the others are for reference. `no outage` rows are the same apps measured before "
+        "the upstream misbehaves. See bench/outage/__init__.py for every scenario.",
+    ),
+    Section(
+        "limiter",
+        "Concurrency limiter",
+        "supporting",
+        (3.0, 15.0),
+        run_limiter,
+        limiter_blocks,
+        (),
+        "bench/limiter.py. Bulkheads and inbound shedding pay this pair on every call.",
+    ),
+    Section(
+        "render",
+        "Error rendering",
+        "supporting",
+        (3.0, 10.0),
+        run_render,
+        render_blocks,
+        (),
+        "bench/render.py. During an outage every failing request renders an error "
+        "response: the cached render is the hot path.",
+    ),
+]
+
+PARTS = (
+    ("overhead", "Happy path overhead"),
+    ("outage", "Outage scenarios"),
+    ("supporting", "Supporting micro-benchmarks"),
+)
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def run_sections(
+    sections: Sequence[Section], *, quick: bool, budget: float, log: Callable[[str], None]
+) -> list[Outcome]:
+    """Run each section in turn while its usual duration still fits in the budget."""
+    start = time.perf_counter()
+    outcomes = []
+    for section in sections:
+        elapsed = time.perf_counter() - start
+        usual = section.seconds[0 if quick else 1]
+        if elapsed + usual > budget:
+            reason = (
+                f"skipped: {elapsed:.0f} s of the {budget:.0f} s budget were spent and this "
+                f"section usually takes {usual:.0f} s"
+            )
+            log(f"== {section.key}: {reason}")
+            outcomes.append(Outcome(section, "skipped", reason=reason))
+            continue
+        log(f"== {section.key} (usually {usual:.0f} s) ==")
+        gc.collect()
+        t0 = time.perf_counter()
+        try:
+            rows = section.run(quick)
+            outcome = Outcome(section, "ok", rows=rows, blocks=section.blocks(rows))
+        except Skipped as exc:
+            outcome = Outcome(section, "skipped", reason=f"skipped: {exc}")
+        except Exception as exc:
+            traceback.print_exc()
+            outcome = Outcome(section, "failed", reason=f"failed: {type(exc).__name__}: {exc}")
+        outcome.seconds = time.perf_counter() - t0
+        log(f"== {section.key}: {outcome.status} in {outcome.seconds:.1f} s")
+        outcomes.append(outcome)
+    return outcomes
+
+
+# --- the doc --------------------------------------------------------------------------------
+
+METHOD = """\
+- **Interleaved rounds.** The machine is shared and noisy, so a candidate timed after
+  another would measure the neighbours as much as the code. The overhead scripts
+  (transport, middleware, breaker) time all their candidates once per round, rotating
+  their order each round, and compare each candidate with its baseline timed *in the same
+  round*. The supporting limiter and render scripts interleave their cases in a fixed
+  order.
+- **Medians of per-round ratios.** In the overhead sections a ratio is the median over
+  rounds of candidate ÷ baseline from the same round (with a distribution-free ~95%
+  interval where given), never a ratio of two medians taken minutes apart; "added µs" is
+  likewise the median of per-round differences. µs/call is the median over rounds. (The
+  limiter's ratio column is a ratio of two medians from the same run.)
+- **CPU time.** Micro-benchmarks use this process's CPU time (`time.process_time`), which
+  leaves out the time the scheduler gives to other processes but keeps everything the code
+  costs, the garbage collector included (GC stays on). The outage scenarios measure
+  wall-clock latencies and rates, as the clients see them (and server-side where a row
+  says so).
+- **Loopback only.** Nothing leaves the machine: overhead benchmarks call
+  `httpx.MockTransport` or an ASGI app directly; the outage scenarios use real servers
+  on 127.0.0.1.
+- **Bounded loops.** Every loop runs a fixed number of times, and each script stops
+  starting new rounds once its wall-clock budget is spent (the tables say how many rounds
+  they got). The whole run is bounded too: a section starts only if its usual duration
+  fits in what is left of the run's budget.
+- **Goals.** A figure with a goal is met or not by the value shown. For the transport ratios,
+  the caption also says whether the whole 95% interval is within the goal, above it, or
+  straddles it (a verdict within noise)."""
+
+
+def _git_revision() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head} (with uncommitted changes)" if dirty else head
+
+
+def _table_md(table: Table) -> str:
+    has_goals = any(f.goal is not None for f in table.figures)
+    headers = list(table.headers) + (["goal", "result"] if has_goals else [])
+    align = table.align.ljust(len(table.headers), "<") + ("<<" if has_goals else "")
+    rows = [
+        list(f.cells) + ([f.goal or "", _verdict(f.met) if f.goal else ""] if has_goals else [])
+        for f in table.figures
+    ]
+    return markdown_table(headers, rows, align=align)
+
+
+def _notes(key: str, blocks_figures: Sequence[Figure], notes: dict[str, list[str]]) -> list[str]:
+    written = notes.get(key, [])
+    missed = [f for f in blocks_figures if f.met is False]
+    out = ["#### Notes", ""]
+    if written:
+        for paragraph in written:
+            out += [paragraph, ""]
+    elif missed:
+        out += [
+            f"_No note yet._ {len(missed)} goal(s) here are **NOT met** and nobody has "
+            "explained why: add a note to `NOTES` in `bench/run_all.py`.",
+            "",
+        ]
+    else:
+        out += ["None.", ""]
+    return out
+
+
+def _summary(outcomes: Sequence[Outcome]) -> tuple[list[list[str]], dict[str, int]]:
+    """The summary rows: every figure with a goal, and every goal nobody measured."""
+    rows: list[list[str]] = []
+    counts = {"met": 0, "NOT met": 0, "not measured": 0, "reference": 0}
+    by_section = {o.section.key: o for o in outcomes}
+    reported: set[int] = set()
+    # The issue's goals first, in GOALS order, each with the figures reporting it.
+    for goal in GOALS:
+        figures = [
+            (block, f)
+            for o in outcomes
+            for block in o.blocks
+            for t in block.tables
+            for f in t.figures
+            if f.goal_id == goal.id and f.goal is not None
+        ]
+        if not figures:
+            outcome = by_section.get(goal.section)
+            if outcome is None:
+                why = "not measured: no section measures it"
+            elif outcome.status != "ok":
+                why = f"not measured: section {outcome.reason}"
+            else:
+                why = "not measured: the section reported no figure for it"
+            rows.append([goal.text, "—", "—", why])
+            counts["not measured"] += 1
+            continue
+        for i, (_, f) in enumerate(figures):
+            reported.add(id(f))
+            # The goal's text once; the figures after the first that report it follow it.
+            rows.append(
+                [
+                    goal.text if i == 0 else "",
+                    f.label or " ".join(f.cells),
+                    f.goal or "",
+                    _verdict(f.met),
+                ]
+            )
+            _count(counts, f.met)
+    # Then any other goal a script reports (supporting rows, outage rows with no known goal).
+    for o in outcomes:
+        for block in o.blocks:
+            for t in block.tables:
+                for f in t.figures:
+                    if f.goal is None or id(f) in reported:
+                        continue
+                    what = f.summary or block.title
+                    rows.append(
+                        [
+                            f"{what} (supporting)" if o.section.part == "supporting" else what,
+                            f.label or " ".join(f.cells),
+                            f.goal,
+                            _verdict(f.met),
+                        ]
+                    )
+                    _count(counts, f.met)
+    return rows, counts
+
+
+def render_doc(
+    outcomes: Sequence[Outcome], info: RunInfo, notes: dict[str, list[str]] | None = None
+) -> str:
+    notes = NOTES if notes is None else notes
+    summary_rows, counts = _summary(outcomes)
+    mode = "quick (`--quick`: fewer, shorter rounds; a smoke run)" if info.quick else "full"
+    started = dt.datetime.fromisoformat(info.started)
+    out = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by `make bench` (bench/run_all.py): do not edit by hand. -->",
+        "",
+        "_This file is generated by `make bench` (`bench/run_all.py`); edits by hand are "
+        "lost on the next run. To explain a result, add to `NOTES` in `bench/run_all.py`, "
+        "then run `bench/run_all.py --render-only`, which rewrites this file from "
+        "`benchmarks.json` without measuring again._",
+        "",
+        f"- Date: {started:%Y-%m-%d %H:%M} UTC",
+        f"- Commit: {info.commit}",
+        f"- Machine at start: {info.machine_before}",
+        f"- Machine at end: {info.machine_after}",
+        f"- Mode: {mode}",
+        f"- Run time: {info.total_seconds:.0f} s (budget {info.budget_seconds:.0f} s)",
+        "",
+        "## Summary",
+        "",
+        f"{counts['met']} goal figures met, {counts['NOT met']} NOT met, "
+        f"{counts['not measured']} goals not measured"
+        + (f"; {counts['reference']} reference figures." if counts["reference"] else "."),
+        "",
+        markdown_table(["goal", "measured", "target", "result"], summary_rows),
+        "",
+    ]
+    missing = [o for o in outcomes if o.status != "ok"]
+    if missing:
+        out += ["Sections that did not run to completion:", ""]
+        out += [f"- **{o.section.title}** ({o.section.key}): {o.reason}" for o in missing]
+        out += [""]
+    out += ["## Method", "", METHOD, ""]
+    for part, part_title in PARTS:
+        part_outcomes = [o for o in outcomes if o.section.part == part]
+        if not part_outcomes:
+            continue
+        out += [f"## {part_title}", ""]
+        for o in part_outcomes:
+            out += _section_md(o, notes, titled=part != "outage")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _section_md(outcome: Outcome, notes: dict[str, list[str]], *, titled: bool) -> list[str]:
+    """A section: its heading (unless it is the whole part), what it is, then its blocks.
+
+    A section with one block (the micro-benchmarks) keeps its notes under its own
+    heading; a section with one block per scenario (outage) gets a heading per scenario.
+    """
+    section = outcome.section
+    out = [f"### {section.title}", ""] if titled else []
+    if section.about:
+        out += [section.about, ""]
+    if outcome.status != "ok":
+        out += [f"**Not measured in this run**: {outcome.reason}.", ""]
+        return out
+    out += [f"Section time: {outcome.seconds:.1f} s.", ""]
+    for block in outcome.blocks:
+        if not titled:
+            out += [f"### {block.title}", ""]
+        for table in block.tables:
+            if table.title:
+                out += [f"#### {table.title}", ""]
+            out += [_table_md(table), ""]
+            if table.caption:
+                out += [table.caption, ""]
+        out += _notes(block.key, [f for t in block.tables for f in t.figures], notes)
+    return out
+
+
+def _strict(value: Any) -> Any:
+    """JSON has no NaN or Infinity: such floats (e.g. "not recovered") become text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    return value
+
+
+def write_json(path: Path, outcomes: Sequence[Outcome], info: RunInfo) -> None:
+    data = {
+        **dataclasses.asdict(info),
+        "sections": [
+            {
+                "key": o.section.key,
+                "status": o.status,
+                "reason": o.reason,
+                "seconds": round(o.seconds, 2),
+                "rows": _strict(o.rows),
+            }
+            for o in outcomes
+        ],
+    }
+    text = json.dumps(data, indent=1, ensure_ascii=False, default=str, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def read_json(
+    path: Path, sections: Sequence[Section] | None = None
+) -> tuple[list[Outcome], RunInfo]:
+    """The outcomes and run info that :func:`write_json` saved (sections it knows of)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    info = RunInfo(**{f.name: data[f.name] for f in dataclasses.fields(RunInfo)})
+    by_key = {s.key: s for s in (SECTIONS if sections is None else sections)}
+    outcomes = []
+    for saved in data["sections"]:
+        section = by_key.get(saved["key"])
+        if section is None:
+            continue
+        rows = saved["rows"]
+        blocks = section.blocks(rows) if saved["status"] == "ok" else []
+        outcomes.append(
+            Outcome(section, saved["status"], saved["seconds"], rows, blocks, saved["reason"])
+        )
+    return outcomes, info
+
+
+def main(
+    quick: bool = False,
+    *,
+    output: Path = DEFAULT_OUTPUT,
+    budget: float = DEFAULT_BUDGET,
+    sections: Sequence[Section] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Outcome]:
+    """Run the sections, write ``output`` (and its .json beside it), return the outcomes."""
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    machine_before = machine_note()
+    t0 = time.perf_counter()
+    outcomes = run_sections(
+        SECTIONS if sections is None else sections, quick=quick, budget=budget, log=log
+    )
+    total = time.perf_counter() - t0
+    info = RunInfo(
+        started=started,
+        commit=_git_revision(),
+        machine_before=machine_before,
+        machine_after=machine_note(),
+        quick=quick,
+        budget_seconds=budget,
+        total_seconds=round(total, 1),
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render_doc(outcomes, info), encoding="utf-8")
+    write_json(output.with_suffix(".json"), outcomes, info)
+    log(f"wrote {output} in {total:.0f} s")
+    return outcomes
+
+
+def render_only(output: Path = DEFAULT_OUTPUT, sections: Sequence[Section] | None = None) -> None:
+    """Rewrite ``output`` from the .json beside it, e.g. after a change to ``NOTES``."""
+    outcomes, info = read_json(output.with_suffix(".json"), sections)
+    output.write_text(render_doc(outcomes, info), encoding="utf-8")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (a smoke run)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="the markdown file to write (default docs/benchmarks.md; .json beside it)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET,
+        help="seconds for the whole run; sections that no longer fit are skipped",
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: rewrite the doc from the .json of the last run (after "
+        "editing NOTES)",
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    args = _parse(None)
+    if args.render_only:
+        render_only(args.output)
+        sys.exit(0)
+    results = main(args.quick, output=args.output, budget=args.budget)
+    # Goals that are not met are reported in the doc, not by the exit status: on a noisy
+    # machine they are measurements, not errors. A section that crashed is an error.
+    sys.exit(1 if any(o.status == "failed" for o in results) else 0)
