@@ -3,11 +3,20 @@ against the standard library's semaphores, measured in one run on one machine.
 
     .venv/bin/python bench/limiter.py
 
+    .venv/bin/python bench/limiter.py --against HEAD   # also time the committed limiter
+
 Every row is one acquire + release of a free slot (a limit of 8, nobody else around), the
-pair a transport or middleware pays on every call while the upstream keeps up. Methods
-are bound to locals first, as a driver's loop would hold them. Cases are interleaved
-(one run of each, then the next repetition) so a machine that slows down midway skews
-every row alike; each row is the median of the repetitions.
+pair a transport or middleware pays on every call while the upstream keeps up. The
+limiter can queue (``max_queue`` 32, ``queue_timeout`` 1 s), like the inbound shedding
+limiter that every request passes and a bulkhead with ``max_wait > 0``: an uncontended
+pair on it takes no lock and reads no clock. Methods are bound to locals first, as a
+driver's loop would hold them. Cases are interleaved (one run of each, then the next
+repetition) so a machine that slows down midway skews every row alike; each row is the
+median of the repetitions.
+
+- ``--against REV``: the same rows for ``src/gateway_guard/limiter.py`` as of git
+  revision ``REV`` (or a file path), loaded as a separate module and interleaved with
+  the current code in the same run: a before/after on one machine at one time.
 
 - sync rows: ``timeit`` of the statement.
 - async rows: a coroutine awaiting the pair ``number`` times inside one running loop;
@@ -25,13 +34,19 @@ bulkhead would use.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.util
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import timeit
 from collections.abc import Callable, Coroutine
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 GOAL_US = 0.4
@@ -40,6 +55,9 @@ MIN_REPEAT = 3
 WALL_BUDGET_SECONDS = 40.0
 TARGET_SECONDS = 0.1
 LIMIT = 8
+QUEUE = 4 * LIMIT
+QUEUE_TIMEOUT = 1.0
+ROOT = Path(__file__).resolve().parent.parent
 
 Runner = Callable[[int], float]  # number of executions -> seconds taken
 _CLOCK = time.process_time
@@ -54,29 +72,37 @@ def _async_runner(body: Callable[[int], Coroutine[Any, Any, float]]) -> Runner:
     return lambda number: asyncio.run(body(number))
 
 
-def _cases() -> list[tuple[str, str, str, Runner]]:
-    """(kind, library, operation, runner)."""
-    from gateway_guard.errors import LoadShedError
-    from gateway_guard.limiter import ConcurrencyLimiter
+def _load_limiter(against: str) -> ModuleType:
+    """``limiter.py`` as of git revision ``against`` (or the file at that path)."""
+    path = Path(against)
+    if not path.is_file():
+        source = subprocess.run(
+            ["git", "show", f"{against}:src/gateway_guard/limiter.py"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        path = Path(tempfile.mkdtemp()) / "limiter_baseline.py"
+        path.write_text(source)
+    name = "_bench_limiter_baseline"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module
 
-    limiter = ConcurrencyLimiter("bench", LIMIT, 0, 0.0)
-    unlimited = ConcurrencyLimiter("bench-unlimited", 0, 0, 0.0)
-    full = ConcurrencyLimiter("bench-full", 1, 0, 0.0)
-    full.acquire()
-    semaphore = threading.Semaphore(LIMIT)
-    lock = threading.Lock()
+
+def _pair_cases(module: Any, library: str) -> list[tuple[str, str, str, Runner]]:
+    """The uncontended pairs on a queue-capable limiter built by ``module``."""
+    limiter = module.ConcurrencyLimiter("bench", LIMIT, QUEUE, QUEUE_TIMEOUT)
     ns: dict[str, Any] = {
         "acquire": limiter.acquire,
+        "try_acquire": limiter.try_acquire,
         "release": limiter.release,
         "slot": limiter.slot,
-        "u_acquire": unlimited.acquire,
-        "u_release": unlimited.release,
-        "f_acquire": full.acquire,
-        "LoadShedError": LoadShedError,
-        "s_acquire": semaphore.acquire,
-        "s_release": semaphore.release,
-        "l_acquire": lock.acquire,
-        "l_release": lock.release,
     }
 
     async def limiter_pair(number: int) -> float:
@@ -94,6 +120,38 @@ def _cases() -> list[tuple[str, str, str, Runner]]:
             async with slot():
                 pass
         return _CLOCK() - start
+
+    sync, aio = "sync", "async"
+    return [
+        (sync, library, "acquire() + release()", _sync_runner("acquire(); release()", ns)),
+        (sync, library, "try_acquire() + release()", _sync_runner("try_acquire(); release()", ns)),
+        (sync, library, "with slot(): pass", _sync_runner("with slot(): pass", ns)),
+        (aio, library, "await acquire_async() + release()", _async_runner(limiter_pair)),
+        (aio, library, "async with async_slot(): pass", _async_runner(limiter_slot)),
+    ]
+
+
+def _cases(against: str | None = None) -> list[tuple[str, str, str, Runner]]:
+    """(kind, library, operation, runner)."""
+    from gateway_guard import limiter as current
+    from gateway_guard.errors import LoadShedError
+    from gateway_guard.limiter import ConcurrencyLimiter
+
+    unlimited = ConcurrencyLimiter("bench-unlimited", 0, 0, 0.0)
+    full = ConcurrencyLimiter("bench-full", 1, 0, 0.0)
+    full.acquire()
+    semaphore = threading.Semaphore(LIMIT)
+    lock = threading.Lock()
+    ns: dict[str, Any] = {
+        "u_acquire": unlimited.acquire,
+        "u_release": unlimited.release,
+        "f_acquire": full.acquire,
+        "LoadShedError": LoadShedError,
+        "s_acquire": semaphore.acquire,
+        "s_release": semaphore.release,
+        "l_acquire": lock.acquire,
+        "l_release": lock.release,
+    }
 
     async def limiter_shed(number: int) -> float:
         acquire = full.acquire_async
@@ -126,9 +184,9 @@ def _cases() -> list[tuple[str, str, str, Runner]]:
         return _CLOCK() - start
 
     sync, aio = "sync", "async"
-    return [
-        (sync, "gateway_guard", "acquire() + release()", _sync_runner("acquire(); release()", ns)),
-        (sync, "gateway_guard", "with slot(): pass", _sync_runner("with slot(): pass", ns)),
+    ours = _pair_cases(current, "gateway_guard")
+    cases = [
+        *(c for c in ours if c[0] == sync),
         (
             sync,
             "gateway_guard",
@@ -153,12 +211,14 @@ def _cases() -> list[tuple[str, str, str, Runner]]:
             "Lock acquire() + release() (floor)",
             _sync_runner("l_acquire(); l_release()", ns),
         ),
-        (aio, "gateway_guard", "await acquire_async() + release()", _async_runner(limiter_pair)),
-        (aio, "gateway_guard", "async with async_slot(): pass", _async_runner(limiter_slot)),
+        *(c for c in ours if c[0] == aio),
         (aio, "gateway_guard", "shed: acquire_async() raises", _async_runner(limiter_shed)),
         (aio, "asyncio", "Semaphore await acquire() + release()", _async_runner(semaphore_pair)),
         (aio, "asyncio", "async with Semaphore: pass", _async_runner(semaphore_with)),
     ]
+    if against is not None:
+        cases += _pair_cases(_load_limiter(against), f"gateway_guard@{against}")
+    return cases
 
 
 def _calibrate(runner: Runner, target: float) -> int:
@@ -170,9 +230,11 @@ def _calibrate(runner: Runner, target: float) -> int:
         number *= 10
 
 
-def run(repeat: int = REPEAT, target_seconds: float = TARGET_SECONDS) -> list[dict[str, Any]]:
-    """Measure every case, interleaved; one dict per row."""
-    cases = _cases()
+def run(
+    repeat: int = REPEAT, target_seconds: float = TARGET_SECONDS, against: str | None = None
+) -> list[dict[str, Any]]:
+    """Measure every case, interleaved; one dict per row (``against``: see the docstring)."""
+    cases = _cases(against)
     numbers = [_calibrate(runner, target_seconds) for *_, runner in cases]
     samples: list[list[float]] = [[] for _ in cases]
     # CPU time is what is measured, but wall time is what a caller waits for: on a
@@ -213,15 +275,16 @@ def run(repeat: int = REPEAT, target_seconds: float = TARGET_SECONDS) -> list[di
 
 
 def _table(results: list[dict[str, Any]]) -> str:
+    width = max(14, *(len(row["library"]) for row in results))
     lines = [
-        f"{'kind':<6} {'library':<14} {'operation':<40} {'µs/call':>8} {'min-max':>13}"
+        f"{'kind':<6} {'library':<{width}} {'operation':<40} {'µs/call':>8} {'min-max':>13}"
         f" {'ratio':>6}",
-        "-" * 92,
+        "-" * (78 + width),
     ]
     for row in results:
         spread = f"{row['us_min']:.3f}-{row['us_max']:.3f}"
         lines.append(
-            f"{row['kind']:<6} {row['library']:<14} {row['operation']:<40} "
+            f"{row['kind']:<6} {row['library']:<{width}} {row['operation']:<40} "
             f"{row['us_per_call']:8.3f} {spread:>13} {row['ratio']:5.2f}x"
         )
     ours = results[0]
@@ -231,19 +294,36 @@ def _table(results: list[dict[str, Any]]) -> str:
         "ratio: against the standard library's semaphore of the same kind.",
         f"goal: uncontended sync acquire() + release() <= {GOAL_US} µs: "
         f"{ours['us_per_call']:.3f} µs, {verdict}",
-        f"Python {sys.version.split()[0]}, median of {ours['repeat']} interleaved repetitions "
-        f"of ~{ours['seconds_per_repeat']} s of CPU time each",
     ]
+    current = {(r["kind"], r["operation"]): r for r in results if r["library"] == "gateway_guard"}
+    for row in results:
+        now = current.get((row["kind"], row["operation"]))
+        if row["library"].startswith("gateway_guard@") and now is not None:
+            lines.append(
+                f"before/after, {row['kind']} {row['operation']}: {row['us_per_call']:.3f}"
+                f" -> {now['us_per_call']:.3f} µs"
+                f" ({row['us_per_call'] / now['us_per_call']:.2f}x faster)"
+            )
+    lines.append(
+        f"Python {sys.version.split()[0]}, median of {ours['repeat']} interleaved repetitions "
+        f"of ~{ours['seconds_per_repeat']} s of CPU time each"
+    )
     return "\n".join(lines)
 
 
-def main(*, quiet: bool = False) -> list[dict[str, Any]]:
+def main(*, quiet: bool = False, against: str | None = None) -> list[dict[str, Any]]:
     """Run the benchmark, print the table unless ``quiet``, return one dict per row."""
-    results = run()
+    results = run(against=against)
     if not quiet:
         print(_table(results))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also time src/gateway_guard/limiter.py as of this git revision (or file)",
+    )
+    main(against=parser.parse_args().against)

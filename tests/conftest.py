@@ -20,3 +20,11 @@ def no_backoff() -> Iterator[None]:
     """Retry waits become 0 (gateway_guard's documented testing mode)."""
     with testing():
         yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test logs as if first: the gateway-error log throttle is process-wide state."""
+    from gateway_guard import inbound
+
+    monkeypatch.setattr(inbound, "_throttle", inbound._Throttle())

@@ -1,22 +1,40 @@
 """Concurrency limiters: outbound bulkheads and inbound load shedding.
 
 One accounting core, :class:`ConcurrencyLimiter`, serves threads and any number of event
-loops at once. It is a few plain counters behind a ``threading.Lock`` that is held only
-for a handful of operations, never across a wait::
+loops at once. Free slots are tokens in a ``collections.deque``, whose ``pop()`` and
+``append()`` are atomic, so taking and giving back a free slot needs no lock and no clock
+read. Everything else (the priority queue of waiters, hand-offs, eviction, timeouts) sits
+behind a ``threading.Lock`` held only for a handful of operations, never across a wait::
 
-    acquire ──► slot free? ──yes──► in_flight += 1                        (fast path)
+    acquire ──► nobody queued and a token to pop? ──yes──► admitted       (lock-free)
+                   │ no
+                   ▼  (under the lock)
+               nobody queued and a token now? ──yes──► admitted
                    │ no
                    ▼
-               queue room? ──yes──► wait in the priority queue ──► handed a slot
+               queue room? ──yes──► join the priority queue, then drain ──► handed a slot
                    │ no                   │ timeout / evicted
                    ▼                      ▼
                evict a lower-priority  LoadShedError (503, connection_limit_reached)
                waiter, or LoadShedError
 
-    release ──► anyone waiting? ──yes──► hand the slot to the best waiter (no barging)
-                   │ no
-                   ▼
-               in_flight -= 1
+    release ──► anyone queued? ──no──► append a token; anyone queued now? ──yes──► drain
+                   │ yes                                                        (lock-free)
+                   ▼  (under the lock)
+               hand the slot straight to the best waiter: no token is ever freed, so
+               nobody can barge in ahead of the queue
+
+"Drain" means: under the lock, while a token can be popped and someone waits, pop it and
+hand it to the best waiter. It closes the one window the lock-free release opens, a
+release that saw an empty queue racing a caller that is joining it: the releaser appends
+its token *then* looks at the queue again, the joiner counts itself in ``queued`` *then*
+drains. Whichever goes second sees the other's write, so the token reaches the queue.
+(With the GIL every step is sequentially consistent; without it, the deque's own lock
+orders the append against the drain's pop, which is what the argument needs.) Hence the
+invariant the whole design rests on: *a token is free only while nobody waits*, apart
+from the few instructions between such an append and its drain. A newcomer takes the
+lock-free path only after reading ``queued == 0``, so it cannot barge past a waiter that
+was already queued when it arrived.
 
 The queue serves ``critical`` before ``normal`` before ``sheddable``, FIFO within one
 priority. When it is full, an arrival evicts the newest waiter of a strictly lower
@@ -37,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -73,15 +92,21 @@ _RANK: Final[dict[str, int]] = {"critical": 0, "normal": 1, "sheddable": 2}
 _PRIORITIES: Final[tuple[Priority, ...]] = ("critical", "normal", "sheddable")
 _LOWEST: Final = 2
 
-# Each completed hold moves the hold-time average this far towards it: about the last
-# ten holds matter, enough to follow an upstream that just slowed down within a second
-# or two, smooth enough that one odd request does not swing the estimate.
+# Each release a hold-time sample stands for moves the average this far towards it: about
+# the last ten releases matter, enough to follow an upstream that just slowed down within
+# a second or two, smooth enough that one odd request does not swing the estimate.
 _ALPHA: Final = 0.1
 _KEEP: Final = 1.0 - _ALPHA
 
+# After a hold-time probe ends, this many releases pass before the next one is armed, so
+# an uncontended limiter reads the clock twice per ~this many acquire/release pairs.
+_PROBE_GAP: Final = 128
+# A release ordinal no count reaches: "no probe to finish or arm".
+_NEVER: Final = sys.maxsize
+
 # Waiter states. Only the limiter, under its lock, moves a waiter out of _WAITING.
 _WAITING: Final = 0
-_GRANTED: Final = 1  # the releaser handed it a slot: it now counts in in_flight
+_GRANTED: Final = 1  # handed a slot (a token that never went back to the pool): it holds it
 _EVICTED: Final = 2  # pushed out of a full queue by a higher-priority arrival
 _GONE: Final = 3  # timed out or cancelled; it holds nothing
 
@@ -142,13 +167,16 @@ class _TaskWaiter(_Waiter):
 
 @dataclass(frozen=True, slots=True)
 class LimiterSnapshot:
-    """A consistent copy of a limiter's numbers at one instant, for metrics.
+    """A copy of a limiter's numbers, for metrics.
 
     ``admitted`` counts every slot ever granted (``released + in_flight``). ``rejected``,
     ``evicted`` and ``timed_out`` are the three ways a caller is shed; ``cancelled``
     counts waiters whose caller gave up (task cancelled, thread interrupted).
-    ``hold_time`` is the smoothed seconds a slot is held (0.0 before any release) and
-    ``retry_after`` what a 503 would say right now.
+    ``hold_time`` is the smoothed seconds a slot is held (0.0 before the first sample, see
+    :meth:`ConcurrencyLimiter.retry_after`) and ``retry_after`` what a 503 would say right
+    now. The numbers are taken under the limiter's lock, but the lock-free acquire and
+    release do not take it: while calls are in progress ``admitted``/``released``/
+    ``in_flight`` may be one call apart from each other; when none is, they are exact.
     """
 
     name: str
@@ -187,22 +215,24 @@ class ConcurrencyLimiter:
             limiter.release()
 
     or ``with limiter.slot("critical"):`` / ``async with limiter.async_slot():``. The same
-    object may be used from threads and from several event loops at the same time.
+    object may be used from threads and from several event loops at the same time. While a
+    slot is free and nobody waits, acquire and release take no lock and read no clock.
     """
 
     __slots__ = (
+        "_arm",
         "_cancelled",
         "_clock",
-        "_done",
         "_evicted",
         "_fail_fast",
         "_hold",
         "_hold_weight",
-        "_in_flight",
         "_lock",
+        "_mark",
         "_max_concurrent",
         "_max_queue",
-        "_occupancy",
+        "_probe_k",
+        "_probe_since",
         "_queue_timeout",
         "_queued",
         "_queues",
@@ -210,6 +240,7 @@ class ConcurrencyLimiter:
         "_released",
         "_slots",
         "_timed_out",
+        "_tokens",
         "_unlimited",
         "_wait_timeout",
         "name",
@@ -239,21 +270,23 @@ class ConcurrencyLimiter:
         self._wait_timeout = min(self._queue_timeout, threading.TIMEOUT_MAX)
         self._clock = clock
         self._lock = threading.Lock()
-        self._in_flight = 0
+        # One token per free slot. A slot handed from a releaser to a waiter never becomes
+        # a token, so ``max_concurrent - len(_tokens)`` is the number of slots held.
+        self._tokens: deque[None] = deque([None] * max_concurrent)
+        # Written only under the lock; read without it by the lock-free paths.
         self._queued = 0
         self._queues: tuple[deque[_Waiter], ...] = (deque(), deque(), deque())
-        # Hold-time accounting without remembering who acquired when: every acquire
-        # subtracts its time and every release adds its time, so at any instant
-        # ``_occupancy + in_flight * now`` is the slot-seconds used since the last fold,
-        # i.e. the integral of in_flight over time. Dividing by the releases in the same
-        # stretch (``_done``) is Little's law: the mean time a slot is held. It costs the
-        # hot path one clock read and one addition, and stays exact when slots are
-        # released in a different order than they were taken.
-        self._occupancy = 0.0
-        self._done = 0
+        # Ordinal of the next release; next() on an itertools.count is atomic.
+        self._released = itertools.count()
+        # Hold-time probes (see retry_after): at most one runs at a time. ``_arm`` asks
+        # the next acquisition to start one; ``_mark`` is the release ordinal at which the
+        # running probe ends, or, between probes, the one at which the next is armed.
+        self._probe_since: float | None = None
+        self._probe_k = 0
+        self._arm = not self._unlimited  # time the very first hold
+        self._mark = _NEVER
         self._hold = 0.0
         self._hold_weight = 0.0
-        self._released = 0
         self._rejected = 0
         self._evicted = 0
         self._timed_out = 0
@@ -281,8 +314,11 @@ class ConcurrencyLimiter:
 
     @property
     def in_flight(self) -> int:
-        """Slots held right now (always 0 when unlimited)."""
-        return self._in_flight
+        """Slots held right now (always 0 when unlimited).
+
+        A slot handed to a waiter counts from the hand-off, before the waiter wakes up.
+        """
+        return self._max_concurrent - len(self._tokens)
 
     @property
     def queued(self) -> int:
@@ -293,14 +329,23 @@ class ConcurrencyLimiter:
         """Whole seconds after which a shed caller may reasonably try again, 1 to 60.
 
         The time for the callers already waiting, plus one, to get a slot:
-        ``hold_time * (queued + 1) / max_concurrent``, rounded up. ``hold_time`` is an
-        exponentially weighted average of how long recent slots were held (weight 0.1 per
-        release, computed from acquire and release times); while nothing has been
-        released since the last update, the holders' current age is used if it is larger,
-        so a stuck upstream raises the estimate before its calls finish. At least 1 s
+        ``hold_time * (queued + 1) / max_concurrent``, rounded up, at least 1 s
         (``Retry-After`` is whole seconds, and 0 invites an instant retry storm) and at
         most :data:`MAX_RETRY_AFTER` (beyond that the number says more about one
         long-lived stream than about the queue).
+
+        ``hold_time`` is measured by *probes*, so that the lock-free acquire and release
+        never read the clock. A probe starts at an acquisition, noting the time and the
+        number ``k`` of slots then held, and ends at the ``k``-th release after it: the
+        time the limiter took to turn over as many slots as were held, which is the mean
+        hold time at that load by Little's law (and exactly the probed caller's hold when
+        slots are released in the order they were taken). One probe runs at a time; the
+        next is armed 128 releases after one ends, or at once whenever an estimate is
+        asked for (this method, :meth:`snapshot`, every shed), which also starts one on
+        the spot when slots are held and none runs. Each probe moves an exponentially
+        weighted average as ``k`` releases would, weight 0.1 each. While a probe runs, its
+        age is used if it is larger: a stuck upstream raises the estimate before its calls
+        finish.
         """
         with self._lock:
             return self._retry_after_locked(self._clock())
@@ -308,56 +353,65 @@ class ConcurrencyLimiter:
     def snapshot(self) -> LimiterSnapshot:
         with self._lock:
             now = self._clock()
-            self._fold(now)
+            retry_after = self._retry_after_locked(now)
+            released = _peek(self._released)
+            in_flight = self.in_flight
             return LimiterSnapshot(
                 name=self.name,
                 max_concurrent=self._max_concurrent,
                 max_queue=self.max_queue,
                 queue_timeout=self._queue_timeout,
-                in_flight=self._in_flight,
+                in_flight=in_flight,
                 queued=self._queued,
                 queued_by_priority=dict(zip(_PRIORITIES, map(len, self._queues), strict=True)),
-                admitted=self._released + self._in_flight,
-                released=self._released,
+                admitted=released + in_flight,
+                released=released,
                 rejected=self._rejected,
                 evicted=self._evicted,
                 timed_out=self._timed_out,
                 cancelled=self._cancelled,
                 hold_time=self._hold_time(),
-                retry_after=self._retry_after_locked(now),
+                retry_after=retry_after,
             )
 
     def __repr__(self) -> str:
         limit = "unlimited" if self._unlimited else str(self._max_concurrent)
         return (
-            f"<ConcurrencyLimiter {self.name!r} {self._in_flight}/{limit} in flight,"
+            f"<ConcurrencyLimiter {self.name!r} {self.in_flight}/{limit} in flight,"
             f" {self._queued}/{self.max_queue} queued>"
         )
 
     # --- drivers ------------------------------------------------------------------------
-    # The fast paths are spelled out in both drivers rather than shared through a helper:
-    # a Python call costs as much as the whole uncontended acquire does.
+    # The lock-free paths are spelled out in each driver rather than shared through a
+    # helper: a Python call costs about as much as the whole uncontended acquire does.
+    # They read ``_queued`` before popping a token so that a newcomer never takes one
+    # while a caller it could have seen waiting is queued (see the module docstring).
 
     def acquire(self, priority: Priority = "normal") -> None:
         """Take a slot, blocking this thread while queued. Raises LoadShedError."""
         if self._unlimited:
             return
-        lock = self._lock
-        lock.acquire()
-        try:
-            if self._in_flight < self._max_concurrent:
-                self._in_flight += 1
-                self._occupancy -= self._clock()
+        if not self._queued:
+            try:
+                self._tokens.pop()
+            except IndexError:
+                pass
+            else:
+                if self._arm:
+                    self._start_probe()
+                return
+        with self._lock:
+            if self._take_locked():
                 return
             rank = self._rank(priority)
             now = self._clock()
             evicted = self._make_room(rank, now)
             waiter = _ThreadWaiter(rank, now)
             self._push(waiter)
-        finally:
-            lock.release()
-        if evicted is not None:
-            evicted.wake()
+            granted = self._drain_locked()
+        self._wake_others(evicted, granted, waiter)
+        if waiter.state == _GRANTED:  # a token freed as it joined the queue: it is ours
+            return
         try:
             waiter.bell.acquire(timeout=self._wait_timeout)
         except BaseException:  # KeyboardInterrupt and friends: leave nothing behind
@@ -374,73 +428,92 @@ class ConcurrencyLimiter:
         """
         if self._unlimited:
             return
-        lock = self._lock
-        lock.acquire()
-        try:
-            if self._in_flight < self._max_concurrent:
-                self._in_flight += 1
-                self._occupancy -= self._clock()
+        if not self._queued:
+            try:
+                self._tokens.pop()
+            except IndexError:
+                pass
+            else:
+                if self._arm:
+                    self._start_probe()
                 return
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._take_locked():
+                return
             rank = self._rank(priority)
             now = self._clock()
             evicted = self._make_room(rank, now)
-            task_waiter = _TaskWaiter(rank, now, loop)
-            self._push(task_waiter)
-        finally:
-            lock.release()
-        if evicted is not None:
-            evicted.wake()
-        timer = loop.call_later(self._queue_timeout, _ring, task_waiter.future)
+            waiter = _TaskWaiter(rank, now, loop)
+            self._push(waiter)
+            granted = self._drain_locked()
+        self._wake_others(evicted, granted, waiter)
+        if waiter.state == _GRANTED:  # a token freed as it joined the queue: it is ours
+            return
+        timer = loop.call_later(self._queue_timeout, _ring, waiter.future)
         try:
-            await task_waiter.future
+            await waiter.future
         except BaseException:
-            self._abandon(task_waiter)
+            self._abandon(waiter)
             raise
         finally:
             timer.cancel()
-        self._settle(task_waiter)
+        self._settle(waiter)
 
     def try_acquire(self) -> bool:
         """Take a free slot without waiting; False when none is free (nothing is queued).
 
         The drivers' fast path: an async caller skips creating a coroutine when a slot is
-        free. Waiters are only queued while every slot is taken, so this never barges.
+        free. It is lock-free, and False whenever anyone is queued, so it never barges.
         """
         if self._unlimited:
             return True
-        lock = self._lock
-        lock.acquire()
-        try:
-            if self._in_flight < self._max_concurrent:
-                self._in_flight += 1
-                self._occupancy -= self._clock()
-                return True
+        if self._queued:
             return False
-        finally:
-            lock.release()
+        try:
+            self._tokens.pop()
+        except IndexError:
+            return False
+        if self._arm:
+            self._start_probe()
+        return True
 
     def release(self) -> None:
         """Give back a slot: to the best waiter if anyone waits, else to the pool.
 
         Raises RuntimeError when no slot is held: a count that drifted would silently
-        admit more than ``max_concurrent`` from then on.
+        admit more than ``max_concurrent`` from then on. (Checked without the lock: two
+        racing releases of one slot may go unnoticed; a correct release never trips it.)
         """
         if self._unlimited:
             return
-        lock = self._lock
-        lock.acquire()
-        try:
-            if not self._queued:
-                if self._in_flight <= 0:
-                    raise RuntimeError(f"limiter {self.name!r}: release() without acquire()")
-                self._in_flight -= 1
-                self._occupancy += self._clock()
-                self._done += 1
-                return
-            waiter = self._hand_off()
-        finally:
-            lock.release()
+        if self._queued == 0:  # (not ``not``: mypy would take the re-check below as dead)
+            tokens = self._tokens
+            if len(tokens) >= self._max_concurrent:
+                raise RuntimeError(f"limiter {self.name!r}: release() without acquire()")
+            # Counted before the slot can go to anyone, so that a probe started by whoever
+            # gets it counts from after this release.
+            n = next(self._released)
+            tokens.append(None)
+            # Look again *after* the append: a caller that joined the queue meanwhile
+            # either popped this token while draining or is seen here (module docstring).
+            if self._queued:
+                self._drain()
+            if n >= self._mark:
+                self._tick(n)
+            return
+        with self._lock:
+            tokens = self._tokens
+            if len(tokens) >= self._max_concurrent:
+                raise RuntimeError(f"limiter {self.name!r}: release() without acquire()")
+            n = next(self._released)
+            if n >= self._mark:
+                self._tick_locked(n)
+            if self._queued:
+                waiter: _Waiter | None = self._grant_best()
+            else:  # the queue emptied meanwhile (timeouts, cancellations)
+                tokens.append(None)
+                waiter = None
         self._wake_holder(waiter)
 
     def slot(self, priority: Priority = "normal") -> _Slot:
@@ -460,6 +533,18 @@ class ConcurrencyLimiter:
         except KeyError:
             allowed = ", ".join(_PRIORITIES)
             raise ValueError(f"priority must be one of {allowed}; got {priority!r}") from None
+
+    def _take_locked(self) -> bool:
+        """Take a free token if nobody is queued (a release may have just returned one)."""
+        if self._queued:
+            return False
+        try:
+            self._tokens.pop()
+        except IndexError:
+            return False
+        if self._arm:
+            self._start_probe_locked(self._clock())
+        return True
 
     def _make_room(self, rank: int, now: float) -> _Waiter | None:
         """No slot is free: make room in the queue for a ``rank`` arrival, or raise.
@@ -488,12 +573,8 @@ class ConcurrencyLimiter:
         self._queues[waiter.rank].append(waiter)
         self._queued += 1
 
-    def _hand_off(self) -> _Waiter:
-        """Pass the releasing caller's slot to the best waiter (``_queued > 0``)."""
-        # Hand-offs happen only under saturation, exactly when a 503 may soon need an
-        # estimate, and the wake-up costs far more than this: keep the average fresh.
-        self._done += 1
-        self._fold(self._clock())
+    def _grant_best(self) -> _Waiter:
+        """Hand a slot (a releaser's, or a popped token) to the best waiter (``_queued``)."""
         for queue in self._queues:
             if queue:
                 waiter = queue.popleft()
@@ -502,33 +583,92 @@ class ConcurrencyLimiter:
             raise AssertionError("limiter queue count out of step")
         self._queued -= 1
         waiter.state = _GRANTED
-        # The slot never goes idle, so occupancy is unchanged: the releaser's +now and
-        # the new holder's -now cancel out. Only the completed hold is counted (above).
+        if self._arm:
+            self._start_probe_locked(self._clock())
         return waiter
 
+    def _drain_locked(self) -> list[_Waiter]:
+        """Hand every free token to a waiter; returns the waiters to wake once unlocked.
+
+        Free tokens while someone waits exist only for the instant between a lock-free
+        release's append and its drain; whoever drains first serves the queue in order.
+        """
+        granted: list[_Waiter] = []
+        tokens = self._tokens
+        while self._queued and tokens:
+            try:
+                tokens.pop()
+            except IndexError:  # a lock-free acquirer got there first
+                break
+            granted.append(self._grant_best())
+        return granted
+
     def _pass_on(self) -> _Waiter | None:
-        """Release a slot: to the best waiter (returned, to be woken), else to the pool."""
+        """Release a granted slot nobody will use: to the best waiter (returned, to be
+        woken), else back to the pool as a token."""
+        n = next(self._released)
+        if n >= self._mark:
+            self._tick_locked(n)
         if self._queued:
-            return self._hand_off()
-        self._in_flight -= 1
-        self._occupancy += self._clock()
-        self._done += 1
+            return self._grant_best()
+        self._tokens.append(None)
         return None
 
-    def _fold(self, now: float) -> None:
-        """Fold the holds completed since the last fold into the hold-time average."""
-        done = self._done
-        if not done:
-            return
-        area = self._occupancy + self._in_flight * now
-        # ``done`` releases count as ``done`` EWMA steps; ``_hold_weight`` corrects the
-        # bias towards the initial 0 the way Adam's moment estimates do.
-        step = 1.0 - _KEEP**done
-        self._hold += step * (area / done - self._hold)
+    # --- hold-time probes (see retry_after), under the lock -------------------------------
+
+    def _start_probe(self) -> None:
+        """A lock-free acquirer found a probe armed: time from this acquisition."""
+        with self._lock:
+            if self._arm:
+                self._start_probe_locked(self._clock())
+
+    def _start_probe_locked(self, now: float) -> None:
+        self._arm = False
+        held = self._max_concurrent - len(self._tokens)
+        self._probe_since = now
+        self._probe_k = held
+        # It ends at the release that makes ``held`` of them since now.
+        self._mark = _peek(self._released) + held - 1
+
+    def _tick(self, n: int) -> None:
+        with self._lock:
+            self._tick_locked(n)
+
+    def _tick_locked(self, n: int) -> None:
+        """Release ordinal ``n`` reached ``_mark``: end the running probe or arm the next."""
+        if n < self._mark:
+            return  # another release got here first
+        if self._probe_since is None:
+            self._arm = True
+            self._mark = _NEVER
+        else:
+            self._finish_probe(self._clock(), n)
+
+    def _finish_probe(self, now: float, n: int) -> None:
+        since = self._probe_since
+        assert since is not None
+        # A probe over k releases is worth k steps of the average, as k releases
+        # folded one by one would be; ``_hold_weight`` corrects the bias towards the
+        # initial 0 the way Adam's moment estimates do.
+        step = 1.0 - _KEEP**self._probe_k
+        self._hold += step * (now - since - self._hold)
         self._hold_weight += step * (1.0 - self._hold_weight)
-        self._occupancy -= area
-        self._released += done
-        self._done = 0
+        self._probe_since = None
+        self._mark = n + _PROBE_GAP
+
+    def _refresh_probe(self, now: float) -> None:
+        """An estimate is wanted: make sure a probe is running or armed."""
+        if self._probe_since is not None:
+            last = _peek(self._released) - 1
+            if last < self._mark:
+                return  # still running
+            # Its last release did not see the mark (a lock-free race): end it now.
+            self._finish_probe(now, last)
+        if self.in_flight:
+            self._start_probe_locked(now)
+        else:
+            self._arm = True
+            self._mark = _NEVER
 
     def _hold_time(self) -> float:
         return self._hold / self._hold_weight if self._hold_weight else 0.0
@@ -536,18 +676,18 @@ class ConcurrencyLimiter:
     def _retry_after_locked(self, now: float) -> float:
         if self._unlimited:
             return 1.0
-        self._fold(now)
+        self._refresh_probe(now)
         hold = self._hold_time()
-        if self._in_flight:
-            # After a fold the area restarts at 0; otherwise it is what the current holders
-            # have used since the last completion, and their mean age bounds the hold time.
-            hold = max(hold, (self._occupancy + self._in_flight * now) / self._in_flight)
+        since = self._probe_since
+        if since is not None:
+            # The slots the running probe waits for have been held at least this long.
+            hold = max(hold, now - since)
         wait = hold * (self._queued + 1) / self._max_concurrent
         return float(min(max(math.ceil(wait), 1), MAX_RETRY_AFTER))
 
     def _shed_error(self, reason: str, now: float, elapsed: float) -> LoadShedError:
         return LoadShedError(
-            f"{self.name}: load shed, {reason} ({self._in_flight}/{self._max_concurrent}"
+            f"{self.name}: load shed, {reason} ({self.in_flight}/{self._max_concurrent}"
             f" in flight, {self._queued} queued)",
             upstream=self.name,
             retry_after=self._retry_after_locked(now),
@@ -555,24 +695,51 @@ class ConcurrencyLimiter:
             elapsed=elapsed,
         )
 
-    # --- after a wait: shared by both drivers, each takes the lock itself -------------
+    # --- around a wait: shared by both drivers, each takes the lock itself ------------
+
+    def _drain(self) -> None:
+        """A lock-free release found someone queued after returning its token."""
+        with self._lock:
+            granted = self._drain_locked()
+        for waiter in granted:
+            self._wake_holder(waiter)
+
+    def _wake_others(
+        self, evicted: _Waiter | None, granted: list[_Waiter], joiner: _Waiter
+    ) -> None:
+        """After joining the queue: wake whom the join evicted or drained a token to."""
+        if evicted is not None:
+            evicted.wake()
+        for waiter in granted:
+            if waiter is not joiner:
+                self._wake_holder(waiter)
 
     def _settle(self, waiter: _Waiter) -> None:
         """After the wait: return if the waiter holds a slot, raise if it was shed."""
+        granted: list[_Waiter] = []
+        error: LoadShedError | None = None
         with self._lock:
+            if waiter.state == _WAITING and self._tokens:
+                # Its time is up, but a slot is free right now (a lock-free release whose
+                # drain is on its way): drain here rather than time out next to it.
+                granted = self._drain_locked()
             state = waiter.state
-            if state == _GRANTED:
-                return
-            now = self._clock()
-            if state == _WAITING:  # its own timer fired before any hand-off
-                self._queues[waiter.rank].remove(waiter)
-                self._queued -= 1
-                waiter.state = _GONE
-                self._timed_out += 1
-                raise self._shed_error(
-                    f"no slot within {self._queue_timeout:g}s", now, now - waiter.since
-                )
-            raise self._shed_error("evicted by a higher-priority caller", now, now - waiter.since)
+            if state != _GRANTED:
+                now = self._clock()
+                if state == _WAITING:  # its own timer fired before any hand-off
+                    self._queues[waiter.rank].remove(waiter)
+                    self._queued -= 1
+                    waiter.state = _GONE
+                    self._timed_out += 1
+                    reason = f"no slot within {self._queue_timeout:g}s"
+                else:
+                    reason = "evicted by a higher-priority caller"
+                error = self._shed_error(reason, now, now - waiter.since)
+        for other in granted:
+            if other is not waiter:
+                self._wake_holder(other)
+        if error is not None:
+            raise error
 
     def _abandon(self, waiter: _Waiter) -> None:
         """The waiting caller is gone (cancelled, interrupted): leave nothing behind."""
@@ -595,7 +762,7 @@ class ConcurrencyLimiter:
         """Wake a waiter that now holds a slot. Called unlocked: waking may take locks."""
         while waiter is not None and not waiter.wake():
             # Its loop is closed, so it can never take the slot: count the grant as a
-            # (short) hold, which keeps the hold-time accounting exact, and pass it on.
+            # (short) hold and pass it on.
             with self._lock:
                 if waiter.state != _GRANTED:
                     return  # its coroutine was closed meanwhile and gave the slot back
