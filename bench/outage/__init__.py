@@ -146,8 +146,10 @@ def main(
         print(machine_note())
         print(
             f"read timeout {t.read_timeout:g} s, connect {t.connect_timeout:g} s, "
-            f"open_seconds {t.open_seconds:g} s, windows {t.windows} x ~{t.window:g} s; "
-            f"total {time.monotonic() - started:.0f} s\n"
+            f"open_seconds {t.open_seconds:g} s; /dep {t.dep_rate:g}/s open loop; "
+            f"/healthy {t.healthy_workers} closed-loop clients in app/twin windows of "
+            f"{t.side:g} s; 503 phases {t.status_phase:g} s; overload windows "
+            f"{t.windows} x {t.window:g} s; total {time.monotonic() - started:.0f} s\n"
         )
         print(format_tables(rows, markdown=markdown))
         print()

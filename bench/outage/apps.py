@@ -16,14 +16,14 @@ Variants (``variant``):
 - ``plain``: one shared httpx client with timeouts (connect 2 s, read ``read_timeout``,
   httpx's default pool of 100 connections). Transport errors and 5xx statuses become a
   502/504 answered by the view, as a careful app does.
-- ``tenacity+pybreaker``: the same client; each call is
-  ``@tenacity.retry(stop_after_attempt(3), wait_exponential_jitter(0.1, max 2, jitter
-  0.1), retry on httpx.TransportError or a 502/503/504)`` around
+- ``tenacity+pybreaker``: the same client; each call is retried by tenacity
+  (``stop_after_attempt(3)``, ``wait_exponential_jitter(initial=0.1, max=2, jitter=0.1)``,
+  retry on ``httpx.TransportError`` or a 502/503/504 answer), and every attempt runs inside
   ``with pybreaker.CircuitBreaker(fail_max=5, reset_timeout=open_seconds).calling():``.
-  An open breaker becomes a 503. ``calling()`` rather than ``breaker.call(fn)`` or the
-  decorator: those hold the breaker's RLock for the whole call, which serialises every
-  thread of a WSGI app behind one upstream call (and cannot await). ``breaker: false``
-  leaves pybreaker out (tenacity alone).
+  An open breaker (``CircuitBreakerError``, not retried) becomes a 503. ``calling()``
+  rather than ``breaker.call(fn)`` or the decorator: those hold the breaker's RLock for
+  the whole call, which would serialise every thread of the WSGI app behind one upstream
+  call (and cannot await). ``breaker: false`` leaves pybreaker out (tenacity alone).
 - ``gateway_guard``: ``guard.async_client("up")`` / ``guard.client("up")`` behind
   GatewayGuardMiddleware / GatewayGuardWSGI, with ``/dep`` declared ``depends_on = ["up"]``
   and the settings from :func:`guard_settings`.
@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pybreaker
+import tenacity
 
 PLAIN = "plain"
 HAND_BUILT = "tenacity+pybreaker"
@@ -182,8 +184,6 @@ class BadStatus(Exception):
 
 
 def _tenacity_kwargs() -> dict[str, Any]:
-    import tenacity
-
     return {
         "stop": tenacity.stop_after_attempt(3),
         "wait": tenacity.wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1),
@@ -195,15 +195,11 @@ def _tenacity_kwargs() -> dict[str, Any]:
 def _pybreaker(cfg: AppConfig) -> Any:
     if not cfg.breaker:
         return None
-    import pybreaker
-
     return pybreaker.CircuitBreaker(fail_max=5, reset_timeout=cfg.open_seconds)
 
 
 def _error_for(exc: BaseException) -> tuple[int, bytes]:
     """What the plain and hand-built views answer for a failed call."""
-    import pybreaker
-
     if isinstance(exc, pybreaker.CircuitBreakerError):
         return 503, b'{"error": "upstream unavailable (circuit open)"}'
     if isinstance(exc, httpx.TimeoutException):
@@ -281,8 +277,6 @@ def build_asgi(cfg: AppConfig) -> ASGIApp:
         return response
 
     async def call_hand_built() -> httpx.Response:
-        import tenacity
-
         async for attempt in tenacity.AsyncRetrying(**_tenacity_kwargs()):
             with attempt:
                 if breaker is None:
@@ -419,16 +413,15 @@ def build_wsgi(cfg: AppConfig) -> WSGIApp:
             raise BadStatus(response.status_code)
         return response
 
-    call_hand_built: Callable[[], httpx.Response]
-    if cfg.variant == HAND_BUILT:
-        import tenacity
-
-        @tenacity.retry(**_tenacity_kwargs())
-        def call_hand_built() -> httpx.Response:
-            if breaker is None:
-                return call_once()
-            with breaker.calling():
-                return call_once()
+    def call_hand_built() -> httpx.Response:
+        # What @tenacity.retry(...) does, spelled as its loop (same as the ASGI variant).
+        for attempt in tenacity.Retrying(**_tenacity_kwargs()):
+            with attempt:
+                if breaker is None:
+                    return call_once()
+                with breaker.calling():
+                    return call_once()
+        raise AssertionError("unreachable: reraise=True")  # pragma: no cover
 
     def dep() -> tuple[int, bytes]:
         if guard is not None:

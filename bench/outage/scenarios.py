@@ -226,8 +226,14 @@ class Session:
     def _port(self, label: str) -> int:
         return self._proc(label).port
 
-    def open_loop(self, label: str, rate: float, *, timeout: float, cap: int) -> _Load:
-        """``label`` is the route ("dep"), with TWIN in front for the twin."""
+    def open_loop(
+        self, label: str, rate: float, *, timeout: float, cap: int, seconds: float | None = None
+    ) -> _Load:
+        """``label`` is the route ("dep"), with TWIN in front for the twin.
+
+        Arrivals stop after ``seconds`` (default: the run's end); requests still in
+        flight then carry on until the load is halted (see :meth:`drain`).
+        """
         pool = lg.Pool(HOST, self._port(label), cap)
         stop = asyncio.Event()
         coro = lg.open_loop(
@@ -236,7 +242,7 @@ class Session:
             "/" + label.removeprefix(TWIN),
             rate=rate,
             start=self.now(),
-            seconds=self.left(),
+            seconds=min(seconds, self.left()) if seconds is not None else self.left(),
             timeout=timeout,
             max_in_flight=cap,
             samples=self.samples,
@@ -263,6 +269,14 @@ class Session:
         load = _Load(pool, stop, asyncio.create_task(coro))
         self._loads.append(load)
         return load
+
+    async def drain(self, load: _Load, limit: float) -> None:
+        """Wait (at most ``limit`` s) until ``load`` has no request in flight."""
+        end = self.now() + limit
+        for _ in range(int(limit / 0.02) + 2):
+            if load.pool.in_flight == 0 or self.now() >= end or self.left() <= 0:
+                return
+            await self.sleep(0.02)
 
     async def windows(self, count: int, length: float) -> list[tuple[float, float]]:
         """Wait through ``count`` consecutive windows; their (start, end) times."""
@@ -345,7 +359,9 @@ def run_session(
     return asyncio.run(go())
 
 
-def _app_config(kind: str, variant: str, upstream: Upstream, t: Timing, **extra: Any) -> dict:
+def _app_config(
+    kind: str, variant: str, upstream: Upstream, t: Timing, **extra: Any
+) -> dict[str, Any]:
     return {
         "kind": kind,
         "variant": variant,
@@ -423,6 +439,7 @@ class OutageRun:
     amplification: float  # outbound attempts per inbound /dep, switch to end of windows
     inbound: int
     outage_seconds: float
+    app_age: float  # seconds since the app started, at the end of the windows
     recovery: float | None = None  # seconds; None: not recovered while observed
     observed: float = 0.0
     breaker_at_switch: dict[str, Any] | None = field(default=None)
@@ -497,6 +514,7 @@ def _outage_plan(
             amplification=amplification,
             inbound=0 if math.isnan(inbound) else int(inbound),
             outage_seconds=end - switch,
+            app_age=end - s.app.started,
         )
         if recover:
             result.breaker_at_switch = await s.control.breaker(timeout=1.0)
@@ -575,7 +593,7 @@ def _mixed_rows(
         ]
         if amplification:
             rows += _amplification_rows(
-                scenario, v, run.amplification, run.inbound, run.outage_seconds, None
+                scenario, v, run.amplification, run.inbound, run.outage_seconds, run.app_age
             )
     for run in runs:
         app = f"({run.variant} app)"
@@ -596,6 +614,7 @@ def _amplification_rows(
     app_age: float | None,
     *,
     label: str = "upstream calls per request",
+    floors: bool = True,
 ) -> list[dict[str, Any] | None]:
     """The figure, with the goal on gateway_guard: <= 1.1 + the budget floor's share.
 
@@ -608,15 +627,13 @@ def _amplification_rows(
         return [row(scenario, variant, label, value)]
     floor = BUDGET_MIN_PER_SECOND * seconds / inbound if inbound else math.nan
     limit = 1.1 + floor
-    rows = [
-        row(scenario, variant, label, value, f"≤ 1.1 + floor = {limit:.2f}", value <= limit),
-        row(scenario, variant, f"{label}: floor term (10/s x duration / requests)", floor),
-    ]
-    if app_age is not None and inbound:
-        burst = BUDGET_MIN_PER_SECOND * min(BUDGET_WINDOW, max(1.0, math.floor(app_age) + 1))
-        rows.append(
-            row(scenario, variant, f"{label}: floor as implemented (per request)", burst / inbound)
-        )
+    rows = [row(scenario, variant, label, value, f"≤ 1.1 + floor = {limit:.2f}", value <= limit)]
+    if floors:
+        rows.append(row(scenario, variant, "budget floor per request, as specified", floor))
+        if app_age is not None and inbound:
+            seconds_lived = min(BUDGET_WINDOW, max(1.0, math.floor(app_age) + 1))
+            burst = BUDGET_MIN_PER_SECOND * seconds_lived / inbound
+            rows.append(row(scenario, variant, "budget floor per request, as implemented", burst))
     return rows
 
 
@@ -716,20 +733,27 @@ class StatusRun:
     breaker_at_switch: dict[str, Any] | None
 
 
-async def _status_phase(s: Session, mode: dict[str, Any], seconds: float) -> StatusPhase:
+async def _status_phase(
+    s: Session, mode: dict[str, Any], t: Timing, dep_timeout: float
+) -> StatusPhase:
+    """``t.status_phase`` seconds of /dep arrivals under ``mode``, then drained: every
+    inbound request of the phase has made all its attempts when the counts are read."""
     before = await s.control.app_stats()
     await s.control.upstream_requests(reset=True)
     await s.control.set_mode(**mode)
     start = s.now()
-    await s.sleep(seconds)
-    # Upstream first: what it received while the app counted the same inbound requests.
+    load = s.open_loop(
+        "dep", t.dep_rate, timeout=dep_timeout, cap=t.dep_cap, seconds=t.status_phase
+    )
+    await s.sleep(t.status_phase)
+    await s.drain(load, dep_timeout)
     requests = await s.control.upstream_requests(reset=True)
     after = await s.control.app_stats()
     end = s.now()
+    await load.halt()
     inbound = (after["dep"] - before["dep"]) if before and after else 0
-    # Requests sent in the last half second may still be retrying.
-    success = lg.success_rate(lg.sent_in(s.samples, "dep", start, end - 0.5))
-    return StatusPhase(requests, inbound, end - start, success, end - s.app.started)
+    success = lg.success_rate(lg.sent_in(s.samples, "dep", start, end))
+    return StatusPhase(requests, inbound, t.status_phase, success, end - s.app.started)
 
 
 def _status_plan(t: Timing, *, half: bool, recover: bool) -> Callable[[Session], Any]:
@@ -737,21 +761,24 @@ def _status_plan(t: Timing, *, half: bool, recover: bool) -> Callable[[Session],
 
     async def plan(s: Session) -> StatusRun:
         await s.control.set_mode("ok")
-        s.open_loop("dep", t.dep_rate, timeout=dep_timeout, cap=t.dep_cap)
+        warm = s.open_loop("dep", t.dep_rate, timeout=dep_timeout, cap=t.dep_cap)
         await s.sleep(t.warm)
-        full = await _status_phase(s, {"mode": "status", "status": 503}, t.status_phase)
+        await warm.halt()
+        full = await _status_phase(s, {"mode": "status", "status": 503}, t, dep_timeout)
         result = StatusRun("", full, None, None, 0.0, None)
         if recover:
             result.breaker_at_switch = await s.control.breaker(timeout=1.0)
             await s.control.set_mode("ok")
             back = s.now()
+            load = s.open_loop("dep", t.dep_rate, timeout=dep_timeout, cap=t.dep_cap)
             lag = 0.5
             stop = await s.wait_all_ok("dep", back, t.recovery_stable, t.recovery_max, lag)
+            await load.halt()
             result.recovery = lg.recovery_time(s.samples, "dep", back, stop - lag)
             result.observed = stop - lag - back
         if half:
             mode = {"mode": "flaky", "failure_percent": 50, "failure_status": 503, "seed": 7}
-            result.half = await _status_phase(s, mode, t.status_phase)
+            result.half = await _status_phase(s, mode, t, dep_timeout)
         return result
 
     return plan
@@ -808,7 +835,14 @@ def scenario_status(procs: Procs, t: Timing, log: Callable[[str], None]) -> list
         rows.append(row(scenario, run.variant, "success %", 100 * p.success))
     for variant, label, p in extra_phases:
         rows += _amplification_rows(
-            scenario, variant, p.amplification, p.inbound, p.seconds, p.app_age, label=label
+            scenario,
+            variant,
+            p.amplification,
+            p.inbound,
+            p.seconds,
+            p.app_age,
+            label=label,
+            floors=False,
         )
     scenario = "3 upstream answers 503 (50%)"
     for run in runs:
@@ -838,6 +872,7 @@ class OverloadRun:
     unanswered: float  # client timeouts, errors, not sent
     shed_client: list[float]  # ms, every 503 answer in the windows
     shed_server: list[float]  # ms, x-bench-us of the same answers
+    probe_client: list[float]  # ms, /healthy at PROBE_RATE meanwhile (never shed)
 
 
 def _overload_plan(t: Timing) -> Callable[[Session], Any]:
@@ -858,12 +893,15 @@ def _overload_plan(t: Timing) -> Callable[[Session], Any]:
         first = len(s.samples)
         offered = t.overload_factor * capacity
         s.open_loop("dep", offered, timeout=t.overload_timeout, cap=t.overload_cap)
+        s.open_loop("healthy", PROBE_RATE, timeout=t.overload_timeout, cap=t.overload_cap)
         await s.sleep(t.warm)
         spans = await s.windows(t.windows, t.window)
         samples = s.samples[first:]
         good, p99s, shed_share, lost = [], [], [], []
         shed: list[lg.Sample] = []
+        probe: list[lg.Sample] = []
         for a, b in spans:
+            probe += lg.in_window(samples, "healthy", a, b)
             done = lg.in_window(samples, "dep", a, b)
             good.append(sum(x.status == 200 for x in done) / (b - a))
             p99s.append(lg.percentile(lg.latencies_ms(done, status=200), 99))
@@ -883,12 +921,14 @@ def _overload_plan(t: Timing) -> Callable[[Session], Any]:
             unanswered=lg.median(lost),
             shed_client=lg.latencies_ms(shed),
             shed_server=[x.server_us / 1000.0 for x in shed if x.server_us >= 0],
+            probe_client=lg.latencies_ms(probe),
         )
 
     return plan
 
 
 QUEUE_TIMEOUT = 0.025
+PROBE_RATE = 50.0  # /healthy requests per second during the overload
 
 
 def overload_shed(t: Timing, *, queue: bool = True) -> dict[str, Any]:
@@ -897,6 +937,9 @@ def overload_shed(t: Timing, *, queue: bool = True) -> dict[str, Any]:
         "max_concurrent": t.overload_workers,
         "max_queue": max(1, t.overload_workers // 2) if queue else 0,
         "queue_timeout": QUEUE_TIMEOUT,
+        # /healthy is the reference probe of scenario 4: never shed, so its latency is
+        # what any answer costs at that moment (server queueing + client), shed or not.
+        "exempt": ["/healthy", "/_bench/stats", "/_bench/breaker"],
     }
 
 
@@ -934,7 +977,12 @@ def scenario_overload(procs: Procs, t: Timing, log: Callable[[str], None]) -> li
             row(scenario, v, "p99 at capacity ms" + suffix, r.capacity_p99),
             row(scenario, v, "offered req/s" + suffix, r.offered),
             row(scenario, v, "goodput req/s" + suffix, r.goodput),
-            row(scenario, v, "goodput vs capacity" + suffix, r.goodput / r.capacity),
+            row(
+                scenario,
+                v,
+                "goodput vs capacity" + suffix,
+                r.goodput / r.capacity if r.capacity else math.nan,
+            ),
             row(scenario, v, "served p99 ms" + suffix, r.served_p99),
             row(
                 scenario,
@@ -945,6 +993,12 @@ def scenario_overload(procs: Procs, t: Timing, log: Callable[[str], None]) -> li
             ),
             row(scenario, v, "shed (503) share %" + suffix, 100 * r.shed_share),
             row(scenario, v, "unanswered %" + suffix, 100 * r.unanswered),
+            row(
+                scenario,
+                v,
+                "healthy p99 ms (client), same moment" + suffix,
+                lg.percentile(r.probe_client, 99),
+            ),
         ]
         if not r.shed_client:
             continue
