@@ -82,7 +82,10 @@ class RetrySettings(_Model):
         0.2, description="Retries may add at most this fraction of calls (sliding 10 s window)."
     )
     budget_min_per_second: float = Field(
-        10.0, ge=0, allow_inf_nan=False, description="Retries always allowed per second."
+        10.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Floor: adds this many retries per second of the 10 s window (a burst).",
     )
     respect_retry_after: bool = Field(True, description="Never retry before Retry-After.")
     max_retry_after: NonNegativeSeconds = Field(
