@@ -98,3 +98,10 @@ def test_matching_does_not_grow_with_distinct_paths() -> None:
         t.is_exempt(f"/x/{i}")
     assert len(t._groups) == before
     assert len(t) == 1
+
+
+def test_an_exempt_path_is_exempt_in_resolve_but_still_matches_its_route() -> None:
+    t = table(("/healthz", None), ("/{rest:path}", None), exempt=("/healthz",))
+    assert t.resolve("GET", "/healthz") == (True, None)
+    assert t.match("GET", "/healthz").index == 0  # type: ignore[union-attr]
+    assert t.resolve("GET", "/x") == (False, t.routes[1])

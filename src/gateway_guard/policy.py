@@ -147,16 +147,6 @@ class Policies:
     routes: RouteTable
     shed: ShedPolicy
 
-    def call(
-        self, upstream: str, route_calls: Mapping[str, CallPolicy] | None = None
-    ) -> CallPolicy:
-        """The effective policy of ``upstream``, inside a route when its calls are given."""
-        if route_calls is not None:
-            policy = route_calls.get(upstream)
-            if policy is not None:
-                return policy
-        return self.calls[upstream]
-
 
 def _call_policy(name: str, base_url: str | None, call: CallSettings) -> CallPolicy:
     r, b, h = call.retry, call.breaker, call.bulkhead

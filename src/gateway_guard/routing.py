@@ -92,7 +92,15 @@ class RouteTable:
     the table never grows with what clients send.
     """
 
-    __slots__ = ("_by_method", "_exempt", "_groups", "_other", "routes")
+    __slots__ = (
+        "_by_method",
+        "_exempt",
+        "_groups",
+        "_other",
+        "_routes_by_method",
+        "_routes_other",
+        "routes",
+    )
 
     def __init__(self, routes: Sequence[Route], exempt: Sequence[str] = ()) -> None:
         self.routes: tuple[Route, ...] = tuple(routes)
@@ -108,8 +116,8 @@ class RouteTable:
                 if "GET" in route.methods:
                     methods.add("HEAD")
 
-        def compile_for(method: str | None) -> re.Pattern[str] | None:
-            parts = [f"(?P<x>{exempt_rx})"] if exempt else []
+        def compile_for(method: str | None, *, with_exempt: bool = True) -> re.Pattern[str] | None:
+            parts = [f"(?P<x>{exempt_rx})"] if exempt and with_exempt else []
             for route in self.routes:
                 allowed = route.methods
                 if allowed is not None and "GET" in allowed:
@@ -120,6 +128,9 @@ class RouteTable:
 
         self._by_method = {m: compile_for(m) for m in sorted(methods)}
         self._other = compile_for(None)
+        # match() answers "which route?" even for an exempt path: routes only.
+        self._routes_by_method = {m: compile_for(m, with_exempt=False) for m in sorted(methods)}
+        self._routes_other = compile_for(None, with_exempt=False)
 
     def resolve(self, method: str, path: str) -> tuple[bool, Route | None]:
         """``(exempt, route)``: whether ``path`` is exempt, else the first matching route."""
@@ -135,28 +146,12 @@ class RouteTable:
         return False, self._groups[group]  # type: ignore[index]
 
     def match(self, method: str, path: str) -> Route | None:
-        """The first route whose methods and template match (exempt paths aside), or None."""
-        matcher = self._by_method.get(method, self._other)
+        """The first route whose methods and template match (exemption aside), or None."""
+        matcher = self._routes_by_method.get(method, self._routes_other)
         if matcher is None:
             return None
         m = matcher.fullmatch(path)
-        if m is None or m.lastgroup == "x":
-            if m is not None and self._exempt is not None:
-                # Exempt paths shadow routes in resolve(); match() still reports the route.
-                return self._match_routes(method, path)
-            return None
-        return self._groups[m.lastgroup]  # type: ignore[index]
-
-    def _match_routes(self, method: str, path: str) -> Route | None:
-        for route in self.routes:
-            allowed = route.methods
-            if allowed is not None and "GET" in allowed:
-                allowed = allowed | {"HEAD"}
-            if (allowed is None or method in allowed) and re.fullmatch(
-                parse_template(route.pattern), path, re.DOTALL
-            ):
-                return route
-        return None
+        return None if m is None else self._groups[m.lastgroup]  # type: ignore[index]
 
     def is_exempt(self, path: str) -> bool:
         return self._exempt is not None and self._exempt.fullmatch(path) is not None
