@@ -31,6 +31,7 @@ from gateway_guard.breaker import (
     BreakerState,
     CallOutcome,
     CircuitBreaker,
+    _CountWindow,
 )
 from gateway_guard.errors import CircuitOpenError, UpstreamError
 from gateway_guard.policy import BreakerPolicy
@@ -1011,6 +1012,49 @@ def test_threads_hammering_one_breaker_lose_no_count(window: str) -> None:
     )
     snap = breaker.snapshot()
     assert (snap.state, snap.calls, snap.failures) == (CLOSED, total - ignored, failures)
+
+
+@pytest.mark.usefixtures("busy_switching")
+def test_lock_free_successes_keep_a_full_count_window_consistent() -> None:
+    # Successes in a full count window skip the lock (they only move the ring position, or
+    # write nothing when the window holds successes only). Whatever the interleaving, the
+    # totals must match the ring, and the window must still see every failure.
+    size, threads, per_thread = 40, 32, 400
+    breaker, _ = make(window_size=size, min_calls=size, failure_rate=1.0)
+    start = threading.Barrier(threads)
+
+    def work(index: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            probe = breaker.admit()
+            if (index * per_thread + i) % 37 == 0:
+                breaker.record_failure(0.0, probe)
+            else:
+                breaker.record_success(0.0, probe)
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+    window = breaker._window
+    assert isinstance(window, _CountWindow)
+    assert window.calls == size
+    assert window.failures == sum(code & 1 for code in window.ring)
+    assert window.slow == sum(code >> 1 for code in window.ring)
+    assert breaker.state is CLOSED
+
+    # A window's worth of successes flushes every failure out, and then no success
+    # needs to write anything...
+    for _ in range(size):
+        breaker.record_success(0.0, breaker.admit())
+    assert breaker.snapshot().failures == 0
+    assert breaker._quiet
+    # ...but a failure is still counted, and ends the quiet spell.
+    breaker.record_failure(0.0, breaker.admit())
+    assert breaker.snapshot().failures == 1
+    assert not breaker._quiet
 
 
 @pytest.mark.usefixtures("busy_switching")

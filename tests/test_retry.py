@@ -336,7 +336,8 @@ def test_budget_memory_is_fixed() -> None:
         clock.now = float(second)
         budget.record_call()
         budget.try_spend()
-    assert len(budget._seconds) == len(budget._calls) == len(budget._retries) == 10
+    assert len(budget._mark_seconds) == len(budget._mark_calls) == 10
+    assert len(budget._retry_seconds) == len(budget._retries) == 10
 
 
 @pytest.mark.parametrize(

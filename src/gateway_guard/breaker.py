@@ -127,14 +127,24 @@ class BreakerSnapshot:
 
 
 class _CountWindow:
-    """The last ``size`` calls: a ring of outcome codes with running totals."""
+    """The last ``size`` calls: a ring of outcome codes with running totals.
 
-    __slots__ = ("_pos", "_ring", "_size", "calls", "failures", "slow")
+    The breaker's lock guards every change, with one exception: the breaker's success
+    path may move ``pos`` past a slot holding ``_OK`` without the lock, when the window is
+    full (see :meth:`CircuitBreaker.record_success`). Counting a success in place of a
+    success changes no total, and it is the steady state of a healthy upstream, so it must
+    not pay for a lock. That lock-free step never writes the ring or a total; racing it
+    can only make some slot be overwritten a little earlier or later, never make the
+    totals disagree with the ring, because every locked :meth:`add` computes its change
+    from the slot it replaces.
+    """
+
+    __slots__ = ("calls", "failures", "pos", "ring", "size", "slow")
 
     def __init__(self, size: int) -> None:
-        self._size = size
-        self._ring = [_OK] * size
-        self._pos = 0
+        self.size = size
+        self.ring = [_OK] * size
+        self.pos = 0
         self.calls = 0
         self.failures = 0
         self.slow = 0
@@ -145,18 +155,18 @@ class _CountWindow:
         A plain success in a full window replaces an equal or worse call, which can only
         lower the rates: skipping the check then keeps the steady state cheap.
         """
-        pos = self._pos
-        ring = self._ring
+        pos = self.pos
+        ring = self.ring
         old = ring[pos]
-        # Slots are filled in order from a clear ring, so until the window is full the
-        # slot under `pos` is empty and holds _OK: there is nothing to subtract.
+        # The change is computed from the slot replaced, whatever it holds, so the totals
+        # always match the ring (also after a lock-free step moved ``pos``).
         if old != code:
             ring[pos] = code
             self.failures += (code & _FAIL) - (old & _FAIL)
             self.slow += (code >> 1) - (old >> 1)
         pos += 1
-        self._pos = 0 if pos == self._size else pos
-        if self.calls < self._size:
+        self.pos = 0 if pos == self.size else pos
+        if self.calls < self.size:
             self.calls += 1
             return True
         return code != _OK
@@ -165,8 +175,8 @@ class _CountWindow:
         """Nothing expires in a count window."""
 
     def clear(self) -> None:
-        self._ring = [_OK] * self._size
-        self._pos = 0
+        self.ring = [_OK] * self.size
+        self.pos = 0
         self.calls = self.failures = self.slow = 0
 
 
@@ -271,6 +281,7 @@ class CircuitBreaker:
         "_call_listeners",
         "_clock",
         "_consecutive_opens",
+        "_counts",
         "_failure_rate",
         "_failure_status",
         "_fast",
@@ -283,6 +294,7 @@ class CircuitBreaker:
         "_pass",
         "_probe_successes",
         "_probes",
+        "_quiet",
         "_random",
         "_slow_call_rate",
         "_slow_seconds",
@@ -322,6 +334,8 @@ class CircuitBreaker:
         self._window: _CountWindow | _TimeWindow = (
             _TimeWindow(size, clock) if policy.window == "time" else _CountWindow(size)
         )
+        # The same window when it counts calls: its successes may skip the lock.
+        self._counts = self._window if isinstance(self._window, _CountWindow) else None
         self._state_listeners: tuple[StateListener, ...] = ()
         self._call_listeners: tuple[CallListener, ...] = ()
         self._open_until = 0.0
@@ -332,8 +346,11 @@ class CircuitBreaker:
         # The two hot-path flags, kept in step with _state by _set_state:
         # _pass: admit() may say yes without the lock (CLOSED, DISABLED).
         # _fast: record_success() may take the short path (CLOSED, and no call listener).
+        # _quiet: _fast, and the window is a full count window of successes only, so a
+        # success changes nothing at all.
         self._pass = True
         self._fast = policy.enabled
+        self._quiet = False
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self.state.value}>"
@@ -385,9 +402,24 @@ class CircuitBreaker:
 
     def record_success(self, duration: float, probe: bool) -> None:
         """Report an admitted call that succeeded after ``duration`` seconds."""
+        if self._quiet and duration < self._slow_seconds:
+            # Every slot of a full count window holds a success: one more replaces one,
+            # and which one does not matter, so there is nothing to write at all.
+            return
         if self._fast and not probe and duration < self._slow_seconds:
+            counts = self._counts
+            if counts is not None and counts.calls == counts.size:
+                pos = counts.pos
+                if not counts.ring[pos]:
+                    # A success in place of a success: no total changes, no lock needed
+                    # (see _CountWindow for why racing this is safe).
+                    pos += 1
+                    counts.pos = 0 if pos == counts.size else pos
+                    return
             with self._lock:
-                if not self._window.add(_OK) or not self._over_threshold():
+                if not (self._window.add(_OK) and self._over_threshold()):
+                    # It may have replaced the window's last failure.
+                    self._check_quiet()
                     return
                 changed = self._trip()
             if changed is not None:
@@ -434,6 +466,8 @@ class CircuitBreaker:
                 # A probe reported after a manual close is just a call made while closed.
                 if self._window.add(code) and self._over_threshold():
                     changed = self._trip()
+                else:
+                    self._check_quiet()
             elif state is _HALF_OPEN and probe:
                 if code & _FAIL or (code & _SLOW and self._slow_trips):
                     # One bad probe is enough: the upstream is not back. A slow probe is bad
@@ -494,8 +528,22 @@ class CircuitBreaker:
         self._state = new
         self._pass = new is _CLOSED or new is _DISABLED
         self._fast = new is _CLOSED and not self._call_listeners
+        self._check_quiet()
         self._probes = self._probe_successes = 0
         return old, new
+
+    def _check_quiet(self) -> None:
+        # Called with the lock held after every change of the window, the state or the
+        # listeners. A racing lock-free success that still saw True is simply not counted:
+        # it would have replaced a success, which changes nothing but a ring position.
+        counts = self._counts
+        self._quiet = (
+            self._fast
+            and counts is not None
+            and counts.calls == counts.size
+            and not counts.failures
+            and not counts.slow
+        )
 
     # --- manual control ------------------------------------------------------------------
 
@@ -612,12 +660,14 @@ class CircuitBreaker:
         with self._lock:
             self._call_listeners = (*self._call_listeners, listener)
             self._fast = False
+            self._check_quiet()
 
     def remove_call_listener(self, listener: CallListener) -> None:
         """Stop calling ``listener``; ValueError if it was not added."""
         with self._lock:
             self._call_listeners = _without(self._call_listeners, listener)
             self._fast = self._state is _CLOSED and not self._call_listeners
+            self._check_quiet()
 
     def _notify_state(self, old: BreakerState, new: BreakerState) -> None:
         # The tuple is replaced, never mutated, so iterating it needs no lock.

@@ -64,6 +64,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
+from gateway_guard._counter import peek
 from gateway_guard.errors import LoadShedError
 from gateway_guard.policy import BulkheadPolicy, Priority, ShedPolicy
 
@@ -354,7 +355,7 @@ class ConcurrencyLimiter:
         with self._lock:
             now = self._clock()
             retry_after = self._retry_after_locked(now)
-            released = _peek(self._released)
+            released = peek(self._released)
             in_flight = self.in_flight
             return LimiterSnapshot(
                 name=self.name,
@@ -628,7 +629,7 @@ class ConcurrencyLimiter:
         self._probe_since = now
         self._probe_k = held
         # It ends at the release that makes ``held`` of them since now.
-        self._mark = _peek(self._released) + held - 1
+        self._mark = peek(self._released) + held - 1
 
     def _tick(self, n: int) -> None:
         with self._lock:
@@ -659,7 +660,7 @@ class ConcurrencyLimiter:
     def _refresh_probe(self, now: float) -> None:
         """An estimate is wanted: make sure a probe is running or armed."""
         if self._probe_since is not None:
-            last = _peek(self._released) - 1
+            last = peek(self._released) - 1
             if last < self._mark:
                 return  # still running
             # Its last release did not see the mark (a lock-free race): end it now.
@@ -887,7 +888,7 @@ class TokenLimiter:
         return _TokenSlot(self)
 
     def snapshot(self) -> LimiterSnapshot:
-        released = _peek(self._released)
+        released = peek(self._released)
         in_flight = self.in_flight
         return LimiterSnapshot(
             name=self.name,
@@ -899,18 +900,13 @@ class TokenLimiter:
             queued_by_priority=dict.fromkeys(_PRIORITIES, 0),
             admitted=released + in_flight,
             released=released,
-            rejected=_peek(self._rejected),
+            rejected=peek(self._rejected),
             evicted=0,
             timed_out=0,
             cancelled=0,
             hold_time=0.0,
             retry_after=1.0,
         )
-
-
-def _peek(counter: itertools.count[int]) -> int:
-    """The next value of an itertools.count without consuming it (metrics only)."""
-    return int(repr(counter)[6:-1])
 
 
 class _TokenSlot:

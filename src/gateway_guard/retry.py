@@ -287,25 +287,32 @@ class RetryBudget:
     it fails. With ratio 0.1 and no floor, 100 calls that all fail get at most 10
     retries within the window.
 
-    Counts live in per-second buckets in a ring of ``ceil(window)`` slots, so memory is
-    fixed and the window slides in one-second steps (a call leaves the window between
-    ``window - 1`` and ``window`` seconds after it was made). A bucket is cleared lazily
-    when its slot is next written.
+    Calls are one running count; the window finds them through *marks*: the first call
+    of each second notes the count so far in a ring of ``ceil(window)`` slots. The
+    earliest mark inside the window tells how many calls came before it, and no call
+    came between the window's start and that mark (it would have left an earlier mark),
+    so ``calls = total - earliest mark``. Retries live in per-second buckets in a second
+    ring. Memory is fixed, and the window slides in one-second steps (a call leaves it
+    between ``window - 1`` and ``window`` seconds after it was made).
 
-    A lock guards retries and bucket recycling. :meth:`record_call` counts calls without
-    it (a lock round trip costs more than the rest of the call's bookkeeping): a race can
-    lose a call, which only makes the budget stricter, so "at most ratio x calls" holds
-    under any concurrency.
+    :meth:`record_call` is on every call's path and takes no lock: the count is a plain
+    ``+= 1`` and only the first call of a second takes the lock, to write its mark.
+    CPython 3.11 does not switch threads inside that increment; an interpreter that did
+    could lose a call, which only makes the budget *stricter* (fewer retries allowed),
+    never looser. Retries are counted under the lock in :meth:`try_spend`.
     """
 
     __slots__ = (
-        "_calls",
         "_clock",
+        "_count",
         "_lock",
+        "_mark_calls",
+        "_mark_seconds",
         "_min_per_second",
+        "_next_second",
         "_ratio",
         "_retries",
-        "_seconds",
+        "_retry_seconds",
         "_size",
         "_start",
     )
@@ -329,12 +336,17 @@ class RetryBudget:
         self._ratio = float(ratio)
         self._min_per_second = float(min_per_second)
         self._clock = clock
-        self._size = math.ceil(window)
+        self._size = size = math.ceil(window)
         self._lock = threading.Lock()
-        # _seconds[i] is the whole second bucket i holds; None until first written.
-        self._seconds: list[int | None] = [None] * self._size
-        self._calls = [0] * self._size
-        self._retries = [0] * self._size
+        self._count = 0
+        # The first call at or after _next_second writes the mark of its second.
+        self._next_second = -math.inf
+        # _mark_seconds[i] is the second whose mark slot i holds (None: never written);
+        # _mark_calls[i] how many calls were counted before that second's first one.
+        self._mark_seconds: list[int | None] = [None] * size
+        self._mark_calls = [0] * size
+        self._retry_seconds: list[int | None] = [None] * size
+        self._retries = [0] * size
         self._start = int(clock())
 
     @classmethod
@@ -351,63 +363,69 @@ class RetryBudget:
     def record_call(self, now: float | None = None) -> None:
         """Count one call (its first attempt). Call it once per call, retries excluded.
 
-        Lock-free on purpose: this is on every call's path, and a lock round trip costs
-        more than the rest. A thread switch inside the increment can lose a count; a
-        lost call only makes the budget *stricter* (fewer retries allowed), never looser,
-        while retries themselves are counted under the lock in :meth:`try_spend`.
         ``now`` saves a clock read when the caller has one.
         """
-        second = int(self._clock() if now is None else now)
-        slot = second % self._size
-        if self._seconds[slot] == second:
-            self._calls[slot] += 1
-        else:
-            with self._lock:  # once a second per slot: the bucket is recycled
-                if self._seconds[slot] == second:
-                    self._calls[slot] += 1
-                else:
-                    self._seconds[slot] = second
-                    self._calls[slot] = 1
-                    self._retries[slot] = 0
+        before = self._count
+        self._count = before + 1
+        if now is None:
+            now = self._clock()
+        if now >= self._next_second:
+            self._mark(now, before)
+
+    def _mark(self, now: float, before: int) -> None:
+        """The first call of a new second: note how many calls came before it."""
+        second = int(now)
+        with self._lock:
+            # Another thread's call of the same second may have got here first.
+            if second + 1 > self._next_second:
+                slot = second % self._size
+                self._mark_seconds[slot] = second
+                self._mark_calls[slot] = before
+                # A float, so the hot path's comparison with the clock stays float-float
+                # (a mixed comparison is a slower, generic one in CPython).
+                self._next_second = float(second + 1)
+
+    def _counts_locked(self, second: int) -> tuple[int, int]:
+        """(calls, retries) in the window ending with ``second``."""
+        oldest = second - self._size
+        earliest: int | None = None
+        before = 0
+        for stamp, calls in zip(self._mark_seconds, self._mark_calls, strict=True):
+            if (
+                stamp is not None
+                and oldest < stamp <= second
+                and (earliest is None or stamp < earliest)
+            ):
+                earliest, before = stamp, calls
+        calls = self._count - before if earliest is not None else 0
+        retries = 0
+        for stamp, bucket in zip(self._retry_seconds, self._retries, strict=True):
+            if stamp is not None and oldest < stamp <= second:
+                retries += bucket
+        return calls, retries
 
     def try_spend(self) -> bool:
         """Take one retry from the budget if the formula allows it; say whether it did."""
         second = int(self._clock())
         slot = second % self._size
-        oldest = second - self._size
         with self._lock:
-            calls = retries = 0
-            for stamp, bucket_calls, bucket_retries in zip(
-                self._seconds, self._calls, self._retries, strict=True
-            ):
-                if stamp is not None and oldest < stamp <= second:
-                    calls += bucket_calls
-                    retries += bucket_retries
+            calls, retries = self._counts_locked(second)
             seconds = min(self._size, max(1, second - self._start + 1))
             allowance = self._ratio * calls + self._min_per_second * seconds
             if retries + 1 > allowance + _BUDGET_EPSILON:
                 return False
-            if self._seconds[slot] == second:
+            if self._retry_seconds[slot] == second:
                 self._retries[slot] += 1
             else:
-                self._seconds[slot] = second
-                self._calls[slot] = 0
+                self._retry_seconds[slot] = second
                 self._retries[slot] = 1
             return True
 
     def counts(self) -> tuple[int, int]:
         """``(calls, retries)`` currently in the window, for metrics and tests."""
         second = int(self._clock())
-        oldest = second - self._size
-        calls = retries = 0
         with self._lock:
-            for stamp, bucket_calls, bucket_retries in zip(
-                self._seconds, self._calls, self._retries, strict=True
-            ):
-                if stamp is not None and oldest < stamp <= second:
-                    calls += bucket_calls
-                    retries += bucket_retries
-        return calls, retries
+            return self._counts_locked(second)
 
 
 # --- what may be retried -----------------------------------------------------------------

@@ -32,6 +32,7 @@ from .retry import RetryState, request_is_replayable
 
 if TYPE_CHECKING:
     from .guard import UpstreamRuntime
+    from .policy import CallPolicy
 
 __all__ = ["AsyncGuardedTransport", "GuardedTransport"]
 
@@ -45,12 +46,14 @@ _MAX_ERROR_BODY = 64 * 1024
 
 
 class _Call:
-    """The decisions of one outbound call, shared by the sync and async drivers."""
+    """The decisions of one outbound call, shared by the sync and async drivers.
+
+    Created once the bulkhead slot is held; creating it admits the first attempt, so the
+    happy path is one object, one breaker admission and two clock reads.
+    """
 
     __slots__ = (
         "attempt",
-        "clipped",
-        "clock",
         "ctx",
         "deadline_at",
         "last_status",
@@ -65,89 +68,89 @@ class _Call:
     )
 
     def __init__(self, rt: UpstreamRuntime, request: httpx.Request) -> None:
+        # Every attribute that holds a callable is read into a local before the call: a
+        # method call on an instance attribute is a lookup CPython 3.11 cannot specialise.
         clock = rt.clock
         now = clock()
         self.rt = rt
-        self.clock = clock
         self.request = request
-        self.started = now
-        self.attempt = 0
-        self.probe = False
-        self.t0 = now
+        self.started = self.t0 = now
+        self.attempt = 1
         self.state: RetryState | None = None
         self.last_status: int | None = None
-        self.clipped = False
         policy = rt.policy
         ctx = get_context()
         self.ctx = ctx
-        deadline_at = now + policy.deadline
-        if ctx is not None:
+        if ctx is None:
+            deadline_at = now + policy.deadline
+        else:
             route = ctx.route
             if route is not None:
                 policy = route.calls.get(rt.name, policy)
-                deadline_at = now + policy.deadline
+            deadline_at = now + policy.deadline
             if ctx.deadline_at is not None and ctx.deadline_at < deadline_at:
                 deadline_at = ctx.deadline_at
             _propagate(request, ctx)
         self.policy = policy
         self.deadline_at = deadline_at
-        # A body we hold in memory can be sent again; a stream would be consumed by the
-        # first attempt, so a streaming request (including multipart uploads, whose file
-        # parts are read as they are sent) is never retried.
+        # A body we hold in memory can be sent again; a stream is consumed by the first
+        # attempt (and may be replaced by a ByteStream once read, so look now), so a
+        # streaming request (including multipart uploads, whose file parts are read as
+        # they are sent) is never retried.
         self.streaming = not isinstance(request.stream, httpx.ByteStream)
+        rt.budget.record_call(now)
+        # The first attempt's admission, as in admit() but inline: it is on every call.
+        remaining = deadline_at - now
+        if remaining <= 0.0:
+            raise self._deadline_error()
+        try:
+            self.probe = rt.breaker.admit()
+        except CircuitOpenError as exc:
+            self._refused(exc, now)
+            raise
+        if remaining >= policy.unclipped_after:
+            request.extensions["timeout"] = policy.timeouts
+        else:
+            request.extensions["timeout"] = _clipped(policy, remaining)
 
-    # --- before each attempt -------------------------------------------------------------
+    # --- before each retry -----------------------------------------------------------------
 
     def admit(self) -> None:
-        """Admit the next attempt (breaker) and clip its timeouts to the time left."""
+        """Admit a retry: the breaker may have opened, the deadline may have run out."""
         self.attempt += 1
-        if self.attempt == 1:
-            # Counted only once a bulkhead slot was had: a shed call made no call.
-            self.rt.budget.record_call(self.started)
-            now = self.started
-        else:
-            now = self.clock()
+        now = self.rt.clock()
         remaining = self.deadline_at - now
-        if remaining <= 0:
+        if remaining <= 0.0:
             raise self._deadline_error()
         try:
             self.probe = self.rt.breaker.admit()
         except CircuitOpenError as exc:
-            # The breaker may open between our own retries: say what was tried.
-            exc.attempts = self.attempt - 1
-            exc.received_status = self.last_status
-            exc.elapsed = now - self.started
-            self._record(self.last_status, exc.proxy_error)
+            self._refused(exc, now)
             raise
         policy = self.policy
         if remaining >= policy.unclipped_after:
             self.request.extensions["timeout"] = policy.timeouts
         else:
-            self.clipped = True
-            connect = min(policy.connect_timeout, remaining)
-            read = min(policy.read_timeout, remaining)
-            self.request.extensions["timeout"] = {
-                "connect": connect,
-                "read": read,
-                "write": read,
-                "pool": connect,
-            }
+            self.request.extensions["timeout"] = _clipped(policy, remaining)
         self.t0 = now
 
-    def shed(self, exc: LoadShedError) -> LoadShedError:
-        """The bulkhead refused the call: remember it for the request's diagnostics."""
-        self._record(None, exc.proxy_error)
-        return exc
+    def _refused(self, exc: CircuitOpenError, now: float) -> None:
+        """The breaker said no (it may open between our own retries): say what was tried."""
+        exc.attempts = self.attempt - 1
+        exc.received_status = self.last_status
+        exc.elapsed = now - self.started
+        self._record(self.last_status, exc.proxy_error)
 
     # --- after each attempt ----------------------------------------------------------------
 
     def failed(self, exc: httpx.TransportError) -> float:
         """The attempt raised: record it, then return the wait before a retry or raise."""
-        now = self.clock()
+        now = self.rt.clock()
         error = from_exception(
             exc, upstream=self.rt.name, attempts=self.attempt, elapsed=now - self.started
         )
-        if self.clipped and isinstance(exc, httpx.TimeoutException) and now >= self.deadline_at:
+        clipped = self.deadline_at - self.t0 < self.policy.unclipped_after
+        if clipped and isinstance(exc, httpx.TimeoutException) and now >= self.deadline_at:
             # The attempt's timeout was cut to fit the deadline, and the deadline is what
             # ran out: say so, rather than blame a connect or read timeout it never reached.
             error.proxy_error = "http_response_timeout"
@@ -178,10 +181,12 @@ class _Call:
             if self.ctx is not None:
                 self._record(status, None)
             if response.is_stream_consumed:
-                self.rt.breaker.record_success(self.clock() - self.t0, self.probe)
+                rt = self.rt
+                clock = rt.clock
+                rt.breaker.record_success(clock() - self.t0, self.probe)
                 return RETURN
             return WRAP
-        now = self.clock()
+        now = self.rt.clock()
         self.last_status = status
         self.rt.breaker.record_status(status, now - self.t0, self.probe)
         if status in policy.retry.on_status:
@@ -206,7 +211,7 @@ class _Call:
             response=response,
             upstream=self.rt.name,
             attempts=self.attempt,
-            elapsed=self.clock() - self.started,
+            elapsed=self.rt.clock() - self.started,
             received_status=status,
             retry_after=retry_after,
         )
@@ -219,11 +224,13 @@ class _Call:
     # --- the body of a streamed response ---------------------------------------------------
 
     def body_done(self) -> None:
-        self.rt.breaker.record_success(self.clock() - self.t0, self.probe)
+        rt = self.rt
+        clock = rt.clock
+        rt.breaker.record_success(clock() - self.t0, self.probe)
 
     def body_failed(self, exc: httpx.TransportError) -> UpstreamError:
         """The response body failed after the headers came: count it, classify it."""
-        now = self.clock()
+        now = self.rt.clock()
         self.rt.breaker.record_failure(now - self.t0, self.probe)
         error = from_exception(
             exc, upstream=self.rt.name, attempts=self.attempt, elapsed=now - self.started
@@ -266,7 +273,7 @@ class _Call:
             proxy_error="http_response_timeout",
             upstream=self.rt.name,
             attempts=self.attempt - 1,
-            elapsed=self.clock() - self.started,
+            elapsed=self.rt.clock() - self.started,
             received_status=self.last_status,
         )
 
@@ -277,11 +284,34 @@ class _Call:
                 CallRecord(
                     upstream=self.rt.name,
                     attempts=self.attempt,
-                    elapsed=self.clock() - self.started,
+                    elapsed=self.rt.clock() - self.started,
                     status=status,
                     error=error,
                 )
             )
+
+
+def _clipped(policy: CallPolicy, remaining: float) -> dict[str, float]:
+    """The timeouts of an attempt with less time left than the policy's timeouts."""
+    connect = min(policy.connect_timeout, remaining)
+    read = min(policy.read_timeout, remaining)
+    return {"connect": connect, "read": read, "write": read, "pool": connect}
+
+
+def _shed(rt: UpstreamRuntime, exc: LoadShedError) -> LoadShedError:
+    """The bulkhead refused the call: remember it for the request's diagnostics."""
+    ctx = get_context()
+    if ctx is not None and ctx.wants_records:
+        ctx.record(
+            CallRecord(
+                upstream=rt.name,
+                attempts=0,
+                elapsed=exc.elapsed or 0.0,
+                status=None,
+                error=exc.proxy_error,
+            )
+        )
+    return exc
 
 
 def _propagate(request: httpx.Request, ctx: RequestContext) -> None:
@@ -455,28 +485,30 @@ class GuardedTransport(httpx.BaseTransport):
         self._inner = inner
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        call = _Call(self._rt, request)
-        bulkhead = self._rt.bulkhead
+        rt = self._rt
+        bulkhead = rt.bulkhead
         try:
             bulkhead.acquire()
         except LoadShedError as exc:
-            raise call.shed(exc) from None
+            raise _shed(rt, exc) from None
         try:
+            call = _Call(rt, request)
             while True:
-                call.admit()
                 try:
                     response = self._inner.handle_request(request)
                 except httpx.TransportError as exc:
                     _sleep(call.failed(exc))
+                    call.admit()
                     continue
                 except BaseException:
                     call.cancelled()
                     raise
                 outcome = call.answered(response)
-                if outcome < 0:
+                if outcome < 0.0:
                     break
                 _drain(response)
                 _sleep(outcome)
+                call.admit()
         finally:
             bulkhead.release()
         if outcome == WRAP:
@@ -499,31 +531,33 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
         self._inner = inner
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        call = _Call(self._rt, request)
-        bulkhead = self._rt.bulkhead
+        rt = self._rt
+        bulkhead = rt.bulkhead
         try:
             await bulkhead.acquire_async()
         except LoadShedError as exc:
-            raise call.shed(exc) from None
+            raise _shed(rt, exc) from None
         try:
+            call = _Call(rt, request)
             while True:
-                call.admit()
                 try:
                     response = await self._inner.handle_async_request(request)
                 except httpx.TransportError as exc:
                     delay = call.failed(exc)
-                    if delay > 0:
+                    if delay > 0.0:
                         await asyncio.sleep(delay)
+                    call.admit()
                     continue
                 except BaseException:
                     call.cancelled()
                     raise
                 outcome = call.answered(response)
-                if outcome < 0:
+                if outcome < 0.0:
                     break
                 await _adrain(response)
-                if outcome > 0:
+                if outcome > 0.0:
                     await asyncio.sleep(outcome)
+                call.admit()
         finally:
             bulkhead.release()
         if outcome == WRAP:
