@@ -123,7 +123,7 @@ def render_cost(number: int, repeat: int) -> float:
 
 def main(quick: bool = False, markdown: bool = False) -> list[dict[str, Any]]:
     kinds = ["bare", "gateway_guard", "asgi-correlation-id", "BaseHTTPMiddleware (no-op)"]
-    number, rounds = (500, 5) if quick else (3000, 21)
+    number, rounds = (500, 5) if quick else (2000, 61)
     with asyncio.Runner() as runner:
         timers = {k: async_timer(request_fn(make_app(k)), runner) for k in kinds}
         result = interleave(timers, number=number, rounds=rounds, warmup=number, budget=120)

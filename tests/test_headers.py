@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import threading
 import warnings
 
 import http_sf
@@ -481,6 +482,23 @@ def test_new_request_ids_are_unique() -> None:
     assert len({new_request_id() for _ in range(100_000)}) == 100_000
 
 
+def test_threads_drawing_ids_at_once_never_share_one() -> None:
+    threads, per_thread = 8, 5_000
+    drawn: list[list[str]] = [[] for _ in range(threads)]
+    start = threading.Barrier(threads)
+
+    def work(index: int) -> None:
+        start.wait()
+        drawn[index].extend(new_request_id() for _ in range(per_thread))
+
+    workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert len({rid for ids in drawn for rid in ids}) == threads * per_thread
+
+
 def test_new_request_id_ignores_the_apps_random_seed() -> None:
     # Apps seed the global generator for reproducibility; that must not repeat our ids.
     state = random.getstate()
@@ -496,6 +514,7 @@ def test_new_request_id_ignores_the_apps_random_seed() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_ids_differ_between_parent_and_forked_child() -> None:
+    new_request_id()  # so the parent holds drawn-but-unused ids the child must not reuse
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
         # Python 3.12+ warns when forking a threaded process; the child below takes no lock

@@ -84,41 +84,52 @@ class GatewayGuardMiddleware:
                 return
 
         started = False
-        brand = self._brand_app_errors
 
         async def guarded_send(message: Message) -> None:
-            nonlocal started, brand
+            # The common case: add our request id to the response, pass everything on.
+            nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 headers = message.get("headers") or ()
-                # A response that already explains itself (our page, or an error handler
-                # that set Proxy-Status) is not re-branded.
-                if (
-                    brand
-                    and message["status"] in _BRANDABLE
-                    and not any(name == b"proxy-status" for name, _ in headers)
-                ):
-                    await self._brand(send, ctx, message, accept, method)
-                    return
-                brand = False
                 # ASGI header names are lower-case. An app (or an inner middleware) that
                 # set its own id keeps it; otherwise ours goes on a NEW list, because an
                 # app may reuse one list for every response and must never carry an
-                # earlier visitor's id.
+                # earlier visitor's id. The message is ours to edit (as Starlette's
+                # MutableHeaders does); the list inside it may be shared by the app.
                 for name, _ in headers:
                     if name == b"x-request-id":
                         break
                 else:
-                    # The message is ours to edit (as Starlette's MutableHeaders does);
-                    # the list inside it may be shared by the app.
                     message["headers"] = [*headers, rid_header]
-            elif brand:
-                return  # the app's own 502/503/504 body, replaced by our page
             await send(message)
+
+        app_send = guarded_send
+        if self._brand_app_errors:
+            brand = True
+
+            async def branding_send(message: Message) -> None:
+                # The app's own 502/503/504 is replaced by our page.
+                nonlocal brand, started
+                if message["type"] == "http.response.start":
+                    headers = message.get("headers") or ()
+                    # A response that already explains itself (our page, or an error
+                    # handler that set Proxy-Status) is not re-branded.
+                    if message["status"] in _BRANDABLE and not any(
+                        name == b"proxy-status" for name, _ in headers
+                    ):
+                        started = True
+                        await self._brand(send, ctx, message, accept, method)
+                        return
+                    brand = False
+                elif brand:
+                    return  # the app's own 502/503/504 body, replaced by our page
+                await guarded_send(message)
+
+            app_send = branding_send
 
         token = set_context(ctx)
         try:
-            await self.app(scope, receive, guarded_send)
+            await self.app(scope, receive, app_send)
         except Exception as exc:
             error = as_upstream_error(exc)
             if error is None:

@@ -62,7 +62,6 @@ class RequestContext:
         route: Route | None = None,
         deadline_at: float | None = None,
         trace_id: str | None = None,
-        *,
         started: float = 0.0,
         exempt: bool = False,
         blocked: CircuitOpenError | None = None,
@@ -79,9 +78,13 @@ class RequestContext:
         # ``blocked`` before the app runs.
         self.exempt = exempt
         self.blocked = blocked
-        self.priority: Priority = route.priority if route is not None else "normal"
-        # The key of the route's own shedding limiter, when it has one.
-        self.route_key = route.index if route is not None and route.shed is not None else None
+        if route is None:
+            self.priority: Priority = "normal"
+            self.route_key: int | None = None
+        else:
+            self.priority = route.priority
+            # The key of the route's own shedding limiter, when it has one.
+            self.route_key = route.shed_key
         self._calls: list[CallRecord] | None = None
 
     @property

@@ -58,18 +58,14 @@ def start(
         if parsed is not None:
             trace_id = parsed[0]
     exempt, route = guard.policies.routes.resolve(method, path)
-    blocked = None
-    deadline_at = None
-    # The clock is read only when something needs it: a deadline, or debug timings.
-    now = guard.clock() if guard.settings.debug or route is not None else 0.0
-    if route is not None:
-        if route.deadline is not None:
-            deadline_at = now + route.deadline
-        if route.depends_on:
-            blocked = _dependency_down(guard, route)
-    return RequestContext(
-        guard, rid, route, deadline_at, trace_id, started=now, exempt=exempt, blocked=blocked
-    )
+    if route is None:
+        # The clock is read only when something needs it: here, only debug timings.
+        now = guard.clock() if guard.settings.debug else 0.0
+        return RequestContext(guard, rid, None, None, trace_id, now, exempt)
+    now = guard.clock()
+    deadline_at = None if route.deadline is None else now + route.deadline
+    blocked = _dependency_down(guard, route) if route.depends_on else None
+    return RequestContext(guard, rid, route, deadline_at, trace_id, now, exempt, blocked)
 
 
 def _dependency_down(guard: Guard, route: Route) -> CircuitOpenError | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:
     from .policy import CallPolicy, Priority, ShedPolicy
@@ -82,6 +82,18 @@ class Route:
     shed: ShedPolicy | None = None
     # The effective policy of each upstream when called while serving this route.
     calls: Mapping[str, CallPolicy] = field(default_factory=dict)
+    # The key of the route's own shedding limiter (its index), or None when it shares the
+    # app's: worked out once here rather than on every request.
+    shed_key: int | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shed_key", self.index if self.shed is not None else None)
+
+
+_Answer: TypeAlias = tuple[bool, Route | None]
+_Matcher: TypeAlias = tuple[re.Pattern[str], tuple[_Answer, ...]]
+_NOTHING: _Answer = (False, None)
+_EXEMPT: _Answer = (True, None)
 
 
 class RouteTable:
@@ -95,7 +107,6 @@ class RouteTable:
     __slots__ = (
         "_by_method",
         "_exempt",
-        "_groups",
         "_other",
         "_routes_by_method",
         "_routes_other",
@@ -104,27 +115,35 @@ class RouteTable:
 
     def __init__(self, routes: Sequence[Route], exempt: Sequence[str] = ()) -> None:
         self.routes: tuple[Route, ...] = tuple(routes)
-        self._groups: dict[str, Route | None] = {"x": None}
         exempt_rx = "|".join(f"(?:{parse_template(p)})" for p in exempt)
         self._exempt = re.compile(exempt_rx, re.DOTALL) if exempt else None
         methods: set[str] = set()
         for route in self.routes:
-            self._groups[f"r{route.index}"] = route
             if route.methods is not None:
                 methods |= route.methods
                 # Like most frameworks, a GET route answers HEAD too.
                 if "GET" in route.methods:
                     methods.add("HEAD")
 
-        def compile_for(method: str | None, *, with_exempt: bool = True) -> re.Pattern[str] | None:
-            parts = [f"(?P<x>{exempt_rx})"] if exempt and with_exempt else []
+        def compile_for(method: str | None, *, with_exempt: bool = True) -> _Matcher | None:
+            # Each alternative is one capturing group (template parameters capture
+            # nothing), so a match's ``lastindex`` numbers the alternative that matched,
+            # and the answer is read from a tuple built here: nothing is built per request.
+            parts: list[str] = []
+            answers: list[_Answer] = [_NOTHING]  # group 0 is the whole match: never used
+            if exempt and with_exempt:
+                parts.append(f"({exempt_rx})")
+                answers.append(_EXEMPT)
             for route in self.routes:
                 allowed = route.methods
                 if allowed is not None and "GET" in allowed:
                     allowed = allowed | {"HEAD"}
                 if allowed is None or (method is not None and method in allowed):
-                    parts.append(f"(?P<r{route.index}>{parse_template(route.pattern)})")
-            return re.compile("|".join(parts), re.DOTALL) if parts else None
+                    parts.append(f"({parse_template(route.pattern)})")
+                    answers.append((False, route))
+            if not parts:
+                return None
+            return re.compile("|".join(parts), re.DOTALL), tuple(answers)
 
         self._by_method = {m: compile_for(m) for m in sorted(methods)}
         self._other = compile_for(None)
@@ -132,26 +151,25 @@ class RouteTable:
         self._routes_by_method = {m: compile_for(m, with_exempt=False) for m in sorted(methods)}
         self._routes_other = compile_for(None, with_exempt=False)
 
-    def resolve(self, method: str, path: str) -> tuple[bool, Route | None]:
+    def resolve(self, method: str, path: str) -> _Answer:
         """``(exempt, route)``: whether ``path`` is exempt, else the first matching route."""
         matcher = self._by_method.get(method, self._other)
         if matcher is None:
-            return False, None
-        m = matcher.fullmatch(path)
+            return _NOTHING
+        pattern, answers = matcher
+        m = pattern.fullmatch(path)
         if m is None:
-            return False, None
-        group = m.lastgroup
-        if group == "x":
-            return True, None
-        return False, self._groups[group]  # type: ignore[index]
+            return _NOTHING
+        return answers[m.lastindex]  # type: ignore[index]
 
     def match(self, method: str, path: str) -> Route | None:
         """The first route whose methods and template match (exemption aside), or None."""
         matcher = self._routes_by_method.get(method, self._routes_other)
         if matcher is None:
             return None
-        m = matcher.fullmatch(path)
-        return None if m is None else self._groups[m.lastgroup]  # type: ignore[index]
+        pattern, answers = matcher
+        m = pattern.fullmatch(path)
+        return None if m is None else answers[m.lastindex][1]  # type: ignore[index]
 
     def is_exempt(self, path: str) -> bool:
         return self._exempt is not None and self._exempt.fullmatch(path) is not None
