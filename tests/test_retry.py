@@ -289,17 +289,41 @@ def test_budget_does_not_lose_a_retry_to_float_rounding() -> None:
     assert sum(budget.try_spend() for _ in range(60)) == 57
 
 
-def test_budget_floor_is_per_second_of_the_window_elapsed() -> None:
+def test_budget_floor_is_per_second_and_never_saved_up() -> None:
     clock = FakeClock(1000.0)
     budget = RetryBudget(0.0, 10.0, clock=clock)
     assert sum(budget.try_spend() for _ in range(15)) == 10
     clock.now = 1001.5
     assert sum(budget.try_spend() for _ in range(15)) == 10
-    # A full window on, the floor is min_per_second * 10; the first second's 10 retries
-    # have slid out of it.
+    # After a quiet spell the floor is still min_per_second: the seconds nobody retried
+    # in are not a reserve to spend at once.
     clock.now = 1010.0
     assert budget.counts() == (0, 10)
-    assert sum(budget.try_spend() for _ in range(200)) == 90
+    assert sum(budget.try_spend() for _ in range(200)) == 10
+    clock.now = 1011.0
+    assert sum(budget.try_spend() for _ in range(200)) == 10
+
+
+def test_budget_does_not_spend_a_healthy_windows_allowance_at_the_start_of_an_outage() -> None:
+    # 10 s of healthy traffic at 100 calls/s leave 0.1 x 1000 + 10 x 10 = 200 retries
+    # unspent in the window. When the upstream starts failing, retries must still come
+    # at most at ratio x the call rate + the floor: 10 + 10 a second, not 200 at once.
+    clock = FakeClock(1000.0)
+    budget = RetryBudget(0.1, 10.0, clock=clock)
+    for second in range(10):
+        for i in range(100):
+            clock.now = 1000.0 + second + i / 100
+            budget.record_call()
+    per_second = []
+    for second in range(10, 20):
+        allowed = 0
+        for i in range(100):
+            clock.now = 1000.0 + second + i / 100
+            budget.record_call()
+            allowed += budget.try_spend() + budget.try_spend()  # two retries wanted
+        per_second.append(allowed)
+    assert max(per_second) <= 20
+    assert sum(per_second) >= 150  # and the budget is still there to be used
 
 
 def test_budget_combines_ratio_and_floor() -> None:

@@ -274,18 +274,25 @@ _MAX_WINDOW = 3600.0
 class RetryBudget:
     """Caps retries to a share of recent calls, per upstream.
 
-    A retry is allowed when, counted over the sliding window::
+    A retry is allowed when both hold, over the sliding window and in the current second::
 
-        retries + 1 <= ratio * calls + min_per_second * seconds
+        retries + 1        <= ratio * calls                  + min_per_second * seconds
+        retries_now + 1    <= ratio * max(calls_now, calls_before) + min_per_second
 
     ``calls`` counts first attempts (:meth:`record_call`), ``retries`` counts retries
     allowed so far (:meth:`try_spend`), and ``seconds`` is how many whole seconds of the
-    window the budget has existed for: ``min(ceil(window), whole seconds since creation + 1)``,
-    so the floor grants ``min_per_second`` in the very first second and reaches
-    ``min_per_second * window`` once a whole window has passed. The floor lets quiet
-    upstreams retry at all; ratio keeps a busy one from having its load multiplied when
-    it fails. With ratio 0.1 and no floor, 100 calls that all fail get at most 10
-    retries within the window.
+    window the budget has existed for: ``min(ceil(window), whole seconds since creation + 1)``.
+    ``calls_now`` and ``retries_now`` count the current second, ``calls_before`` the one
+    before it. The floor lets quiet upstreams retry at all; ratio keeps a busy one from
+    having its load multiplied when it fails. With ratio 0.1 and no floor, 100 calls that
+    all fail get at most 10 retries.
+
+    The window bounds the total; the second line bounds the *rate*. Without it, the
+    allowance that healthy traffic left unspent over the last window (ratio x 10 s of
+    calls, plus the floor x 10 s) could all be spent in the first second of an outage:
+    at 100 calls/s that is up to 200 retries at once, a retry storm at the very moment a
+    budget exists to prevent one. With it, retries never run faster than ``ratio`` times
+    the recent call rate plus ``min_per_second``.
 
     Calls are one running count; the window finds them through *marks*: the first call
     of each second notes the count so far in a ring of ``ceil(window)`` slots. The
@@ -414,12 +421,29 @@ class RetryBudget:
             allowance = self._ratio * calls + self._min_per_second * seconds
             if retries + 1 > allowance + _BUDGET_EPSILON:
                 return False
-            if self._retry_seconds[slot] == second:
+            now = self._retries[slot] if self._retry_seconds[slot] == second else 0
+            rate = self._ratio * self._recent_calls_locked(second) + self._min_per_second
+            if now + 1 > rate + _BUDGET_EPSILON:
+                return False
+            if now:
                 self._retries[slot] += 1
             else:
                 self._retry_seconds[slot] = second
                 self._retries[slot] = 1
             return True
+
+    def _recent_calls_locked(self, second: int) -> int:
+        """Calls in ``second`` or in the second before it, whichever had more."""
+        size = self._size
+        slot, before_slot = second % size, (second - 1) % size
+        current = self._mark_calls[slot] if self._mark_seconds[slot] == second else None
+        before = (
+            self._mark_calls[before_slot] if self._mark_seconds[before_slot] == second - 1 else None
+        )
+        now_calls = self._count - current if current is not None else 0
+        end = current if current is not None else self._count
+        before_calls = end - before if before is not None else 0
+        return max(now_calls, before_calls)
 
     def counts(self) -> tuple[int, int]:
         """``(calls, retries)`` currently in the window, for metrics and tests."""
