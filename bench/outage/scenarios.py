@@ -44,9 +44,9 @@ NO_OUTAGE = "no outage"
 DEBUG = bool(os.environ.get("OUTAGE_DEBUG"))
 KIND_NAMES = {"asgi": "async", "wsgi": "threaded"}
 TWIN = "twin "  # label prefix of the twin's samples
-# gateway_guard's defaults, which the bench keeps: the retry budget's floor and window.
+# gateway_guard's defaults, which the bench keeps: the retry budget's floor and ratio.
 BUDGET_MIN_PER_SECOND = 10.0
-BUDGET_WINDOW = 10.0
+BUDGET_RATIO = 0.2
 
 
 @dataclass(frozen=True)
@@ -593,7 +593,7 @@ def _mixed_rows(
         ]
         if amplification:
             rows += _amplification_rows(
-                scenario, v, run.amplification, run.inbound, run.outage_seconds, run.app_age
+                scenario, v, run.amplification, run.inbound, run.outage_seconds
             )
     for run in runs:
         app = f"({run.variant} app)"
@@ -611,29 +611,27 @@ def _amplification_rows(
     value: float,
     inbound: int,
     seconds: float,
-    app_age: float | None,
     *,
     label: str = "upstream calls per request",
     floors: bool = True,
+    allowed: float = 0.1,
 ) -> list[dict[str, Any] | None]:
-    """The figure, with the goal on gateway_guard: <= 1.1 + the budget floor's share.
+    """The figure, with the goal on gateway_guard: <= 1 + ``allowed`` + the floor's share.
 
-    The floor's share as the issue states it: budget_min_per_second x duration / requests.
-    As implemented, the floor is min_per_second x (seconds of the 10 s window the budget
-    has lived, at most 10): up to 100 retries at once after a quiet spell, which is
-    reported next to it when the app's age is known.
+    The issue's goal is 1.1 + the floor (``allowed`` 0.1): the default run (breaker on)
+    and the budget_ratio 0.1 run are judged on it. A run with budget_ratio 0.2 and no
+    breaker is judged on what its budget promises, 1.2 + the floor. The floor's share is
+    budget_min_per_second x duration / requests (the floor is per second, never saved
+    up), the duration running until the phase's last request finished.
     """
     if variant != GUARD:
         return [row(scenario, variant, label, value)]
     floor = BUDGET_MIN_PER_SECOND * seconds / inbound if inbound else math.nan
-    limit = 1.1 + floor
-    rows = [row(scenario, variant, label, value, f"≤ 1.1 + floor = {limit:.2f}", value <= limit)]
+    limit = 1.0 + allowed + floor
+    text = f"≤ {1.0 + allowed:g} + floor = {limit:.2f}"
+    rows = [row(scenario, variant, label, value, text, value <= limit)]
     if floors:
-        rows.append(row(scenario, variant, "budget floor per request, as specified", floor))
-        if app_age is not None and inbound:
-            seconds_lived = min(BUDGET_WINDOW, max(1.0, math.floor(app_age) + 1))
-            burst = BUDGET_MIN_PER_SECOND * seconds_lived / inbound
-            rows.append(row(scenario, variant, "budget floor per request, as implemented", burst))
+        rows.append(row(scenario, variant, "budget floor per request", floor))
     return rows
 
 
@@ -714,7 +712,7 @@ def _recovery_rows(
 class StatusPhase:
     upstream_requests: int
     inbound: int
-    seconds: float
+    seconds: float  # from the first arrival until every request of the phase finished
     success: float
     app_age: float  # seconds since the app was started, at the end of the phase
 
@@ -747,13 +745,16 @@ async def _status_phase(
     )
     await s.sleep(t.status_phase)
     await s.drain(load, dep_timeout)
+    # Retries go on after the last arrival, until the drain: the floor (retries per
+    # second) applies over that whole time.
+    drained = s.now()
     requests = await s.control.upstream_requests(reset=True)
     after = await s.control.app_stats()
     end = s.now()
     await load.halt()
     inbound = (after["dep"] - before["dep"]) if before and after else 0
     success = lg.success_rate(lg.sent_in(s.samples, "dep", start, end))
-    return StatusPhase(requests, inbound, t.status_phase, success, end - s.app.started)
+    return StatusPhase(requests, inbound, drained - start, success, end - s.app.started)
 
 
 def _status_plan(t: Timing, *, half: bool, recover: bool) -> Callable[[Session], Any]:
@@ -804,9 +805,9 @@ def scenario_status(procs: Procs, t: Timing, log: Callable[[str], None]) -> list
     apps = _start_apps(procs, configs)
     max_seconds = 2 * t.status_phase + t.recovery_max + t.warm + 20.0
     runs: list[StatusRun] = []
-    extra_phases: list[tuple[str, str, StatusPhase]] = []
-    names = [(v, None) for v in t.variants] + [(v, label) for v, label, _ in extra]
-    for (variant, label), app in zip(names, apps, strict=True):
+    extra_phases: list[tuple[str, str, float, StatusPhase]] = []
+    names = [(v, None, {}) for v in t.variants] + list(extra)
+    for (variant, label, settings), app in zip(names, apps, strict=True):
         begun = time.monotonic()
         main_run = label is None
         try:
@@ -822,36 +823,33 @@ def scenario_status(procs: Procs, t: Timing, log: Callable[[str], None]) -> list
         if label is None:
             runs.append(result)
         else:
-            extra_phases.append((variant, label, result.full))
+            ratio = float(settings.get("budget_ratio", BUDGET_RATIO))
+            extra_phases.append((variant, label, ratio, result.full))
     procs.stop(up.proc)
 
     rows: list[dict[str, Any] | None] = []
     scenario = "3 upstream answers 503 (100%)"
     for run in runs:
         p = run.full
-        rows += _amplification_rows(
-            scenario, run.variant, p.amplification, p.inbound, p.seconds, p.app_age
-        )
+        rows += _amplification_rows(scenario, run.variant, p.amplification, p.inbound, p.seconds)
         rows.append(row(scenario, run.variant, "success %", 100 * p.success))
-    for variant, label, p in extra_phases:
+    for variant, label, budget_ratio, p in extra_phases:
         rows += _amplification_rows(
             scenario,
             variant,
             p.amplification,
             p.inbound,
             p.seconds,
-            p.app_age,
             label=label,
             floors=False,
+            allowed=budget_ratio,
         )
     scenario = "3 upstream answers 503 (50%)"
     for run in runs:
         if run.half is None:
             continue
         p = run.half
-        rows += _amplification_rows(
-            scenario, run.variant, p.amplification, p.inbound, p.seconds, p.app_age
-        )
+        rows += _amplification_rows(scenario, run.variant, p.amplification, p.inbound, p.seconds)
         rows.append(row(scenario, run.variant, "success %", 100 * p.success))
     rows += _recovery_rows("5 recovery (upstream erroring, then back)", runs, t)
     return _keep(rows)

@@ -274,17 +274,18 @@ _MAX_WINDOW = 3600.0
 class RetryBudget:
     """Caps retries to a share of recent calls, per upstream.
 
-    A retry is allowed when both hold, over the sliding window and in the current second::
+    A retry is allowed when both hold, over the sliding window and over the last second::
 
-        retries + 1        <= ratio * calls                  + min_per_second * seconds
-        retries_now + 1    <= ratio * max(calls_now, calls_before) + min_per_second
+        retries + 1         <= ratio * calls        + min_per_second * seconds
+        recent_retries + 1  <= ratio * recent_calls + min_per_second
 
     ``calls`` counts first attempts (:meth:`record_call`), ``retries`` counts retries
     allowed so far (:meth:`try_spend`), and ``seconds`` is how many whole seconds of the
     window the budget has existed for: ``min(ceil(window), whole seconds since creation + 1)``.
-    ``calls_now`` and ``retries_now`` count the current second, ``calls_before`` the one
-    before it. The floor lets quiet upstreams retry at all; ratio keeps a busy one from
-    having its load multiplied when it fails. With ratio 0.1 and no floor, 100 calls that
+    ``recent_*`` count the last second, sliding: the current second's counts plus the
+    previous second's, weighted by how much of it the last 1 s still overlaps. The floor
+    lets quiet upstreams retry at all; ratio keeps a busy one from having its load
+    multiplied when it fails. With ratio 0.1 and no floor, 100 calls that
     all fail get at most 10 retries.
 
     The window bounds the total; the second line bounds the *rate*. Without it, the
@@ -413,7 +414,8 @@ class RetryBudget:
 
     def try_spend(self) -> bool:
         """Take one retry from the budget if the formula allows it; say whether it did."""
-        second = int(self._clock())
+        now = self._clock()
+        second = int(now)
         slot = second % self._size
         with self._lock:
             calls, retries = self._counts_locked(second)
@@ -421,19 +423,31 @@ class RetryBudget:
             allowance = self._ratio * calls + self._min_per_second * seconds
             if retries + 1 > allowance + _BUDGET_EPSILON:
                 return False
-            now = self._retries[slot] if self._retry_seconds[slot] == second else 0
-            rate = self._ratio * self._recent_calls_locked(second) + self._min_per_second
-            if now + 1 > rate + _BUDGET_EPSILON:
+            # The last second, sliding: this second's counts plus the share of the
+            # previous second's that the last 1 s still overlaps.
+            overlap = 1.0 - (now - second)
+            calls_now, calls_before = self._calls_per_second_locked(second)
+            retries_now = self._retries[slot] if self._retry_seconds[slot] == second else 0
+            before = (second - 1) % self._size
+            retries_before = (
+                self._retries[before] if self._retry_seconds[before] == second - 1 else 0
+            )
+            recent_calls = calls_now + overlap * calls_before
+            recent_retries = retries_now + overlap * retries_before
+            if (
+                recent_retries + 1
+                > self._ratio * recent_calls + self._min_per_second + _BUDGET_EPSILON
+            ):
                 return False
-            if now:
+            if retries_now:
                 self._retries[slot] += 1
             else:
                 self._retry_seconds[slot] = second
                 self._retries[slot] = 1
             return True
 
-    def _recent_calls_locked(self, second: int) -> int:
-        """Calls in ``second`` or in the second before it, whichever had more."""
+    def _calls_per_second_locked(self, second: int) -> tuple[int, int]:
+        """Calls counted in ``second``, and in the second before it."""
         size = self._size
         slot, before_slot = second % size, (second - 1) % size
         current = self._mark_calls[slot] if self._mark_seconds[slot] == second else None
@@ -443,7 +457,7 @@ class RetryBudget:
         now_calls = self._count - current if current is not None else 0
         end = current if current is not None else self._count
         before_calls = end - before if before is not None else 0
-        return max(now_calls, before_calls)
+        return now_calls, before_calls
 
     def counts(self) -> tuple[int, int]:
         """``(calls, retries)`` currently in the window, for metrics and tests."""
