@@ -67,7 +67,7 @@ class BreakerPolicy:
     min_calls: int = 10
     open_seconds: float = 30.0
     # Each re-open from half-open doubles the open time, up to this cap (then jittered).
-    max_open_seconds: float = 300.0
+    max_open_seconds: float = 60.0
     half_open_calls: int = 3
     slow_call_seconds: float = 5.0
     slow_call_rate: float = 1.0

@@ -105,7 +105,7 @@ class BreakerSettings(_Model):
     min_calls: int = Field(10, ge=1, description="Calls in the window before it may open.")
     open_seconds: PositiveSeconds = Field(30.0, description="Time open before probing.")
     max_open_seconds: PositiveSeconds = Field(
-        300.0, description="Cap of the growing open time after failed probes."
+        60.0, description="Cap of the growing open time after failed probes."
     )
     half_open_calls: int = Field(
         3, ge=1, le=1000, description="Probes admitted in half-open; this many successes close it."
