@@ -408,3 +408,31 @@ def test_guard_unknown_upstream_lists_known() -> None:
     guard = gg.Guard({"upstreams": UP})
     with pytest.raises(KeyError, match="payments"):
         guard.policy("nope")
+
+
+def test_max_open_seconds_unset_is_60s_or_open_seconds_when_longer() -> None:
+    settings = load_settings(
+        {
+            "upstreams": {
+                "quick": {"base_url": "http://quick.test"},
+                "slow": {"base_url": "http://slow.test", "breaker": {"open_seconds": 120}},
+                "capped": {
+                    "base_url": "http://capped.test",
+                    "breaker": {"open_seconds": 5, "max_open_seconds": 20},
+                },
+            }
+        },
+        environ={},
+    )
+    calls = compile_policies(settings).calls
+    assert calls["quick"].breaker.max_open_seconds == 60.0
+    # A long open_seconds is not refused for a cap the user never set.
+    assert calls["slow"].breaker.max_open_seconds == 120.0
+    assert calls["capped"].breaker.max_open_seconds == 20.0
+
+
+def test_max_open_seconds_from_the_environment() -> None:
+    settings = load_settings(
+        {}, environ={"GATEWAY_GUARD__DEFAULTS__BREAKER__MAX_OPEN_SECONDS": "90"}
+    )
+    assert settings.defaults.breaker.max_open_seconds == 90.0

@@ -38,6 +38,10 @@ __all__ = [
 Priority = Literal["critical", "normal", "sheddable"]
 WindowKind = Literal["count", "time"]
 
+# The cap of a re-opening breaker's open time when the settings leave it unset (and
+# open_seconds is shorter): also the longest a recovered upstream waits to be noticed.
+DEFAULT_MAX_OPEN_SECONDS = 60.0
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -67,7 +71,7 @@ class BreakerPolicy:
     min_calls: int = 10
     open_seconds: float = 30.0
     # Each re-open from half-open doubles the open time, up to this cap (then jittered).
-    max_open_seconds: float = 60.0
+    max_open_seconds: float = DEFAULT_MAX_OPEN_SECONDS
     half_open_calls: int = 3
     slow_call_seconds: float = 5.0
     slow_call_rate: float = 1.0
@@ -177,7 +181,11 @@ def _call_policy(name: str, base_url: str | None, call: CallSettings) -> CallPol
             window_size=b.window_size,
             min_calls=b.min_calls,
             open_seconds=b.open_seconds,
-            max_open_seconds=b.max_open_seconds,
+            max_open_seconds=(
+                b.max_open_seconds
+                if b.max_open_seconds is not None
+                else max(DEFAULT_MAX_OPEN_SECONDS, b.open_seconds)
+            ),
             half_open_calls=b.half_open_calls,
             slow_call_seconds=b.slow_call_seconds,
             slow_call_rate=b.slow_call_rate,

@@ -104,8 +104,12 @@ class BreakerSettings(_Model):
     window_size: int = Field(20, ge=1, le=10_000, description="Calls, or seconds.")
     min_calls: int = Field(10, ge=1, description="Calls in the window before it may open.")
     open_seconds: PositiveSeconds = Field(30.0, description="Time open before probing.")
-    max_open_seconds: PositiveSeconds = Field(
-        60.0, description="Cap of the growing open time after failed probes."
+    max_open_seconds: PositiveSeconds | None = Field(
+        None,
+        description=(
+            "Cap of the growing open time after failed probes; unset: 60 s, or "
+            "open_seconds when that is longer."
+        ),
     )
     half_open_calls: int = Field(
         3, ge=1, le=1000, description="Probes admitted in half-open; this many successes close it."
@@ -694,7 +698,7 @@ def _check_call(
             f"min_calls {breaker.min_calls} must not exceed window_size {breaker.window_size} "
             "for a count window",
         )
-    if breaker.max_open_seconds < breaker.open_seconds:
+    if breaker.max_open_seconds is not None and breaker.max_open_seconds < breaker.open_seconds:
         add(
             _blame(owner, "breaker.max_open_seconds", "breaker.open_seconds"),
             f"max_open_seconds {breaker.max_open_seconds:g} must be at least open_seconds "
