@@ -1278,6 +1278,26 @@ def test_bulkhead_slot_released_whatever_the_outcome(
     assert guard.bulkhead("up").in_flight == 0
 
 
+def test_bulkhead_statistics_count_the_transports_calls(driver: Driver, clock: FakeClock) -> None:
+    # The transports take and give back the default (fail-fast) bulkhead's slots inline;
+    # its statistics must still see every call, and every shed one.
+    guard = make_guard(clock)
+    for _ in range(5):
+        driver.send(guard, Upstream(OK))
+    snapshot = guard.bulkhead("up").snapshot()
+    assert (snapshot.admitted, snapshot.released, snapshot.in_flight) == (5, 5, 0)
+
+    bulkhead = guard.bulkhead("up")
+    held = [bulkhead.try_acquire() for _ in range(bulkhead.max_concurrent)]
+    assert all(held)
+    with pytest.raises(gg.LoadShedError):
+        driver.send(guard, Upstream(OK))
+    for _ in held:
+        bulkhead.release()
+    snapshot = bulkhead.snapshot()
+    assert (snapshot.rejected, snapshot.in_flight) == (1, 0)
+
+
 class Interrupt(BaseException):
     """Stands in for KeyboardInterrupt / SystemExit raised while a thread is in a call."""
 
@@ -1504,3 +1524,38 @@ def test_many_tasks_share_one_async_client(clock: FakeClock) -> None:
     assert sum(isinstance(r, httpx.Response) and r.status_code == 200 for r in results) > tasks // 2
     assert guard.bulkhead("up").snapshot().admitted == tasks
     check_consistent(guard, flaky, tasks)
+
+
+# --- timing successes ------------------------------------------------------------------------
+
+
+def slow_ok(clock: FakeClock, seconds: float) -> Step:
+    def step(request: httpx.Request) -> httpx.Response:
+        clock.now += seconds
+        return httpx.Response(200, content=b"late")
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("breaker", "listen", "slow"),
+    [
+        ({}, False, 0),  # slowness cannot open it: successes are not timed at all
+        ({"slow_call_rate": 0.5}, False, 1),
+        ({}, True, 1),  # a call listener is told every duration
+    ],
+    ids=["default", "slow-call-rate", "listener"],
+)
+def test_a_success_is_timed_only_when_its_duration_can_matter(
+    driver: Driver, clock: FakeClock, breaker: dict[str, Any], listen: bool, slow: int
+) -> None:
+    guard = make_guard(clock, breaker={"slow_call_seconds": 1.0, **breaker})
+    durations: list[float] = []
+    if listen:
+        guard.breaker("up").add_call_listener(lambda _b, _o, duration: durations.append(duration))
+
+    response = driver.send(guard, Upstream(slow_ok(clock, 2.0)), "GET", "/x")
+
+    assert response.status_code == 200
+    assert guard.breaker("up").snapshot().slow == slow
+    assert durations == ([2.0] if listen else [])

@@ -109,8 +109,10 @@ class BreakerSnapshot:
     """A consistent copy of a breaker's numbers at one instant, for metrics and the CLI.
 
     ``calls``, ``failures`` and ``slow`` count the current window (slow calls include slow
-    failures). ``open_until`` is on the breaker's clock (``time.monotonic`` by default);
-    it and ``open_remaining`` are ``None`` unless the state is ``OPEN``.
+    failures). Successes are timed only when their duration can matter (``slow_call_rate``
+    below 1, or a call listener attached), so otherwise ``slow`` counts slow failures only.
+    ``open_until`` is on the breaker's clock (``time.monotonic`` by default); it and
+    ``open_remaining`` are ``None`` unless the state is ``OPEN``.
     """
 
     name: str
@@ -304,6 +306,7 @@ class CircuitBreaker:
         "_window",
         "name",
         "policy",
+        "times_successes",
     )
 
     def __init__(
@@ -327,6 +330,9 @@ class CircuitBreaker:
         self._slow_seconds = policy.slow_call_seconds
         self._slow_call_rate = policy.slow_call_rate
         self._slow_trips = policy.slow_call_rate < 1.0
+        # Whether a success's duration can matter: drivers skip timing successes (a clock
+        # read on every call) when it cannot, and report them with a duration of 0.0.
+        self.times_successes = self._slow_trips
         self._open_seconds = policy.open_seconds
         self._max_open_seconds = max(policy.max_open_seconds, 0.0)
         self._half_open_calls = max(1, policy.half_open_calls)
@@ -660,6 +666,7 @@ class CircuitBreaker:
         with self._lock:
             self._call_listeners = (*self._call_listeners, listener)
             self._fast = False
+            self.times_successes = True
             self._check_quiet()
 
     def remove_call_listener(self, listener: CallListener) -> None:
@@ -667,6 +674,7 @@ class CircuitBreaker:
         with self._lock:
             self._call_listeners = _without(self._call_listeners, listener)
             self._fast = self._state is _CLOSED and not self._call_listeners
+            self.times_successes = self._slow_trips or bool(self._call_listeners)
             self._check_quiet()
 
     def _notify_state(self, old: BreakerState, new: BreakerState) -> None:

@@ -14,7 +14,7 @@ import httpx
 
 from .breaker import BreakerState, CircuitBreaker
 from .errors import UpstreamError
-from .limiter import InboundShedding, Limiter, bulkhead
+from .limiter import InboundShedding, Limiter, TokenLimiter, bulkhead
 from .policy import CallPolicy, Policies, compile_policies, compile_view_policy
 from .render import ErrorRenderer
 from .retry import RetryBudget
@@ -45,7 +45,7 @@ R = TypeVar("R")
 class UpstreamRuntime:
     """The shared state of one upstream: every client and transport of it uses this."""
 
-    __slots__ = ("breaker", "budget", "bulkhead", "clock", "name", "policy")
+    __slots__ = ("breaker", "budget", "bulkhead", "clock", "fail_fast", "name", "policy")
 
     def __init__(self, policy: CallPolicy, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = policy.upstream
@@ -55,6 +55,8 @@ class UpstreamRuntime:
         self.clock = clock
         self.breaker = CircuitBreaker(policy.upstream, policy.breaker, clock=clock)
         self.bulkhead: Limiter = bulkhead(policy.upstream, policy.bulkhead, clock=clock)
+        # The same bulkhead when it is fail-fast (the default): transports drive it inline.
+        self.fail_fast = self.bulkhead if isinstance(self.bulkhead, TokenLimiter) else None
         self.budget = RetryBudget.from_policy(policy.retry, clock=clock)
         self.breaker.add_listener(_log_state_change)
 

@@ -806,19 +806,25 @@ class TokenLimiter:
     driver API of :class:`ConcurrencyLimiter`; what it gives up is the hold-time estimate,
     so a shed says ``Retry-After: 1`` (a fail-fast bulkhead's slots turn over within one
     upstream call, and a caller that finds it full again is shed again at no cost).
+
+    The guarded transports drive it inline, without a method call: ``tokens.pop()`` takes
+    a slot (``IndexError``: none is free, raise :meth:`refused`), and ``tokens.append(None)``
+    then ``released += 1`` gives it back. That protocol is for drivers whose every take is
+    paired with exactly one give-back by construction (a ``try``/``finally``); everyone
+    else uses :meth:`acquire` / :meth:`release`, which check the pairing.
     """
 
-    __slots__ = ("_max_concurrent", "_rejected", "_released", "_tokens", "name")
+    __slots__ = ("_max_concurrent", "_rejected", "name", "released", "tokens")
 
     def __init__(self, name: str, max_concurrent: int) -> None:
         if max_concurrent <= 0:
             raise ValueError(f"max_concurrent must be > 0, got {max_concurrent}")
         self.name = name
         self._max_concurrent = max_concurrent
-        self._tokens: list[None] = [None] * max_concurrent
+        self.tokens: list[None] = [None] * max_concurrent
         # Statistics only. CPython 3.11 does not switch threads inside a `+= 1` on an
         # attribute, so they are exact there; elsewhere they could undercount, never more.
-        self._released = 0
+        self.released = 0
         self._rejected = 0
 
     def __repr__(self) -> str:
@@ -842,7 +848,7 @@ class TokenLimiter:
 
     @property
     def in_flight(self) -> int:
-        return self._max_concurrent - len(self._tokens)
+        return self._max_concurrent - len(self.tokens)
 
     @property
     def queued(self) -> int:
@@ -851,7 +857,8 @@ class TokenLimiter:
     def retry_after(self) -> float:
         return 1.0
 
-    def _shed(self) -> LoadShedError:
+    def refused(self) -> LoadShedError:
+        """Count a caller that found every slot taken; the error to raise for it."""
         self._rejected += 1
         return LoadShedError(
             f"{self.name}: all {self._max_concurrent} slots are taken",
@@ -861,29 +868,29 @@ class TokenLimiter:
 
     def try_acquire(self) -> bool:
         try:
-            self._tokens.pop()
+            self.tokens.pop()
         except IndexError:
             return False
         return True
 
     def acquire(self, priority: Priority = "normal") -> None:
         try:
-            self._tokens.pop()
+            self.tokens.pop()
         except IndexError:
-            raise self._shed() from None
+            raise self.refused() from None
 
     async def acquire_async(self, priority: Priority = "normal") -> None:
         try:
-            self._tokens.pop()
+            self.tokens.pop()
         except IndexError:
-            raise self._shed() from None
+            raise self.refused() from None
 
     def release(self) -> None:
-        tokens = self._tokens
+        tokens = self.tokens
         if len(tokens) >= self._max_concurrent:
             raise RuntimeError(f"limiter {self.name!r}: release() without acquire()")
         tokens.append(None)
-        self._released += 1
+        self.released += 1
 
     def slot(self, priority: Priority = "normal") -> _TokenSlot:
         return _TokenSlot(self)
@@ -892,7 +899,7 @@ class TokenLimiter:
         return _TokenSlot(self)
 
     def snapshot(self) -> LimiterSnapshot:
-        released = self._released
+        released = self.released
         in_flight = self.in_flight
         return LimiterSnapshot(
             name=self.name,

@@ -41,6 +41,8 @@ RETURN = -1.0
 WRAP = -2.0
 RAISE = -3.0
 
+_ByteStream = httpx.ByteStream
+
 # The most of a failure response's body kept for logs; the rest is never read.
 _MAX_ERROR_BODY = 64 * 1024
 
@@ -97,7 +99,7 @@ class _Call:
         # attempt (and may be replaced by a ByteStream once read, so look now), so a
         # streaming request (including multipart uploads, whose file parts are read as
         # they are sent) is never retried.
-        self.streaming = not isinstance(request.stream, httpx.ByteStream)
+        self.streaming = not isinstance(request.stream, _ByteStream)
         rt.budget.record_call(now)
         # The first attempt's admission, as in admit() but inline: it is on every call.
         remaining = deadline_at - now
@@ -181,9 +183,14 @@ class _Call:
             if self.ctx is not None:
                 self._record(status, None)
             if response.is_stream_consumed:
+                # _succeeded(), inline: this is every successful call's path.
                 rt = self.rt
-                clock = rt.clock
-                rt.breaker.record_success(clock() - self.t0, self.probe)
+                breaker = rt.breaker
+                if breaker.times_successes:
+                    clock = rt.clock
+                    breaker.record_success(clock() - self.t0, self.probe)
+                else:
+                    breaker.record_success(0.0, self.probe)
                 return RETURN
             return WRAP
         now = self.rt.clock()
@@ -224,9 +231,17 @@ class _Call:
     # --- the body of a streamed response ---------------------------------------------------
 
     def body_done(self) -> None:
+        self._succeeded()
+
+    def _succeeded(self) -> None:
         rt = self.rt
-        clock = rt.clock
-        rt.breaker.record_success(clock() - self.t0, self.probe)
+        breaker = rt.breaker
+        if breaker.times_successes:
+            clock = rt.clock
+            breaker.record_success(clock() - self.t0, self.probe)
+        else:
+            # Nothing would use the duration: spare the clock read on every call.
+            breaker.record_success(0.0, self.probe)
 
     def body_failed(self, exc: httpx.TransportError) -> UpstreamError:
         """The response body failed after the headers came: count it, classify it."""
@@ -486,11 +501,19 @@ class GuardedTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         rt = self._rt
-        bulkhead = rt.bulkhead
-        try:
-            bulkhead.acquire()
-        except LoadShedError as exc:
-            raise _shed(rt, exc) from None
+        fast = rt.fail_fast
+        if fast is not None:
+            # The default fail-fast bulkhead, driven inline (TokenLimiter's protocol for
+            # drivers that pair every take with one give-back, as the finally below does).
+            try:
+                fast.tokens.pop()
+            except IndexError:
+                raise _shed(rt, fast.refused()) from None
+        else:
+            try:
+                rt.bulkhead.acquire()
+            except LoadShedError as exc:
+                raise _shed(rt, exc) from None
         try:
             call = _Call(rt, request)
             while True:
@@ -510,7 +533,11 @@ class GuardedTransport(httpx.BaseTransport):
                 _sleep(outcome)
                 call.admit()
         finally:
-            bulkhead.release()
+            if fast is not None:
+                fast.tokens.append(None)
+                fast.released += 1
+            else:
+                rt.bulkhead.release()
         if outcome == WRAP:
             response.stream = _GuardedStream(response.stream, call)  # type: ignore[arg-type]
         elif outcome == RAISE:
@@ -532,11 +559,19 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         rt = self._rt
-        bulkhead = rt.bulkhead
-        try:
-            await bulkhead.acquire_async()
-        except LoadShedError as exc:
-            raise _shed(rt, exc) from None
+        fast = rt.fail_fast
+        if fast is not None:
+            # As in GuardedTransport: the default bulkhead, driven inline.
+            try:
+                fast.tokens.pop()
+            except IndexError:
+                raise _shed(rt, fast.refused()) from None
+        elif not rt.bulkhead.try_acquire():
+            # A free slot is taken without creating a coroutine; only a wait needs one.
+            try:
+                await rt.bulkhead.acquire_async()
+            except LoadShedError as exc:
+                raise _shed(rt, exc) from None
         try:
             call = _Call(rt, request)
             while True:
@@ -559,7 +594,11 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                     await asyncio.sleep(outcome)
                 call.admit()
         finally:
-            bulkhead.release()
+            if fast is not None:
+                fast.tokens.append(None)
+                fast.released += 1
+            else:
+                rt.bulkhead.release()
         if outcome == WRAP:
             response.stream = _AsyncGuardedStream(response.stream, call)  # type: ignore[arg-type]
         elif outcome == RAISE:
