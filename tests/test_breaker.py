@@ -1050,11 +1050,11 @@ def test_lock_free_successes_keep_a_full_count_window_consistent() -> None:
     for _ in range(size):
         breaker.record_success(0.0, breaker.admit())
     assert breaker.snapshot().failures == 0
-    assert breaker._quiet
+    assert breaker.quiet
     # ...but a failure is still counted, and ends the quiet spell.
     breaker.record_failure(0.0, breaker.admit())
     assert breaker.snapshot().failures == 1
-    assert not breaker._quiet
+    assert not breaker.quiet
 
 
 @pytest.mark.usefixtures("busy_switching")

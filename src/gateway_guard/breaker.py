@@ -269,6 +269,13 @@ class CircuitBreaker:
     ``clock`` (seconds, monotonic) and ``random`` (uniform in [0, 1), for the jitter of
     re-open times) are injectable so tests are exact without sleeping.
 
+    Drivers on the hottest path may read three hints, without the lock, to skip a call
+    that would change nothing: ``passing`` (:meth:`admit` would return False, no probe),
+    ``quiet`` (:meth:`record_success` of a call faster than ``slow_call_seconds`` would
+    write nothing) and ``times_successes`` (whether a success's duration can matter; when
+    False, report it as 0.0). A hint read just before another thread changes the state
+    is a call that raced that change, which the breaker treats the same way.
+
     >>> from gateway_guard.policy import BreakerPolicy
     >>> breaker = CircuitBreaker("payments", BreakerPolicy(min_calls=2, window_size=2))
     >>> for _ in range(2):
@@ -293,10 +300,8 @@ class CircuitBreaker:
         "_min_calls",
         "_open_seconds",
         "_open_until",
-        "_pass",
         "_probe_successes",
         "_probes",
-        "_quiet",
         "_random",
         "_slow_call_rate",
         "_slow_seconds",
@@ -305,7 +310,9 @@ class CircuitBreaker:
         "_state_listeners",
         "_window",
         "name",
+        "passing",
         "policy",
+        "quiet",
         "times_successes",
     )
 
@@ -349,14 +356,15 @@ class CircuitBreaker:
         self._probes = 0  # probes admitted in this half-open spell, minus ignored ones
         self._probe_successes = 0
         self._state = _CLOSED if policy.enabled else _DISABLED
-        # The two hot-path flags, kept in step with _state by _set_state:
-        # _pass: admit() may say yes without the lock (CLOSED, DISABLED).
+        # The hot-path flags, kept in step with _state by _set_state (the public ones are
+        # the lock-free hints documented on the class):
+        # passing: admit() may say yes without the lock (CLOSED, DISABLED).
         # _fast: record_success() may take the short path (CLOSED, and no call listener).
-        # _quiet: _fast, and the window is a full count window of successes only, so a
+        # quiet: _fast, and the window is a full count window of successes only, so a
         # success changes nothing at all.
-        self._pass = True
+        self.passing = True
         self._fast = policy.enabled
-        self._quiet = False
+        self.quiet = False
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self.state.value}>"
@@ -370,7 +378,7 @@ class CircuitBreaker:
         call must then be reported once through ``record_success`` / ``record_failure`` /
         ``record_status`` / ``record_ignored`` with the probe flag returned here.
         """
-        if self._pass:
+        if self.passing:
             return False
         return self._admit_slow()
 
@@ -408,7 +416,7 @@ class CircuitBreaker:
 
     def record_success(self, duration: float, probe: bool) -> None:
         """Report an admitted call that succeeded after ``duration`` seconds."""
-        if self._quiet and duration < self._slow_seconds:
+        if self.quiet and duration < self._slow_seconds:
             # Every slot of a full count window holds a success: one more replaces one,
             # and which one does not matter, so there is nothing to write at all.
             return
@@ -532,7 +540,7 @@ class CircuitBreaker:
     def _set_state(self, new: BreakerState) -> tuple[BreakerState, BreakerState]:
         old = self._state
         self._state = new
-        self._pass = new is _CLOSED or new is _DISABLED
+        self.passing = new is _CLOSED or new is _DISABLED
         self._fast = new is _CLOSED and not self._call_listeners
         self._check_quiet()
         self._probes = self._probe_successes = 0
@@ -543,7 +551,7 @@ class CircuitBreaker:
         # listeners. A racing lock-free success that still saw True is simply not counted:
         # it would have replaced a success, which changes nothing but a ring position.
         counts = self._counts
-        self._quiet = (
+        self.quiet = (
             self._fast
             and counts is not None
             and counts.calls == counts.size

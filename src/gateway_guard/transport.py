@@ -105,11 +105,15 @@ class _Call:
         remaining = deadline_at - now
         if remaining <= 0.0:
             raise self._deadline_error()
-        try:
-            self.probe = rt.breaker.admit()
-        except CircuitOpenError as exc:
-            self._refused(exc, now)
-            raise
+        breaker = rt.breaker
+        if breaker.passing:
+            self.probe = False  # what admit() would say, without calling it
+        else:
+            try:
+                self.probe = breaker.admit()
+            except CircuitOpenError as exc:
+                self._refused(exc, now)
+                raise
         if remaining >= policy.unclipped_after:
             request.extensions["timeout"] = policy.timeouts
         else:
@@ -189,7 +193,7 @@ class _Call:
                 if breaker.times_successes:
                     clock = rt.clock
                     breaker.record_success(clock() - self.t0, self.probe)
-                else:
+                elif not breaker.quiet:
                     breaker.record_success(0.0, self.probe)
                 return RETURN
             return WRAP
@@ -239,7 +243,7 @@ class _Call:
         if breaker.times_successes:
             clock = rt.clock
             breaker.record_success(clock() - self.t0, self.probe)
-        else:
+        elif not breaker.quiet:
             # Nothing would use the duration: spare the clock read on every call.
             breaker.record_success(0.0, self.probe)
 
