@@ -54,7 +54,6 @@ timeout or a cancellation racing a hand-off either keeps the slot or gives it ba
 from __future__ import annotations
 
 import asyncio
-import itertools
 import math
 import sys
 import threading
@@ -65,7 +64,6 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
-from gateway_guard._counter import peek
 from gateway_guard.errors import LoadShedError
 from gateway_guard.policy import BulkheadPolicy, Priority, ShedPolicy
 
@@ -278,8 +276,13 @@ class ConcurrencyLimiter:
         # Written only under the lock; read without it by the lock-free paths.
         self._queued = 0
         self._queues: tuple[deque[_Waiter], ...] = (deque(), deque(), deque())
-        # Ordinal of the next release; next() on an itertools.count is atomic.
-        self._released = itertools.count()
+        # Ordinal of the next release. Taken with `n = _released; _released = n + 1`:
+        # CPython 3.11 switches threads only at calls and backward jumps, never inside
+        # those two statements, so each release gets its own ordinal; a free-threaded
+        # interpreter could hand two releases one ordinal, which only blurs the hold-time
+        # estimate (the tokens, which admission rests on, are a list either way). A plain
+        # int, because next() on an itertools.count runs C code no hot path keeps warm.
+        self._released = 0
         # Hold-time probes (see retry_after): at most one runs at a time. ``_arm`` asks
         # the next acquisition to start one; ``_mark`` is the release ordinal at which the
         # running probe ends, or, between probes, the one at which the next is armed.
@@ -356,7 +359,7 @@ class ConcurrencyLimiter:
         with self._lock:
             now = self._clock()
             retry_after = self._retry_after_locked(now)
-            released = peek(self._released)
+            released = self._released
             in_flight = self.in_flight
             return LimiterSnapshot(
                 name=self.name,
@@ -495,7 +498,8 @@ class ConcurrencyLimiter:
                 raise RuntimeError(f"limiter {self.name!r}: release() without acquire()")
             # Counted before the slot can go to anyone, so that a probe started by whoever
             # gets it counts from after this release.
-            n = next(self._released)
+            n = self._released
+            self._released = n + 1
             tokens.append(None)
             # Look again *after* the append: a caller that joined the queue meanwhile
             # either popped this token while draining or is seen here (module docstring).
@@ -508,7 +512,8 @@ class ConcurrencyLimiter:
             tokens = self._tokens
             if len(tokens) >= self._max_concurrent:
                 raise RuntimeError(f"limiter {self.name!r}: release() without acquire()")
-            n = next(self._released)
+            n = self._released
+            self._released = n + 1
             if n >= self._mark:
                 self._tick_locked(n)
             if self._queued:
@@ -608,7 +613,8 @@ class ConcurrencyLimiter:
     def _pass_on(self) -> _Waiter | None:
         """Release a granted slot nobody will use: to the best waiter (returned, to be
         woken), else back to the pool as a token."""
-        n = next(self._released)
+        n = self._released
+        self._released = n + 1
         if n >= self._mark:
             self._tick_locked(n)
         if self._queued:
@@ -630,7 +636,7 @@ class ConcurrencyLimiter:
         self._probe_since = now
         self._probe_k = held
         # It ends at the release that makes ``held`` of them since now.
-        self._mark = peek(self._released) + held - 1
+        self._mark = self._released + held - 1
 
     def _tick(self, n: int) -> None:
         with self._lock:
@@ -661,7 +667,7 @@ class ConcurrencyLimiter:
     def _refresh_probe(self, now: float) -> None:
         """An estimate is wanted: make sure a probe is running or armed."""
         if self._probe_since is not None:
-            last = peek(self._released) - 1
+            last = self._released - 1
             if last < self._mark:
                 return  # still running
             # Its last release did not see the mark (a lock-free race): end it now.
