@@ -381,10 +381,27 @@ async def _aread_capped(response: httpx.Response) -> None:
         await response.aclose()
 
 
-class _GuardedStream(httpx.SyncByteStream):
-    """Records the breaker outcome when the body ends; classifies failures mid-body."""
+class _Settling:
+    """What both guarded body streams share: the call's outcome is settled exactly once."""
 
     __slots__ = ("_call", "_inner", "_open")
+    _call: _Call
+    _open: bool
+
+    def _settle(self) -> None:
+        # Closed before the end (the caller stopped reading): nothing learned about the
+        # upstream, but a half-open probe slot must be given back.
+        if self._open:
+            self._open = False
+            self._call.cancelled()
+
+    def __del__(self) -> None:
+        # A response dropped without close() must not keep a probe slot forever.
+        self._settle()
+
+
+class _GuardedStream(_Settling, httpx.SyncByteStream):
+    """Records the breaker outcome when the body ends; classifies failures mid-body."""
 
     def __init__(self, inner: httpx.SyncByteStream, call: _Call) -> None:
         self._inner = inner
@@ -407,21 +424,8 @@ class _GuardedStream(httpx.SyncByteStream):
         finally:
             self._settle()
 
-    def _settle(self) -> None:
-        # Closed before the end (the caller stopped reading): nothing learned about the
-        # upstream, but a half-open probe slot must be given back.
-        if self._open:
-            self._open = False
-            self._call.cancelled()
 
-    def __del__(self) -> None:
-        # A response dropped without close() must not keep a probe slot forever.
-        self._settle()
-
-
-class _AsyncGuardedStream(httpx.AsyncByteStream):
-    __slots__ = ("_call", "_inner", "_open")
-
+class _AsyncGuardedStream(_Settling, httpx.AsyncByteStream):
     def __init__(self, inner: httpx.AsyncByteStream, call: _Call) -> None:
         self._inner = inner
         self._call = call
@@ -443,14 +447,6 @@ class _AsyncGuardedStream(httpx.AsyncByteStream):
             await self._inner.aclose()
         finally:
             self._settle()
-
-    def _settle(self) -> None:
-        if self._open:
-            self._open = False
-            self._call.cancelled()
-
-    def __del__(self) -> None:
-        self._settle()
 
 
 # A failure body smaller than this is read before a retry so its connection goes back to
