@@ -673,17 +673,19 @@ class CircuitBreaker:
         """
         with self._lock:
             self._call_listeners = (*self._call_listeners, listener)
-            self._fast = False
-            self.times_successes = True
-            self._check_quiet()
+            self._listeners_changed()
 
     def remove_call_listener(self, listener: CallListener) -> None:
         """Stop calling ``listener``; ValueError if it was not added."""
         with self._lock:
             self._call_listeners = _without(self._call_listeners, listener)
-            self._fast = self._state is _CLOSED and not self._call_listeners
-            self.times_successes = self._slow_trips or bool(self._call_listeners)
-            self._check_quiet()
+            self._listeners_changed()
+
+    def _listeners_changed(self) -> None:
+        # With the lock held: the hot-path flags that depend on having call listeners.
+        self._fast = self._state is _CLOSED and not self._call_listeners
+        self.times_successes = self._slow_trips or bool(self._call_listeners)
+        self._check_quiet()
 
     def _notify_state(self, old: BreakerState, new: BreakerState) -> None:
         # The tuple is replaced, never mutated, so iterating it needs no lock.
