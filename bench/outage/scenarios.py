@@ -39,14 +39,17 @@ from bench.outage import loadgen as lg
 from bench.outage._harness import HOST, Control, Proc, Procs, Upstream
 from bench.outage.apps import GUARD, HAND_BUILT, PLAIN, VARIANTS
 
+from gateway_guard.settings import RetrySettings
+
 NO_OUTAGE = "no outage"
 # OUTAGE_DEBUG=1: print every window pair of scenarios 1 and 2 to stderr.
 DEBUG = bool(os.environ.get("OUTAGE_DEBUG"))
 KIND_NAMES = {"asgi": "async", "wsgi": "threaded"}
 TWIN = "twin "  # label prefix of the twin's samples
-# gateway_guard's defaults, which the bench keeps: the retry budget's floor and ratio.
-BUDGET_MIN_PER_SECOND = 10.0
-BUDGET_RATIO = 0.2
+# gateway_guard's defaults, which the bench keeps: the retry budget's floor and ratio,
+# read from the settings schema so a changed default cannot leave the goals behind.
+BUDGET_MIN_PER_SECOND = float(RetrySettings.model_fields["budget_min_per_second"].default)
+BUDGET_RATIO = float(RetrySettings.model_fields["budget_ratio"].default)
 
 
 @dataclass(frozen=True)
