@@ -55,21 +55,20 @@ class GatewayGuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = traceparent = accept = None
+        # Only the two headers every request needs are looked for here; Accept matters
+        # only to an error page, and is read from the scope when one is rendered.
+        request_id = traceparent = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 request_id = value
             elif name == b"traceparent":
                 traceparent = value
-            elif name == b"accept":
-                # Repeated field lines form one list (RFC 9110 §5.3).
-                accept = value if accept is None else accept + b", " + value
         method = scope["method"]
         ctx = start(self.guard, method, scope["path"], request_id, traceparent)
-        rid_header = (b"x-request-id", ctx.request_id.encode("ascii"))
+        rid_header = (b"x-request-id", ctx.request_id.encode())  # ids are ASCII (validated or ours)
 
         if ctx.blocked is not None:
-            await self._error(send, ctx, ctx.blocked, accept, method)
+            await self._error(send, ctx, ctx.blocked, scope, method)
             return
         shed = not ctx.exempt
         route_key = ctx.route_key
@@ -80,15 +79,16 @@ class GatewayGuardMiddleware:
             try:
                 await self._shedding.admit_async(route_key, ctx.priority)
             except LoadShedError as exc:
-                await self._error(send, ctx, inbound_shed(exc), accept, method)
+                await self._error(send, ctx, inbound_shed(exc), scope, method)
                 return
 
         started = False
 
-        async def guarded_send(message: Message) -> None:
+        def guarded_send(message: Message) -> Awaitable[None]:
             # The common case: add our request id to the response, pass everything on.
             nonlocal started
-            if message["type"] == "http.response.start":
+            # The start message comes first (ASGI); after it, messages pass straight on.
+            if not started and message["type"] == "http.response.start":
                 started = True
                 headers = message.get("headers") or ()
                 # ASGI header names are lower-case. An app (or an inner middleware) that
@@ -101,7 +101,7 @@ class GatewayGuardMiddleware:
                         break
                 else:
                     message["headers"] = [*headers, rid_header]
-            await send(message)
+            return send(message)
 
         app_send = guarded_send
         if self._brand_app_errors:
@@ -118,7 +118,7 @@ class GatewayGuardMiddleware:
                         name == b"proxy-status" for name, _ in headers
                     ):
                         started = True
-                        await self._brand(send, ctx, message, accept, method)
+                        await self._brand(send, ctx, message, scope, method)
                         return
                     brand = False
                 elif brand:
@@ -140,7 +140,7 @@ class GatewayGuardMiddleware:
                 # response instead of a truncated one that looks whole.
                 log_gateway_error(ctx, error, started=True)
                 return
-            await self._error(send, ctx, error, accept, method)
+            await self._error(send, ctx, error, scope, method)
         finally:
             reset_context(token)
             if shed:
@@ -150,13 +150,13 @@ class GatewayGuardMiddleware:
                     self._shedding.release(route_key)
 
     async def _brand(
-        self, send: Send, ctx: RequestContext, message: Message, accept: bytes | None, method: str
+        self, send: Send, ctx: RequestContext, message: Message, scope: Scope, method: str
     ) -> None:
         """Replace an app's own 502/503/504 with the branded page (brand_app_errors)."""
         rendered = self.guard.renderer.render_status(
             message["status"],
             request_id=ctx.request_id,
-            accept=_text(accept),
+            accept=_accept(scope),
             method=method,
             retry_after=_retry_after(message),
         )
@@ -167,11 +167,11 @@ class GatewayGuardMiddleware:
         send: Send,
         ctx: RequestContext,
         error: UpstreamError,
-        accept: bytes | None,
+        scope: Scope,
         method: str,
     ) -> None:
         log_gateway_error(ctx, error)
-        rendered = render_error(self.guard, ctx, error, _text(accept), method)
+        rendered = render_error(self.guard, ctx, error, _accept(scope), method)
         await _send_rendered(send, rendered)
 
 
@@ -182,8 +182,10 @@ def _retry_after(message: Message) -> float | None:
     return None
 
 
-def _text(value: bytes | None) -> str | None:
-    return value.decode("latin-1") if value is not None else None
+def _accept(scope: Scope) -> str | None:
+    """The request's Accept field; repeated field lines form one list (RFC 9110 §5.3)."""
+    values = [value for name, value in scope["headers"] if name == b"accept"]
+    return b", ".join(values).decode("latin-1") if values else None
 
 
 async def _send_rendered(send: Send, rendered: RenderedError) -> None:
