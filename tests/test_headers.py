@@ -478,6 +478,15 @@ def test_new_request_id_shape() -> None:
     assert valid_request_id(request_id) == request_id
 
 
+def test_request_ids_keep_their_shape_across_batch_refills() -> None:
+    from gateway_guard import headers
+
+    headers._ids.clear()  # the next id starts a fresh batch of 64
+    drawn = [new_request_id() for _ in range(3 * 64 + 5)]
+    assert all(HEX32.fullmatch(rid) for rid in drawn)
+    assert len(set(drawn)) == len(drawn)
+
+
 def test_new_request_ids_are_unique() -> None:
     assert len({new_request_id() for _ in range(100_000)}) == 100_000
 
