@@ -6,15 +6,25 @@ the request context all on), with asgi-correlation-id, and with a no-op
 BaseHTTPMiddleware. Goal: <= 3 us added per request. Also the cost of rendering one
 error page (goal <= 50 us).
 
-    .venv/bin/python bench/middleware.py [--quick] [--markdown]
+``--cachegrind`` adds a view that does not depend on the machine's load: the bare app and
+the guarded one each serve the same requests under valgrind's cache and branch
+simulation, and the table gives per request the instructions, misses, mispredictions and
+a simulated cost in cycles (see ``simulated_cycles`` in bench/_common.py). It is how the
+middleware's pieces were priced: change one thing, run it again, compare (a minute or
+two, the runs in parallel; the timed rounds are skipped with ``--cachegrind-only``).
+
+    .venv/bin/python bench/middleware.py [--quick] [--markdown] [--cachegrind[-only]]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +38,10 @@ from _common import (
     machine_note,
     markdown_table,
     measure,
+    simulate_caches,
+    simulated_cycles,
     text_table,
+    valgrind,
 )
 from starlette.applications import Starlette
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -121,7 +134,96 @@ def render_cost(number: int, repeat: int) -> float:
     return sorted(measure(render, number=number, repeat=repeat))[repeat // 2]
 
 
-def main(quick: bool = False, markdown: bool = False) -> list[dict[str, Any]]:
+# --- simulated caches (--cachegrind) ---------------------------------------------------------
+
+CACHEGRIND_KINDS = ("bare", "gateway_guard")
+# Two request counts: their difference cancels start-up, imports and app construction.
+CACHEGRIND_REQUESTS = (1000, 3000)
+
+
+def child(kind: str, requests: int) -> None:
+    """Serve ``requests`` requests with one candidate and nothing else (run under valgrind)."""
+    one = request_fn(make_app(kind))
+
+    async def many() -> None:
+        for _ in range(requests):
+            await one()
+
+    with asyncio.Runner() as runner:
+        runner.run(many())
+
+
+def _argv(kind: str, requests: int) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--child", kind, str(requests)]
+
+
+def run_cachegrind() -> list[dict[str, Any]]:
+    """Per request: instructions, misses, mispredictions and simulated cycles, each
+    ``(count at n2 requests - count at n1) / (n2 - n1)``."""
+    # Once outside valgrind first, so that no counted run pays for compiling .pyc files.
+    subprocess.run(_argv("gateway_guard", 1), check=True, capture_output=True)
+    n1, n2 = CACHEGRIND_REQUESTS
+    jobs = [(kind, n) for kind in CACHEGRIND_KINDS for n in (n1, n2)]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        counts = pool.map(lambda job: simulate_caches(_argv(*job)), jobs)
+        counted = dict(zip(jobs, counts, strict=True))
+    rows: list[dict[str, Any]] = []
+    for kind in CACHEGRIND_KINDS:
+        low, high = counted[(kind, n1)], counted[(kind, n2)]
+        per = {key: (high[key] - low[key]) / (n2 - n1) for key in high}
+        rows.append({"candidate": kind, **per, "cycles": simulated_cycles(per)})
+    bare = rows[0]["cycles"]
+    for row in rows:
+        row["ratio"] = row["cycles"] / bare
+    return rows
+
+
+def format_cachegrind(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
+    headers = [
+        "candidate",
+        "instructions",
+        "I1 misses",
+        "D1 misses",
+        "LL misses",
+        "mispredicts",
+        "simulated cycles",
+        "ratio",
+    ]
+    cells = [
+        [
+            r["candidate"],
+            f"{r['instructions']:,.0f}",
+            f"{r['i1_misses']:,.0f}",
+            f"{r['d1_misses']:,.0f}",
+            f"{round(r['lli_misses'] + r['lld_misses']) or 0:,}",  # no '-0' from noise
+            f"{r['mispredicts']:,.0f}",
+            f"{r['cycles']:,.0f}",
+            f"{r['ratio']:.3f}",
+        ]
+        for r in rows
+    ]
+    n1, n2 = CACHEGRIND_REQUESTS
+    return "\n".join(
+        [
+            f"per request, valgrind cachegrind (count at {n2} - count at {n1}) / {n2 - n1}",
+            (markdown_table if markdown else text_table)(headers, cells),
+        ]
+    )
+
+
+def main(
+    quick: bool = False, markdown: bool = False, *, cachegrind: bool = False, timed: bool = True
+) -> list[dict[str, Any]]:
+    rows = timed_rows(quick, markdown) if timed else []
+    if cachegrind:
+        if valgrind() is None:
+            print("--cachegrind: valgrind is not installed; skipped")
+        else:
+            print(format_cachegrind(run_cachegrind(), markdown=markdown))
+    return rows
+
+
+def timed_rows(quick: bool, markdown: bool) -> list[dict[str, Any]]:
     kinds = ["bare", "gateway_guard", "asgi-correlation-id", "BaseHTTPMiddleware (no-op)"]
     number, rounds = (500, 5) if quick else (2000, 61)
     with asyncio.Runner() as runner:
@@ -165,5 +267,20 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a ~10 s smoke run")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument(
+        "--cachegrind", action="store_true", help="also simulate caches (valgrind, ~2 min)"
+    )
+    parser.add_argument(
+        "--cachegrind-only", action="store_true", help="only the simulated-cache view"
+    )
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "REQUESTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    main(quick=args.quick, markdown=args.markdown)
+    if args.child:
+        child(args.child[0], int(args.child[1]))
+    else:
+        main(
+            quick=args.quick,
+            markdown=args.markdown,
+            cachegrind=args.cachegrind or args.cachegrind_only,
+            timed=not args.cachegrind_only,
+        )

@@ -409,3 +409,74 @@ def test_quick_run_of_the_middleware_and_breaker_benchmarks(
         else:
             assert "not measured: no section measures it" in line, line
     assert "middleware overhead" in capsys.readouterr().out  # the script's own table
+
+
+# --- the simulated-cache view (bench/middleware.py --cachegrind) ---------------------------
+
+# The summary cachegrind prints with --cache-sim=yes --branch-sim=yes (abridged).
+_CACHEGRIND_SUMMARY = """\
+==4242== I   refs:      1,000,000
+==4242== I1  misses:        2,000
+==4242== LLi misses:           30
+==4242== D   refs:        400,000
+==4242== D1  misses:        5,000  (   4,000 rd   +   1,000 wr)
+==4242== LLd misses:           70  (      60 rd   +      10 wr)
+==4242== Branches:        150,000  (   140,000 cond +  10,000 ind)
+==4242== Mispredicts:       3,000  (     2,500 cond +     500 ind)
+"""
+
+
+def test_simulated_cache_counts_are_read_from_cachegrinds_summary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    common = importlib.import_module("bench._common")
+    monkeypatch.setattr(common, "_cachegrind", lambda argv, options, timeout: _CACHEGRIND_SUMMARY)
+    counts = common.simulate_caches(["python", "-c", "pass"])
+    assert counts == {
+        "instructions": 1_000_000,
+        "i1_misses": 2_000,
+        "lli_misses": 30,
+        "d1_misses": 5_000,
+        "lld_misses": 70,
+        "mispredicts": 3_000,
+    }
+    # 1 cycle an instruction, 10 an L1 miss, 100 a last-level miss, 15 a misprediction.
+    assert common.simulated_cycles(counts) == 1_000_000 + 70_000 + 10_000 + 45_000
+
+
+def test_middleware_child_serves_requests_through_each_candidate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    middleware = importlib.import_module("bench.middleware")
+    for kind in middleware.CACHEGRIND_KINDS:
+        middleware.child(kind, 3)  # what valgrind runs; must not raise
+
+
+def test_middleware_cachegrind_rows_are_per_request_differences(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    middleware = importlib.import_module("bench.middleware")
+    n1, n2 = middleware.CACHEGRIND_REQUESTS
+
+    def fake(argv: list[str]) -> dict[str, int]:
+        kind, requests = argv[-2], int(argv[-1])
+        per = 2 if kind == "gateway_guard" else 1  # the guarded app costs twice as much
+        base = {"instructions": 1000, "i1_misses": 0, "d1_misses": 0}
+        base.update(lli_misses=0, lld_misses=0, mispredicts=0)
+        return {
+            k: v + per * requests * (100 if k == "instructions" else 1) for k, v in base.items()
+        }
+
+    monkeypatch.setattr(middleware, "simulate_caches", fake)
+    monkeypatch.setattr(middleware.subprocess, "run", lambda *a, **k: None)
+    rows = {r["candidate"]: r for r in middleware.run_cachegrind()}
+    assert rows["bare"]["instructions"] == 100  # start-up (1000) cancels out
+    assert rows["gateway_guard"]["instructions"] == 200
+    assert rows["gateway_guard"]["cycles"] == 200 + 2 * (10 + 10 + 100 + 100 + 15)
+    assert rows["bare"]["ratio"] == 1.0
+    assert rows["gateway_guard"]["ratio"] == 2.0
+    assert "simulated cycles" in middleware.format_cachegrind(list(rows.values()))
+    assert n2 > n1
