@@ -20,7 +20,7 @@ import httpx
 from .breaker import BreakerState
 from .context import RequestContext, get_context
 from .errors import CircuitOpenError, LoadShedError, UpstreamError, from_exception
-from .headers import _ids, new_request_id, parse_traceparent, valid_request_id
+from .headers import new_request_id, parse_traceparent, valid_request_id
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -51,10 +51,7 @@ def start(
     """Decide what to do with an inbound request before any of the app's code runs."""
     rid = valid_request_id(request_id) if request_id is not None else None
     if rid is None:
-        try:
-            rid = _ids.pop()  # new_request_id() without its frame (see headers._ids)
-        except IndexError:
-            rid = new_request_id()
+        rid = new_request_id()
     trace_id = None
     if traceparent is not None:
         parsed = parse_traceparent(traceparent)
