@@ -101,8 +101,10 @@ NOTES: dict[str, list[str]] = {
     ],
     "middleware": [
         "Run of 2026-11-22 (night): met, +2.45 µs (1.365x a bare request of 6.74 µs). "
-        "Standalone runs of bench/middleware.py with the same code gave +2.48 to +2.6 µs, "
-        "and the full run before this one +2.67. The night's changes (each priced with "
+        "Standalone runs of bench/middleware.py gave +2.48 to +2.6 µs with this code and "
+        "+2.34 and +2.40 (1.35x) after one more commit (93fcc6c: start() calls "
+        "new_request_id() instead of inlining it), and the full run before this one +2.67. "
+        "The night's changes (each priced with "
         "cachegrind on this script, which counts the same every run): two request headers "
         "looked for instead of three (Accept is read only for an error page), a send "
         "wrapper that hands back the server's awaitable instead of being a coroutine, "
