@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 import gateway_guard as gg
 from gateway_guard import inbound
+from gateway_guard.testing import FakeClock
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -683,14 +684,6 @@ def test_app_responses_are_left_alone_unless_branded(brand: bool, status: int) -
 
 
 # --- depends_on ---------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _called_app() -> tuple[App, list[str]]:

@@ -15,6 +15,7 @@ import pytest
 import gateway_guard as gg
 from gateway_guard import retry
 from gateway_guard.breaker import BreakerState
+from gateway_guard.testing import FakeClock
 
 BASE_URL = "http://up.test"
 OTHER_URL = "http://other.test"
@@ -24,17 +25,6 @@ TRIPPY = {
     "retry": {"attempts": 1},
     "breaker": {"min_calls": 4, "window_size": 4, "open_seconds": 30.0, "half_open_calls": 2},
 }
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(autouse=True)

@@ -22,18 +22,11 @@ from gateway_guard.limiter import (
     shedder,
 )
 from gateway_guard.policy import BulkheadPolicy, Priority, ShedPolicy
+from gateway_guard.testing import FakeClock
 
 # Real-time waits are short; assertions about them are generous because CI machines stall.
 SHORT = 0.03
 PATIENT = 10.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Gauge:

@@ -38,18 +38,11 @@ from gateway_guard.retry import (
     set_testing,
     testing,
 )
+from gateway_guard.testing import FakeClock
 
 FIXED = RetryPolicy(jitter=False, backoff_initial=0.1, backoff_max=2.0, budget_ratio=1.0)
 # 1994-11-06 08:49:37 UTC, RFC 9110's example date.
 EXAMPLE_DATE = 784111777.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(autouse=True)

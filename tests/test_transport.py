@@ -28,6 +28,7 @@ from gateway_guard.context import (
     set_context,
 )
 from gateway_guard.headers import parse_traceparent
+from gateway_guard.testing import FakeClock
 
 BASE_URL = "http://up.test"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -43,17 +44,6 @@ TRIPPY = {
 }
 # A breaker that never trips and whose window holds every call of a stress test.
 NEVER_TRIPS = {"breaker": {"window_size": 10_000, "min_calls": 10_000, "failure_rate": 1.0}}
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # --- a scripted upstream -------------------------------------------------------------------
