@@ -968,6 +968,7 @@ def test_invalid_settings_fail_at_construction() -> None:
 # --- Starlette: inside its ServerErrorMiddleware, or outside it -----------------------------
 
 
+@pytest.mark.implementation
 def test_add_middleware_inside_starlette_versus_wrapping_from_outside(
     caplog: pytest.LogCaptureFixture, fresh_throttle: FakeClock
 ) -> None:
@@ -1027,6 +1028,7 @@ def fresh_throttle(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return clock
 
 
+@pytest.mark.implementation
 def test_one_log_record_per_gateway_error_with_fields(
     caplog: pytest.LogCaptureFixture, fresh_throttle: FakeClock
 ) -> None:
@@ -1060,6 +1062,7 @@ def test_one_log_record_per_gateway_error_with_fields(
     assert record.exc_info is not None and record.exc_info[1] is error
 
 
+@pytest.mark.implementation
 def test_repeated_failures_within_a_second_are_throttled_too(
     caplog: pytest.LogCaptureFixture, fresh_throttle: FakeClock
 ) -> None:
@@ -1077,6 +1080,7 @@ def test_repeated_failures_within_a_second_are_throttled_too(
     assert last.suppressed == 4  # type: ignore[attr-defined]
 
 
+@pytest.mark.implementation
 def test_repeated_503s_within_a_second_are_throttled(
     caplog: pytest.LogCaptureFixture, fresh_throttle: FakeClock
 ) -> None:

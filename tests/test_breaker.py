@@ -1004,6 +1004,7 @@ def test_threads_hammering_one_breaker_lose_no_count(window: str) -> None:
     assert (snap.state, snap.calls, snap.failures) == (CLOSED, total - ignored, failures)
 
 
+@pytest.mark.implementation
 @pytest.mark.usefixtures("busy_switching")
 def test_lock_free_successes_keep_a_full_count_window_consistent() -> None:
     # Successes in a full count window skip the lock (they only move the ring position, or

@@ -540,6 +540,7 @@ def test_e003_for_invalid_view_policies() -> None:
     assert check_view_policies() == []  # policies of views that are gone are forgotten
 
 
+@pytest.mark.implementation
 def test_view_policies_of_the_urlconf_are_registered() -> None:
     views = {view for spec in registered_policies() for view in spec.views}
     assert {f"{__name__}.one_attempt", f"{__name__}.needs_up_async"} <= views
@@ -580,6 +581,7 @@ def test_middleware_is_sync_and_async_capable() -> None:
     assert not iscoroutinefunction(GatewayGuardMiddleware(lambda request: HttpResponse()))
 
 
+@pytest.mark.implementation
 def test_async_client_drives_the_async_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     original = GatewayGuardMiddleware.__acall__
@@ -633,6 +635,7 @@ def test_the_apps_own_request_id_wins_and_is_sent_once(fetch: Fetch) -> None:
 # --- gateway errors -------------------------------------------------------------------------
 
 
+@pytest.mark.implementation
 @pytest.mark.parametrize("prefix", ["/raise", "/araise"], ids=["sync-view", "async-view"])
 def test_upstream_error_from_a_view_becomes_the_branded_page(
     fetch: Fetch, prefix: str, caplog: pytest.LogCaptureFixture, logged: list[tuple[str, int]]
@@ -682,6 +685,7 @@ def test_real_upstream_failure_through_a_view(fetch: Fetch, up: MisbehavingUpstr
         assert proxy_status(response.headers["Proxy-Status"])[1] == {"error": "connection_refused"}
 
 
+@pytest.mark.implementation
 def test_other_exceptions_are_left_to_django(fetch: Fetch, logged: list[tuple[str, int]]) -> None:
     response = fetch("/raise/value")
     assert response.status_code == 500
@@ -699,6 +703,7 @@ def test_errors_the_app_handles_are_untouched(fetch: Fetch, up: MisbehavingUpstr
     assert "Proxy-Status" not in below.headers
 
 
+@pytest.mark.implementation
 def test_upstream_error_raised_by_a_middleware_below_is_branded(
     fetch: Fetch, logged: list[tuple[str, int]]
 ) -> None:
@@ -843,6 +848,7 @@ def spec_of(view: str) -> PolicySpec:
     return spec
 
 
+@pytest.mark.implementation
 def test_gateway_policy_is_compiled_once_per_guard() -> None:
     name = f"{__name__}.one_attempt"
     spec = spec_of(name)
@@ -855,6 +861,7 @@ def test_gateway_policy_is_compiled_once_per_guard() -> None:
     assert rebuilt is not route and rebuilt.calls["up"].deadline == 9.0
 
 
+@pytest.mark.implementation
 def test_gateway_policy_on_a_class_based_view(up: MisbehavingUpstream) -> None:
     # method_decorator decorates again on every call: the policy must still be compiled
     # once, not once per request.

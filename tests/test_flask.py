@@ -746,6 +746,7 @@ def test_bad_policy_on_a_later_view_fails_at_validate_or_first_call() -> None:
         app.test_client().get("/later")
 
 
+@pytest.mark.implementation
 def test_policies_are_compiled_once_per_app_and_view(monkeypatch: pytest.MonkeyPatch) -> None:
     ext = GatewayGuard()
     bp = Blueprint("bp", __name__)

@@ -579,6 +579,7 @@ def test_protect_async_applies_the_bulkhead(clock: FakeClock) -> None:
     assert guard.bulkhead("up").in_flight == 0
 
 
+@pytest.mark.implementation
 def test_client_connection_options_reach_the_inner_transport() -> None:
     # httpx ignores verify/limits/... when a transport is given; the guard moves them
     # onto the inner transport it builds instead of dropping them silently.
@@ -592,6 +593,7 @@ def test_client_connection_options_reach_the_inner_transport() -> None:
         assert pool._ssl_context.verify_mode.name == "CERT_NONE"
 
 
+@pytest.mark.implementation
 def test_clients_share_one_ssl_context() -> None:
     guard = gg.Guard({"upstreams": {"up": {"base_url": "https://up.test"}}})
     with guard.client("up") as a, guard.client("up") as b:

@@ -162,6 +162,7 @@ def test_negotiation(accept: str | bytes | None, expected: str) -> None:
         )
 
 
+@pytest.mark.implementation
 def test_hostile_accept_headers_are_cheap_and_bounded() -> None:
     huge = "x/y;q=0.1," * 200_000 + "text/html"
     start = time.perf_counter()
@@ -511,6 +512,7 @@ def test_contrast_of_the_default_palette_meets_wcag_aa() -> None:
         assert contrast_ratio(scheme["debug_line"], scheme["debug"]) >= 3
 
 
+@pytest.mark.implementation
 @pytest.mark.parametrize("accent", ["#fde047", "#ffffff", "#000000", "#5b21b6", "#2563eb", "#0f0"])
 def test_links_are_readable_whatever_the_accent(accent: str) -> None:
     context = make(accent_color=accent)._static
@@ -1000,6 +1002,7 @@ def test_doc_has_a_row_for_every_error_type_we_emit() -> None:
     assert anchors <= PROXY_ERROR_TYPES | {"upstream_status"}
 
 
+@pytest.mark.implementation
 def test_doc_lists_every_template_variable() -> None:
     documented = set(
         re.findall(r"^\| `([a-z_]+)` \|", _doc_section("### Template variables"), re.M)
@@ -1059,6 +1062,7 @@ def test_doc_problem_json_example_matches_the_real_thing() -> None:
     assert real == example
 
 
+@pytest.mark.implementation
 def test_without_any_usable_template_html_requests_get_plain_text(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -170,6 +170,7 @@ def test_schedule_rejects_impossible_numbers(fields: dict[str, float]) -> None:
         RetrySchedule(RetryPolicy(**fields))  # type: ignore[arg-type]
 
 
+@pytest.mark.implementation
 def test_schedule_is_built_once_per_policy() -> None:
     a = RetrySchedule.for_policy(RetryPolicy(attempts=4))
     b = RetrySchedule.for_policy(RetryPolicy(attempts=4))
@@ -214,6 +215,7 @@ def test_decision_never_waits_less_than_retry_after(
 # --- the first attempt never touches tenacity --------------------------------------------
 
 
+@pytest.mark.implementation
 def test_a_successful_first_attempt_builds_and_calls_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -232,6 +234,7 @@ def test_a_successful_first_attempt_builds_and_calls_nothing(
     assert retry._schedule_for.cache_info().currsize == 0
 
 
+@pytest.mark.implementation
 def test_a_denial_before_backoff_is_needed_does_not_touch_tenacity(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -347,6 +350,7 @@ def test_budget_window_slides() -> None:
     assert budget.counts() == (0, 0)
 
 
+@pytest.mark.implementation
 def test_budget_memory_is_fixed() -> None:
     clock = FakeClock(0.0)
     budget = RetryBudget(0.1, 1.0, clock=clock)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import re
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 import gateway_guard.testing
-from gateway_guard.testing import FakeClock, _clock
+from gateway_guard.testing import FakeClock
 
 SETTINGS_DOC = Path(__file__).parent.parent / "docs" / "settings.md"
 
@@ -62,7 +63,7 @@ def test_fake_clock_is_exported() -> None:
 
 
 def test_the_docstring_example_runs() -> None:
-    results = doctest.testmod(_clock, raise_on_error=False)
+    results = doctest.testmod(sys.modules[FakeClock.__module__], raise_on_error=False)
     assert results.attempted >= 8
     assert results.failed == 0
 
