@@ -1,7 +1,7 @@
 """The Django adapter: system checks, settings, middleware (sync and async), @gateway_policy.
 
-Django is configured once for this test process, here, with ``settings.configure`` (no
-other test module imports Django); this module is also the URLconf. In-process tests go
+Django is configured once for this test process, in django_setup.py (the adapter contract
+suite uses Django too); this module is the project's URLconf. In-process tests go
 through Django's test clients, both the sync ``Client`` (WSGI-style handler, the
 middleware in sync mode) and ``AsyncClient`` (ASGI-style handler, the middleware in async
 mode): the ``fetch`` fixture runs each such test once per mode. End-to-end tests serve the
@@ -27,12 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import django
 import http_sf
 import httpx
 import pytest
 from asgiref.sync import iscoroutinefunction
-from django.conf import settings
 from django.core.checks import CheckMessage, run_checks
 from django.http import (
     HttpRequest,
@@ -47,6 +45,7 @@ from django.utils.decorators import method_decorator
 from django.views import View
 
 import gateway_guard as gg
+from django_setup import BRAND, MIDDLEWARE, gg_settings
 from gateway_guard.django import GatewayGuardMiddleware, gateway_policy, get_guard
 from gateway_guard.django.checks import check_middleware, check_settings, check_view_policies
 from gateway_guard.django.decorators import PolicySpec, registered_policies
@@ -56,46 +55,8 @@ from servers import serve_asgi, serve_wsgi
 
 WAIT = 5.0
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
-MIDDLEWARE = "gateway_guard.django.GatewayGuardMiddleware"
 INNER = f"{__name__}.InnerMiddleware"
 SECURITY = "django.middleware.security.SecurityMiddleware"
-BRAND = {"name": "Acme Shop", "status_url": "https://status.acme.example"}
-QUIET_BREAKER = {"window_size": 1000, "min_calls": 1000}
-SHORT_READ = 0.3
-
-
-def gg_settings(url: str = "http://127.0.0.1:9", **extra: Any) -> dict[str, Any]:
-    """gateway_guard settings with upstream ``up`` at ``url``; keywords are top-level keys."""
-    defaults = {
-        "connect_timeout": 1.0,
-        "read_timeout": SHORT_READ,
-        "deadline": 3.0,
-        "retry": {"attempts": 1},
-        "breaker": QUIET_BREAKER,
-        **extra.pop("defaults", {}),
-    }
-    return {
-        "service": "shop",
-        "brand": BRAND,
-        "defaults": defaults,
-        "upstreams": {"up": {"base_url": url}},
-        **extra,
-    }
-
-
-if not settings.configured:
-    settings.configure(
-        DEBUG=False,
-        SECRET_KEY="gateway-guard-tests-only",
-        ALLOWED_HOSTS=["127.0.0.1", "testserver"],
-        ROOT_URLCONF=__name__,
-        INSTALLED_APPS=["gateway_guard.django"],
-        MIDDLEWARE=[MIDDLEWARE, INNER],
-        GATEWAY_GUARD=gg_settings(),
-        # Leave the process's logging alone: other test modules share it.
-        LOGGING_CONFIG=None,
-    )
-    django.setup()
 
 
 # --- the project: views and an inner middleware ---------------------------------------------
