@@ -1044,7 +1044,7 @@ def test_the_error_body_follows_the_accept_header(
     if accept == HTML:
         assert content_type == "text/html; charset=utf-8"
         page = reply.body.decode()
-        assert page.startswith("<!doctype html>") and "Acme Shop" in page
+        assert page.startswith("<!doctype html>") and "<html" in page and "Acme Shop" in page
     elif accept == JSON:
         assert content_type == "application/problem+json"
         problem = reply.json()
@@ -1219,8 +1219,8 @@ def test_brand_app_errors_leaves_responses_that_carry_proxy_status(
 
 @pytest.mark.parametrize(
     ("brand", "status"),
-    [(False, 502), (False, 503), (True, 500), (True, 404)],
-    ids=["off-502", "off-503", "on-500", "on-404"],
+    [(False, 502), (False, 503), (False, 504), (True, 500), (True, 404)],
+    ids=["off-502", "off-503", "off-504", "on-500", "on-404"],
 )
 def test_app_responses_are_left_alone_unless_branded(
     make_client: MakeClient, brand: bool, status: int
