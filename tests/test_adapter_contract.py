@@ -300,7 +300,7 @@ async def achunks(probe: Probe) -> AsyncIterator[bytes]:
         yield chunk
 
 
-# --- the uniform client ---------------------------------------------------------------------
+# --- the uniform client -----------------------------------------------------------------------
 
 
 @dataclass
@@ -829,7 +829,7 @@ class DjangoClient(Client):
         )
 
 
-# --- fixtures and helpers -----------------------------------------------------------------------
+# --- fixtures and helpers ---------------------------------------------------------------------
 
 
 @pytest.fixture(params=ADAPTERS)
@@ -921,7 +921,7 @@ def holding(client: Client, path: str = "/slow") -> Iterator[Held]:
     assert not worker.is_alive()
 
 
-# --- X-Request-ID ------------------------------------------------------------------------------
+# --- X-Request-ID -----------------------------------------------------------------------------
 
 
 def test_a_request_id_is_generated_for_every_request(make_client: MakeClient) -> None:
@@ -1000,7 +1000,7 @@ def test_the_apps_own_request_id_wins_and_is_sent_once(make_client: MakeClient) 
     assert reply.all("x-request-id") == ["from-the-app"]
 
 
-# --- gateway errors ------------------------------------------------------------------------------
+# --- gateway errors ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ERRORS)
@@ -1083,7 +1083,7 @@ def test_a_guarded_call_that_fails_in_the_view_is_a_gateway_error(make_client: M
     assert client.probe.upstream_ids == ["prop-1"] * 3
 
 
-# --- inbound shedding ----------------------------------------------------------------------------
+# --- inbound shedding -------------------------------------------------------------------------
 
 FULL = {"max_concurrent": 1, "max_queue": 0}
 
@@ -1126,7 +1126,7 @@ def test_every_kind_of_response_gives_its_slot_back(make_client: MakeClient) -> 
         assert client.request("/ok").status == 503
 
 
-# --- dependency-aware shedding -------------------------------------------------------------------
+# --- dependency-aware shedding ----------------------------------------------------------------
 
 
 def test_depends_on_answers_503_before_the_view_runs(make_client: MakeClient) -> None:
@@ -1166,7 +1166,7 @@ def test_exempt_paths_are_neither_shed_nor_blocked(make_client: MakeClient) -> N
     assert client.probe.ran == ["/slow", "/healthz", "/metrics/app"]
 
 
-# --- brand_app_errors ----------------------------------------------------------------------------
+# --- brand_app_errors -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])
@@ -1234,7 +1234,7 @@ def test_app_responses_are_left_alone_unless_branded(
     assert sorted(headers) == sorted([*APP_HEADERS, ("x-request-id", "r")])
 
 
-# --- streaming -------------------------------------------------------------------------------------
+# --- streaming --------------------------------------------------------------------------------
 
 
 def test_a_streamed_body_passes_through_unbuffered_and_in_order(make_client: MakeClient) -> None:
