@@ -8,6 +8,15 @@ from gateway_guard.retry import testing
 from gateway_guard.testing.upstream import MisbehavingUpstream
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here, not in pyproject.toml, so the marker travels with the tests.
+    # `pytest -m "not implementation"` runs only what public behaviour promises; a test so
+    # marked may be rewritten when the internals it reaches into move.
+    config.addinivalue_line(
+        "markers", "implementation: pins an implementation detail, not public behaviour"
+    )
+
+
 @pytest.fixture
 def upstream() -> Iterator[MisbehavingUpstream]:
     """A real misbehaving HTTP upstream on 127.0.0.1 (see gateway_guard.testing.upstream)."""

@@ -368,6 +368,7 @@ def test_sections_that_no_longer_fit_the_budget_are_skipped(
     assert "- Run time: 0 s (budget 0 s)" in output.read_text(encoding="utf-8")
 
 
+@pytest.mark.implementation
 def test_command_line(run_all: ModuleType, tmp_path: Path) -> None:
     args = run_all._parse(["--quick", "--output", str(tmp_path / "x.md"), "--budget", "60"])
     assert (args.quick, args.output, args.budget) == (True, tmp_path / "x.md", 60.0)
@@ -426,6 +427,7 @@ _CACHEGRIND_SUMMARY = """\
 """
 
 
+@pytest.mark.implementation
 def test_simulated_cache_counts_are_read_from_cachegrinds_summary(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

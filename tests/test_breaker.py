@@ -35,23 +35,13 @@ from gateway_guard.breaker import (
 )
 from gateway_guard.errors import CircuitOpenError, UpstreamError
 from gateway_guard.policy import BreakerPolicy
+from gateway_guard.testing import FakeClock
 
 CLOSED = BreakerState.CLOSED
 OPEN = BreakerState.OPEN
 HALF_OPEN = BreakerState.HALF_OPEN
 FORCED_OPEN = BreakerState.FORCED_OPEN
 DISABLED = BreakerState.DISABLED
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make(
@@ -1014,6 +1004,7 @@ def test_threads_hammering_one_breaker_lose_no_count(window: str) -> None:
     assert (snap.state, snap.calls, snap.failures) == (CLOSED, total - ignored, failures)
 
 
+@pytest.mark.implementation
 @pytest.mark.usefixtures("busy_switching")
 def test_lock_free_successes_keep_a_full_count_window_consistent() -> None:
     # Successes in a full count window skip the lock (they only move the ring position, or

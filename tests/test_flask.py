@@ -1,5 +1,8 @@
 """The Flask extension: setup, settings, per-view policies, error handler precedence, e2e.
 
+Request ids, error pages, shedding, re-branding and streaming, which every adapter does
+alike, are asserted in test_adapter_contract.py (Flask included).
+
 Unit tests drive the app through Flask's test client (the whole WSGI stack, wrapper
 included) with upstreams scripted by ``httpx.MockTransport``. The end-to-end tests serve
 the app with cheroot and call the real misbehaving upstream, all on 127.0.0.1. Every wait
@@ -265,117 +268,25 @@ def test_init_app_twice_on_one_app_raises() -> None:
         ext.init_app(app)
 
 
-# --- request ids, context, shedding ------------------------------------------------------------
+# --- request ids ---------------------------------------------------------------------------------
 
 
-def test_every_response_carries_one_request_id() -> None:
+def test_flasks_own_responses_carry_one_request_id() -> None:
+    # Views' responses, 404s and error pages: test_adapter_contract.py. Flask's own 405 too.
     app, _ = make_app()
 
     @app.get("/ok")
-    def ok() -> dict[str, str | None]:
-        ctx = gg.current_context()
-        return {"rid": ctx.request_id if ctx else None}
-
-    client = app.test_client()
-    response = client.get("/ok", headers={"X-Request-ID": "req-42"})
-    assert response.get_json() == {"rid": "req-42"}
-    assert response.headers.getlist("X-Request-ID") == ["req-42"]
-    for method, path, status in (("GET", "/missing", 404), ("POST", "/ok", 405)):
-        response = client.open(path, method=method)
-        assert response.status_code == status
-        [rid] = response.headers.getlist("X-Request-ID")
-        assert GENERATED_ID.fullmatch(rid)
-
-
-def test_inbound_shedding_with_threads() -> None:
-    app, _ = make_app(shed={"max_concurrent": 1, "max_queue": 0})
-    entered, release = threading.Event(), threading.Event()
-
-    @app.get("/slow")
-    def slow() -> str:
-        entered.set()
-        assert release.wait(WAIT)
-        return "done"
-
-    @app.get("/healthz")
-    def healthz() -> str:
+    def ok() -> str:
         return "ok"
 
-    results: list[TestResponse] = []
-    worker = threading.Thread(target=lambda: results.append(app.test_client().get("/slow")))
-    worker.start()
-    try:
-        assert entered.wait(WAIT)
-        client = app.test_client()
-        shed = client.get("/slow", headers={"Accept": JSON})
-        assert shed.status_code == 503
-        assert proxy_status(shed.headers["Proxy-Status"]) == (
-            "shop",
-            {"error": "connection_limit_reached"},
-        )
-        assert int(shed.headers["Retry-After"]) >= 1
-        assert shed.content_type == "application/problem+json"
-        assert client.get("/healthz").status_code == 200  # exempt
-    finally:
-        release.set()
-        worker.join(WAIT)
-    assert [r.status_code for r in results] == [200]
-    assert app.test_client().get("/slow").status_code == 200  # the slot was released
+    response = app.test_client().post("/ok", headers={"X-Request-ID": "req-42"})
+    assert response.status_code == 405
+    assert response.headers.getlist("X-Request-ID") == ["req-42"]
+    [rid] = app.test_client().post("/ok").headers.getlist("X-Request-ID")
+    assert GENERATED_ID.fullmatch(rid)
 
 
-# --- gateway errors in views: the branded page ------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("accept", "content_type"),
-    [(HTML, "text/html; charset=utf-8"), (JSON, "application/problem+json"), ("*/*", None)],
-)
-def test_gateway_error_in_a_view_gets_the_branded_page(
-    accept: str, content_type: str | None
-) -> None:
-    app, _ = make_app(brand={"name": "Acme Shop"})
-    add_raising_view(app, "/open", open_breaker())
-    response = app.test_client().get("/open", headers={"Accept": accept, "X-Request-ID": "r-1"})
-
-    assert response.status_code == 503
-    assert proxy_status(response.headers["Proxy-Status"]) == (
-        "shop",
-        {"error": "destination_unavailable"},
-    )
-    assert response.headers["Retry-After"] == "13"
-    assert response.headers.getlist("X-Request-ID") == ["r-1"]
-    assert response.headers["Cache-Control"] == "no-store"
-    assert response.headers["Vary"] == "Accept"
-    assert int(response.headers["Content-Length"]) == len(response.data)
-    assert b"r-1" in response.data
-    if content_type == "application/problem+json":
-        problem = json.loads(response.data)
-        assert (problem["status"], problem["instance"]) == (503, "urn:request:r-1")
-        assert problem["proxy_error"] == "destination_unavailable"
-    elif content_type is not None:
-        assert response.headers["Content-Type"] == content_type
-        assert b"Acme Shop" in response.data and b"<html" in response.data
-    else:
-        assert response.headers["Content-Type"].startswith("text/plain")
-
-
-def test_error_pages_never_show_upstream_details() -> None:
-    app, _ = make_app()
-    add_raising_view(app, "/boom", refused())
-    for accept in (HTML, JSON, "*/*"):
-        response = app.test_client().get("/boom", headers={"Accept": accept})
-        assert response.status_code == 502
-        assert b"10.1.2.3" not in response.data
-        assert "10.1.2.3" not in str(response.headers)
-
-
-def test_head_gets_headers_without_a_body() -> None:
-    app, _ = make_app()
-    add_raising_view(app, "/boom", refused())
-    response = app.test_client().head("/boom", headers={"Accept": HTML})
-    assert response.status_code == 502
-    assert response.data == b""
-    assert int(response.headers["Content-Length"]) > 0  # the GET body's length
+# --- gateway errors in views: logged once --------------------------------------------------------
 
 
 @pytest.mark.parametrize("with_handler", [False, True])
@@ -393,50 +304,6 @@ def test_gateway_error_is_logged_once(caplog: pytest.LogCaptureFixture, with_han
     assert record.request_id == "log-me"  # type: ignore[attr-defined]
     assert record.upstream == upstream  # type: ignore[attr-defined]
     assert record.proxy_error == "connection_refused"  # type: ignore[attr-defined]
-
-
-@pytest.mark.parametrize(
-    ("exc", "status", "error"),
-    [
-        (httpx.ConnectError("[Errno 111] Connection refused"), 502, "connection_refused"),
-        (httpx.ReadTimeout("timed out"), 504, "connection_read_timeout"),
-    ],
-    ids=["connect", "read-timeout"],
-)
-def test_uncaught_httpx_transport_error_gets_the_branded_page(
-    exc: httpx.TransportError, status: int, error: str
-) -> None:
-    app, _ = make_app()
-
-    @app.get("/plain")
-    def plain() -> str:
-        def fail(request: httpx.Request) -> httpx.Response:
-            raise exc
-
-        # An unguarded client: its transport error still becomes a gateway error page.
-        with httpx.Client(transport=httpx.MockTransport(fail)) as client:
-            return client.get("http://up.test/").text
-
-    response = app.test_client().get("/plain", headers={"Accept": JSON})
-    assert response.status_code == status
-    assert proxy_status(response.headers["Proxy-Status"]) == ("shop", {"error": error})
-    assert len(response.headers.getlist("X-Request-ID")) == 1
-
-
-def test_guarded_client_failure_in_a_view_is_a_gateway_error(no_backoff: None) -> None:
-    app, ext = make_app()
-    transport, seen = counting(503)
-
-    @app.get("/items")
-    def items() -> Any:
-        with ext.guard.client("up", transport=transport) as client:
-            return client.get("/items").json()
-
-    response = app.test_client().get("/items", headers={"X-Request-ID": "prop-1"})
-    assert response.status_code == 502
-    assert proxy_status(response.headers["Proxy-Status"]) == ("shop", {"received-status": 503})
-    assert len(seen) == 3  # the default attempts
-    assert {r.headers["x-request-id"] for r in seen} == {"prop-1"}
 
 
 # --- the user's own error handlers take precedence ---------------------------------------------
@@ -746,6 +613,7 @@ def test_bad_policy_on_a_later_view_fails_at_validate_or_first_call() -> None:
         app.test_client().get("/later")
 
 
+@pytest.mark.implementation
 def test_policies_are_compiled_once_per_app_and_view(monkeypatch: pytest.MonkeyPatch) -> None:
     ext = GatewayGuard()
     bp = Blueprint("bp", __name__)
@@ -783,13 +651,16 @@ def test_policies_are_compiled_once_per_app_and_view(monkeypatch: pytest.MonkeyP
 
 
 def test_policy_outside_a_request_calls_the_view() -> None:
-    ext = GatewayGuard()
+    app, ext = make_app()
+    ext.guard.breaker("up").force_open()  # inside a request, the view would not run
 
     @ext.policy(depends_on=["up"])
     def view(x: int) -> int:
         return x + 1
 
     assert view(1) == 2
+    with app.app_context():
+        assert view(1) == 2
     assert getattr(view, "__name__", None) == "view"
 
 

@@ -15,6 +15,7 @@ import pytest
 import gateway_guard as gg
 from gateway_guard import retry
 from gateway_guard.breaker import BreakerState
+from gateway_guard.testing import FakeClock
 
 BASE_URL = "http://up.test"
 OTHER_URL = "http://other.test"
@@ -24,17 +25,6 @@ TRIPPY = {
     "retry": {"attempts": 1},
     "breaker": {"min_calls": 4, "window_size": 4, "open_seconds": 30.0, "half_open_calls": 2},
 }
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture(autouse=True)
@@ -589,6 +579,7 @@ def test_protect_async_applies_the_bulkhead(clock: FakeClock) -> None:
     assert guard.bulkhead("up").in_flight == 0
 
 
+@pytest.mark.implementation
 def test_client_connection_options_reach_the_inner_transport() -> None:
     # httpx ignores verify/limits/... when a transport is given; the guard moves them
     # onto the inner transport it builds instead of dropping them silently.
@@ -602,6 +593,7 @@ def test_client_connection_options_reach_the_inner_transport() -> None:
         assert pool._ssl_context.verify_mode.name == "CERT_NONE"
 
 
+@pytest.mark.implementation
 def test_clients_share_one_ssl_context() -> None:
     guard = gg.Guard({"upstreams": {"up": {"base_url": "https://up.test"}}})
     with guard.client("up") as a, guard.client("up") as b:

@@ -478,6 +478,7 @@ def test_new_request_id_shape() -> None:
     assert valid_request_id(request_id) == request_id
 
 
+@pytest.mark.implementation
 def test_request_ids_keep_their_shape_across_batch_refills() -> None:
     from gateway_guard import headers
 

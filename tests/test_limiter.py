@@ -22,18 +22,11 @@ from gateway_guard.limiter import (
     shedder,
 )
 from gateway_guard.policy import BulkheadPolicy, Priority, ShedPolicy
+from gateway_guard.testing import FakeClock
 
 # Real-time waits are short; assertions about them are generous because CI machines stall.
 SHORT = 0.03
 PATIENT = 10.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Gauge:
@@ -480,6 +473,7 @@ class _PausedSettle(ConcurrencyLimiter):
         super()._settle(waiter)
 
 
+@pytest.mark.implementation
 def test_a_thread_timing_out_as_it_is_handed_a_slot_keeps_it() -> None:
     limiter = _PausedSettle()
     limiter.acquire()
@@ -762,6 +756,7 @@ def assert_at_rest(limiter: ConcurrencyLimiter) -> None:
     assert tokens_of(limiter) == limiter.max_concurrent
 
 
+@pytest.mark.implementation
 def test_the_uncontended_path_takes_no_lock_and_reads_no_clock() -> None:
     clock = CountingClock()
     limiter = ConcurrencyLimiter("inbound", 200, 400, 1.0, clock=clock)
@@ -808,6 +803,7 @@ class _JoinHook(ConcurrencyLimiter):
         return super()._make_room(rank, now)
 
 
+@pytest.mark.implementation
 def test_a_caller_joining_the_queue_takes_the_token_a_release_returned_meanwhile() -> None:
     # One side of the lost-wake-up window: the release sees nobody queued and returns its
     # token while a caller, already past the free-token check, is joining the queue. The
@@ -863,6 +859,7 @@ class _AppendHookDeque(deque[None]):
             after()
 
 
+@pytest.mark.implementation
 def test_a_release_that_saw_an_empty_queue_still_serves_whoever_joined_it() -> None:
     # The other side: the release has seen nobody queued, and before its token lands a
     # caller joins the queue (finding no token). The release must look again after the
@@ -920,6 +917,7 @@ class _Tally(ConcurrencyLimiter):
             self.self_drains += 1
 
 
+@pytest.mark.implementation
 @pytest.mark.usefixtures("busy_switching")
 @pytest.mark.parametrize("joiner_kind", ["thread", "task"])
 def test_release_racing_a_join_never_leaves_the_joiner_waiting(joiner_kind: str) -> None:

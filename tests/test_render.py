@@ -162,6 +162,7 @@ def test_negotiation(accept: str | bytes | None, expected: str) -> None:
         )
 
 
+@pytest.mark.implementation
 def test_hostile_accept_headers_are_cheap_and_bounded() -> None:
     huge = "x/y;q=0.1," * 200_000 + "text/html"
     start = time.perf_counter()
@@ -511,6 +512,7 @@ def test_contrast_of_the_default_palette_meets_wcag_aa() -> None:
         assert contrast_ratio(scheme["debug_line"], scheme["debug"]) >= 3
 
 
+@pytest.mark.implementation
 @pytest.mark.parametrize("accent", ["#fde047", "#ffffff", "#000000", "#5b21b6", "#2563eb", "#0f0"])
 def test_links_are_readable_whatever_the_accent(accent: str) -> None:
     context = make(accent_color=accent)._static
@@ -590,14 +592,98 @@ hostile_text = st.lists(
 ).map("".join)
 
 
+# The characters that are markup in HTML. Escaped, each becomes one of these references.
+_MARKUP = str.maketrans(dict.fromkeys("<>&\"'", "_"))
+_ESCAPED = re.compile(r"&(?:amp|lt|gt|quot|#34|#39|#x27);")
+
+
+def defanged(value: str) -> str:
+    """``value`` with every markup character replaced by ``_`` (length and all else kept)."""
+    return value.translate(_MARKUP)
+
+
+class _Markup(HTMLParser):
+    """Every piece of markup a parser finds in a page, and the text it decodes."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.events: list[tuple[str, ...]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.events.append(("start", tag, *(f"{k}={v}" for k, v in attrs)))
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.events.append(("startend", tag, *(f"{k}={v}" for k, v in attrs)))
+
+    def handle_endtag(self, tag: str) -> None:
+        self.events.append(("end", tag))
+
+    def handle_data(self, data: str) -> None:
+        self.events.append(("data", data))
+
+    def handle_comment(self, data: str) -> None:
+        self.events.append(("comment", data))
+
+    def handle_decl(self, decl: str) -> None:
+        self.events.append(("decl", decl))
+
+    def handle_pi(self, data: str) -> None:
+        self.events.append(("pi", data))
+
+    def unknown_decl(self, data: str) -> None:
+        self.events.append(("unknown", data))
+
+
+def markup_of(page: str) -> list[tuple[str, ...]]:
+    parser = _Markup()
+    parser.feed(page)
+    parser.close()
+    # Adjacent text pieces are one text node; the parser may split them anywhere.
+    merged: list[tuple[str, ...]] = []
+    for event in parser.events:
+        if event[0] == "data" and merged and merged[-1][0] == "data":
+            merged[-1] = ("data", merged[-1][1] + event[1])
+        else:
+            merged.append(event)
+    return merged
+
+
+def assert_only_escaped(page: str, twin: str) -> None:
+    """``page`` shows hostile values that ``twin`` shows defanged: only as escaped text.
+
+    Each markup character of a value becomes ``_`` in the twin, so the two pages differ
+    only where a value had one. Escaped, the page has a character reference there, which
+    the parser decodes back into text: the element tree, every attribute and every URL
+    are the twin's, and the text differs only by the characters themselves.
+    """
+    got, expected = markup_of(page), markup_of(twin)
+    got_tags = [e[:2] for e in got if e[0] != "data"]
+    expected_tags = [e[:2] for e in expected if e[0] != "data"]
+    assert got_tags == expected_tags, "an element was injected or broken"
+    for event in got:
+        if event[0] in ("start", "startend"):
+            for attr in event[2:]:
+                name, _, value = attr.partition("=")
+                assert not name.startswith("on"), attr
+                assert not value.strip().lower().startswith(("javascript:", "data:")), attr
+    # Attributes and text decode to the same content, markup characters apart: no
+    # attribute was cut short by a quote, none was added.
+    assert [tuple(map(defanged, e)) for e in got] == [tuple(map(defanged, e)) for e in expected]
+    # And in the raw page, where the twin has "_", the page has a reference: every
+    # markup character of every value went out escaped, none raw.
+    assert _ESCAPED.sub("_", page) == _ESCAPED.sub("_", twin)
+
+
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(request_id=hostile_text, message=hostile_text, upstream=hostile_text, debug=st.booleans())
 def test_hostile_input_is_escaped_everywhere(
     request_id: str, message: str, upstream: str, debug: bool
 ) -> None:
-    # Settings refuse lone surrogates (they are not valid text); everything else goes.
+    # Settings refuse lone surrogates (they are not valid text); everything else goes. With
+    # a logo, the name is an attribute value (alt) as well as text.
     name = "".join(c for c in message[:50] if not 0xD800 <= ord(c) <= 0xDFFF)
-    renderer = make(debug=debug, name=name)
+    logo = "https://cdn.example/logo.svg"
+    renderer = make(debug=debug, name=name, logo_url=logo)
     error = UpstreamStatusError(message, upstream=upstream, received_status=503, retry_after=1.5)
     for media, accept in ACCEPT_FOR.items():
         rendered = renderer.render(error, request_id=request_id, accept=accept)
@@ -611,12 +697,36 @@ def test_hostile_input_is_escaped_everywhere(
             json.loads(text)
             assert "<" not in text
         elif media == "html":
-            assert "<script" not in text.lower().replace("<!doctype", "")
+            # The same page for the same values, defanged: what the page must look like.
+            twin_error = UpstreamStatusError(
+                defanged(message),
+                upstream=defanged(upstream),
+                received_status=503,
+                retry_after=1.5,
+            )
+            twin = make(debug=debug, name=defanged(name), logo_url=logo).render(
+                twin_error, request_id=defanged(request_id), accept=accept
+            )
+            assert_only_escaped(text, twin.body.decode("utf-8"))
         else:
             # Plain text has nothing to escape; it must not be able to forge lines.
             assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]", text)
         # Whatever the id was, the reference is one string in the header and every body.
         assert headers["x-request-id"] in text
+
+
+def test_the_escaping_check_catches_what_escaping_would_prevent() -> None:
+    # The check above must be able to fail: each of these is what one missed escape makes.
+    twin = '<p title="a_b">x_y</p><img alt="n_m" src="/l.svg">'
+    for unescaped in (
+        '<p title="a_b">x<b>y</p><img alt="n_m" src="/l.svg">',  # an injected element
+        '<p title="a"b">x_y</p><img alt="n_m" src="/l.svg">',  # a quote that ends the value
+        '<p title="a_b">x_y</p><img alt="n" onerror="m" src="/l.svg">',  # an injected handler
+        '<p title="a_b">x&y</p><img alt="n_m" src="/l.svg">',  # a raw & (harmless here, but raw)
+    ):
+        with pytest.raises(AssertionError):
+            assert_only_escaped(unescaped, twin)
+    assert_only_escaped('<p title="a&#34;b">x&lt;y</p><img alt="n&#39;m" src="/l.svg">', twin)
 
 
 @pytest.mark.parametrize(
@@ -892,6 +1002,7 @@ def test_doc_has_a_row_for_every_error_type_we_emit() -> None:
     assert anchors <= PROXY_ERROR_TYPES | {"upstream_status"}
 
 
+@pytest.mark.implementation
 def test_doc_lists_every_template_variable() -> None:
     documented = set(
         re.findall(r"^\| `([a-z_]+)` \|", _doc_section("### Template variables"), re.M)
@@ -951,6 +1062,7 @@ def test_doc_problem_json_example_matches_the_real_thing() -> None:
     assert real == example
 
 
+@pytest.mark.implementation
 def test_without_any_usable_template_html_requests_get_plain_text(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

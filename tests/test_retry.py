@@ -38,18 +38,11 @@ from gateway_guard.retry import (
     set_testing,
     testing,
 )
+from gateway_guard.testing import FakeClock
 
 FIXED = RetryPolicy(jitter=False, backoff_initial=0.1, backoff_max=2.0, budget_ratio=1.0)
 # 1994-11-06 08:49:37 UTC, RFC 9110's example date.
 EXAMPLE_DATE = 784111777.0
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(autouse=True)
@@ -177,6 +170,7 @@ def test_schedule_rejects_impossible_numbers(fields: dict[str, float]) -> None:
         RetrySchedule(RetryPolicy(**fields))  # type: ignore[arg-type]
 
 
+@pytest.mark.implementation
 def test_schedule_is_built_once_per_policy() -> None:
     a = RetrySchedule.for_policy(RetryPolicy(attempts=4))
     b = RetrySchedule.for_policy(RetryPolicy(attempts=4))
@@ -221,6 +215,7 @@ def test_decision_never_waits_less_than_retry_after(
 # --- the first attempt never touches tenacity --------------------------------------------
 
 
+@pytest.mark.implementation
 def test_a_successful_first_attempt_builds_and_calls_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -239,6 +234,7 @@ def test_a_successful_first_attempt_builds_and_calls_nothing(
     assert retry._schedule_for.cache_info().currsize == 0
 
 
+@pytest.mark.implementation
 def test_a_denial_before_backoff_is_needed_does_not_touch_tenacity(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -354,6 +350,7 @@ def test_budget_window_slides() -> None:
     assert budget.counts() == (0, 0)
 
 
+@pytest.mark.implementation
 def test_budget_memory_is_fixed() -> None:
     clock = FakeClock(0.0)
     budget = RetryBudget(0.1, 1.0, clock=clock)

@@ -89,6 +89,7 @@ def test_any_literal_path_matches_itself_only(segment: str) -> None:
     assert not rx.fullmatch(literal + "x")
 
 
+@pytest.mark.implementation
 def test_matching_does_not_grow_with_distinct_paths() -> None:
     s = load_settings({"routes": [{"path": "/orders/{id}"}]}, environ={})
     t = compile_policies(s).routes

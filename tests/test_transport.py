@@ -28,6 +28,7 @@ from gateway_guard.context import (
     set_context,
 )
 from gateway_guard.headers import parse_traceparent
+from gateway_guard.testing import FakeClock
 
 BASE_URL = "http://up.test"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -43,17 +44,6 @@ TRIPPY = {
 }
 # A breaker that never trips and whose window holds every call of a stress test.
 NEVER_TRIPS = {"breaker": {"window_size": 10_000, "min_calls": 10_000, "failure_rate": 1.0}}
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # --- a scripted upstream -------------------------------------------------------------------
@@ -666,6 +656,7 @@ def test_connect_error_retried_then_succeeds(driver: Driver, clock: FakeClock) -
 # --- Retry-After -----------------------------------------------------------------------------
 
 
+@pytest.mark.implementation
 def test_retry_after_is_waited(driver: Driver, clock: FakeClock, sleeps: SleepRecorder) -> None:
     guard = make_guard(clock)
     handler = Upstream(status(503, headers={"Retry-After": "1"}), OK)
@@ -677,6 +668,7 @@ def test_retry_after_is_waited(driver: Driver, clock: FakeClock, sleeps: SleepRe
     assert sleeps.waits[0] >= 1.0
 
 
+@pytest.mark.implementation
 def test_retry_after_is_waited_before_every_retry(
     driver: Driver, clock: FakeClock, sleeps: SleepRecorder
 ) -> None:
@@ -692,6 +684,7 @@ def test_retry_after_is_waited_before_every_retry(
     assert info.value.retry_after == 2.0
 
 
+@pytest.mark.implementation
 def test_backoff_without_retry_after_is_short(
     driver: Driver, clock: FakeClock, sleeps: SleepRecorder
 ) -> None:
@@ -705,6 +698,7 @@ def test_backoff_without_retry_after_is_short(
     assert all(0.0 <= wait <= 0.5 for wait in sleeps.waits)
 
 
+@pytest.mark.implementation
 def test_backoff_after_a_transport_error(
     driver: Driver, clock: FakeClock, sleeps: SleepRecorder
 ) -> None:
@@ -718,6 +712,7 @@ def test_backoff_after_a_transport_error(
     assert sleeps.waits == [pytest.approx(0.2), pytest.approx(0.2)]
 
 
+@pytest.mark.implementation
 def test_retry_after_above_the_maximum_fails_fast(
     driver: Driver, clock: FakeClock, sleeps: SleepRecorder
 ) -> None:
@@ -733,6 +728,7 @@ def test_retry_after_above_the_maximum_fails_fast(
     assert info.value.received_status == 503
 
 
+@pytest.mark.implementation
 def test_testing_mode_does_not_wait_for_retry_after(
     driver: Driver, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -786,6 +782,7 @@ def test_deadline_stops_retries(driver: Driver, clock: FakeClock) -> None:
     )
 
 
+@pytest.mark.implementation
 def test_deadline_exhausted_during_the_wait_raises_timeout(
     driver: Driver, clock: FakeClock, sleeps: SleepRecorder
 ) -> None:

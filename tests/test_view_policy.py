@@ -75,6 +75,13 @@ def test_view_dependency_down_raises_before_the_view() -> None:
 
 
 def test_outside_a_request_view_policy_does_nothing() -> None:
+    # A view called outside a guarded request (a unit test of the view) just runs: even
+    # with its dependency's breaker open, there is no request to answer 503 for.
     guard = gg.Guard(SETTINGS)
-    with view_policy(guard.view_policy("v", depends_on=["pay"])):
-        pass
+    guard.breaker("pay").force_open()
+    route = guard.view_policy("v", depends_on=["pay"], deadline=2)
+    ran: list[gg.RequestContext | None] = []
+    with view_policy(route):
+        ran.append(gg.current_context())
+    assert ran == [None]  # the body ran, and no context was made up for it
+    assert gg.current_context() is None

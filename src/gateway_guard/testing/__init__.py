@@ -10,12 +10,18 @@
 
 - :class:`~gateway_guard.testing.upstream.MisbehavingUpstream`: a real HTTP server that
   refuses, hangs, resets, truncates, answers garbage or a given status on command.
-- ``Guard(settings, clock=fake)``: deadlines, breakers, budgets and limiters all read that
-  clock, so a test can move time instead of sleeping.
+- :class:`FakeClock`: give it to ``Guard(settings, clock=clock)``; deadlines, breakers,
+  budgets and limiters all read that clock, so a test moves time instead of sleeping::
+
+      clock = FakeClock()
+      guard = Guard(settings, clock=clock)
+      clock.advance(30)            # the breaker's open_seconds have passed
 """
 
 from __future__ import annotations
 
 from gateway_guard.retry import is_testing, set_testing, testing
 
-__all__ = ["is_testing", "set_testing", "testing"]
+from ._clock import FakeClock
+
+__all__ = ["FakeClock", "is_testing", "set_testing", "testing"]
