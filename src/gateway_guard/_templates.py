@@ -20,7 +20,7 @@ import jinja2
 from ._colours import PALETTE, ink
 from ._copy import CAUTION, COPY, Page, duration_words
 from ._hygiene import COLOUR_RE, SAFE_URL_RE
-from .settings import BrandSettings
+from ._schema import BrandSettings
 
 __all__ = [
     "TEMPLATE_NAME",

@@ -44,10 +44,10 @@ from ._hygiene import (
     safe_str,
 )
 from ._negotiate import Media, NegotiationCache, negotiate
+from ._schema import Settings
 from ._templates import content_security_policy, load_template, page_context, static_context
 from .errors import UpstreamError
 from .headers import PROXY_ERROR_TYPES, proxy_status, server_timing
-from .settings import Settings
 
 __all__ = [
     "DEFAULT_503_RETRY_AFTER",
