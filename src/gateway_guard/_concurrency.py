@@ -51,6 +51,7 @@ import asyncio
 import math
 import threading
 import time
+import typing
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -66,8 +67,8 @@ __all__ = ["MAX_RETRY_AFTER", "PRIORITIES", "ConcurrencyLimiter", "LimiterSnapsh
 #: Upper bound of the ``retry_after`` estimate, in seconds.
 MAX_RETRY_AFTER: Final = 60.0
 
-#: The priorities, best first: the queue serves them in this order.
-PRIORITIES: Final[tuple[Priority, ...]] = ("critical", "normal", "sheddable")
+#: The priorities, best first (as the schema lists them): the queue serves them in this order.
+PRIORITIES: Final[tuple[Priority, ...]] = typing.get_args(Priority)
 _RANK: Final[dict[str, int]] = {p: rank for rank, p in enumerate(PRIORITIES)}
 _LOWEST: Final = len(PRIORITIES) - 1
 

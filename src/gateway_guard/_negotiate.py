@@ -1,6 +1,6 @@
 """Content negotiation: which body (HTML, problem+json or plain text) an ``Accept`` asks for.
 
-:func:`negotiate` parses a header in bounded time; :class:`NegotiationCache` remembers the
+:func:`negotiate` parses a header in bounded time; :func:`negotiate_cached` remembers the
 answer for the few real ``Accept`` strings (browsers send the same one on every request),
 so the renderer's hot path costs a dict lookup.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-__all__ = ["Media", "NegotiationCache", "negotiate"]
+__all__ = ["Media", "negotiate", "negotiate_cached"]
 
 Media = Literal["html", "json", "text"]
 
@@ -109,27 +109,17 @@ def _first(*weights: float | None) -> float:
     return 0.0
 
 
-class NegotiationCache:
-    """:func:`negotiate` with a bounded memory of the short ``Accept`` values it has seen."""
-
-    __slots__ = ("_negotiated",)
-
-    def __init__(self) -> None:
-        self._negotiated: dict[str, Media] = {}
-
-    def __len__(self) -> int:
-        return len(self._negotiated)
-
-    def media(self, accept: str | bytes | None) -> Media:
-        if not accept:
-            return "text"
-        if isinstance(accept, bytes):
-            accept = accept.decode("latin-1")
-        media = self._negotiated.get(accept)
-        if media is None:
-            media = negotiate(accept)
-            if len(accept) <= _MAX_CACHED_ACCEPT_LENGTH:
-                if len(self._negotiated) >= _NEGOTIATION_CACHE_SIZE:
-                    self._negotiated.clear()
-                self._negotiated[accept] = media
-        return media
+def negotiate_cached(accept: str | bytes | None, cache: dict[str, Media]) -> Media:
+    """:func:`negotiate`, remembering short ``Accept`` values in ``cache`` (bounded)."""
+    if not accept:
+        return "text"
+    if isinstance(accept, bytes):
+        accept = accept.decode("latin-1")
+    media = cache.get(accept)
+    if media is None:
+        media = negotiate(accept)
+        if len(accept) <= _MAX_CACHED_ACCEPT_LENGTH:
+            if len(cache) >= _NEGOTIATION_CACHE_SIZE:
+                cache.clear()
+            cache[accept] = media
+    return media

@@ -43,7 +43,7 @@ from ._hygiene import (
     retry_seconds,
     safe_str,
 )
-from ._negotiate import Media, NegotiationCache, negotiate
+from ._negotiate import Media, negotiate, negotiate_cached
 from ._schema import Settings
 from ._templates import content_security_policy, load_template, page_context, static_context
 from .errors import UpstreamError
@@ -109,9 +109,7 @@ class ErrorRenderer:
         self._debug = settings.debug
         self._clock = clock
         self._cache: dict[_Key, Entry] = {}
-        self._negotiated = NegotiationCache()
-        # A bound method: calling it costs what calling a method of ours would.
-        self._negotiate = self._negotiated.media
+        self._negotiated: dict[str, Media] = {}
         self._stamp: tuple[int, bytes, bytes, str, str] = (-1, b"", b"", "", "")
         self._last_failure_log = -math.inf
         self._failures_since_log = 0
@@ -151,7 +149,7 @@ class ErrorRenderer:
                 proxy_error = "proxy_internal_error"
             received = clean_received(error.received_status)
             retry = retry_seconds(error.retry_after, status)
-            media = self._negotiate(accept)
+            media = negotiate_cached(accept, self._negotiated)
             # Only the page depends on the method (a "Try again" link, a caution).
             method_class = classify_method(method) if media == "html" else ""
             key: _Key = (False, status, proxy_error, received, retry, media, method_class)
@@ -185,7 +183,7 @@ class ErrorRenderer:
         try:
             received = clean_received(received_status)
             retry = retry_seconds(retry_after, status)
-            media = self._negotiate(accept)
+            media = negotiate_cached(accept, self._negotiated)
             method_class = classify_method(method) if media == "html" else ""
             key: _Key = (True, status, None, received, retry, media, method_class)
             # Cached in debug mode too: there are no per-request details to show.
