@@ -14,9 +14,9 @@ driver's loop would hold them. Cases are interleaved (one run of each, then the 
 repetition) so a machine that slows down midway skews every row alike; each row is the
 median of the repetitions.
 
-- ``--against REV``: the same rows for ``src/gateway_guard/limiter.py`` as of git
-  revision ``REV`` (or a file path), loaded as a separate module and interleaved with
-  the current code in the same run: a before/after on one machine at one time.
+- ``--against REV``: the same rows for ``gateway_guard.limiter`` as of git revision
+  ``REV`` (or a ``limiter.py`` file path), loaded as a separate package and interleaved
+  with the current code in the same run: a before/after on one machine at one time.
 
 - sync rows: ``timeit`` of the statement.
 - async rows: a coroutine awaiting the pair ``number`` times inside one running loop;
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import importlib.util
 import statistics
 import subprocess
@@ -73,26 +74,31 @@ def _async_runner(body: Callable[[int], Coroutine[Any, Any, float]]) -> Runner:
 
 
 def _load_limiter(against: str) -> ModuleType:
-    """``limiter.py`` as of git revision ``against`` (or the file at that path)."""
+    """``gateway_guard.limiter`` as of git revision ``against`` (or the file at that path).
+
+    A revision's whole package is loaded under another name, so that the private modules
+    its ``limiter.py`` imports from (relatively) are that revision's too.
+    """
     path = Path(against)
-    if not path.is_file():
-        source = subprocess.run(
-            ["git", "show", f"{against}:src/gateway_guard/limiter.py"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        path = Path(tempfile.mkdtemp()) / "limiter_baseline.py"
-        path.write_text(source)
-    name = "_bench_limiter_baseline"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module
+    if path.is_file():
+        name = "_bench_limiter_baseline"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while building
+        spec.loader.exec_module(module)
+        return module
+    root = Path(tempfile.mkdtemp())
+    archive = subprocess.run(
+        ["git", "archive", against, "src/gateway_guard"], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    # A bare package object: its modules load on demand, without running its __init__.
+    package = ModuleType("_bench_gateway_guard_baseline")
+    package.__path__ = [str(root / "src" / "gateway_guard")]
+    sys.modules[package.__name__] = package
+    return importlib.import_module(f"{package.__name__}.limiter")
 
 
 def _pair_cases(module: Any, library: str) -> list[tuple[str, str, str, Runner]]:
@@ -324,6 +330,6 @@ if __name__ == "__main__":
     parser.add_argument(
         "--against",
         metavar="REV",
-        help="also time src/gateway_guard/limiter.py as of this git revision (or file)",
+        help="also time gateway_guard.limiter as of this git revision (or a limiter.py file)",
     )
     main(against=parser.parse_args().against)

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway_guard._templates import page_context
 from gateway_guard.errors import (
     CircuitOpenError,
     LoadShedError,
@@ -1010,7 +1011,7 @@ def test_doc_lists_every_template_variable() -> None:
     renderer = make(debug=True)
     key = (False, 504, "http_response_timeout", None, None, "html", "reload")
     page = renderer._debug_entry(UpstreamTimeout(), key, "timeout", ()).page  # type: ignore[arg-type]
-    assert documented == set(renderer._context(page, "rid", "ts", "iso"))
+    assert documented == set(page_context(renderer._static, page, "rid", "ts", "iso"))
 
 
 def test_doc_templates_render(tmp_path: Path) -> None:
@@ -1066,12 +1067,12 @@ def test_doc_problem_json_example_matches_the_real_thing() -> None:
 def test_without_any_usable_template_html_requests_get_plain_text(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gateway_guard import render
+    from gateway_guard import _templates
 
     def broken(user_loader: object) -> None:
         raise OSError("templates missing from the installation")
 
-    monkeypatch.setattr(render, "_environment", broken)
+    monkeypatch.setattr(_templates, "environment", broken)
     with caplog.at_level(logging.ERROR, logger="gateway_guard"):
         renderer = make()
     assert "built-in error page cannot be loaded" in caplog.text

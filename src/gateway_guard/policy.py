@@ -1,26 +1,32 @@
-"""Frozen runtime policies, compiled once from validated settings.
+"""Frozen runtime policies, compiled once from validated settings; and the layering.
 
 The hot path only reads these: every field is already in the form it is used in
 (frozensets for membership, floats in seconds, precomputed flags). Layering is
-``defaults`` < ``upstreams.<name>`` < the matching ``routes`` entry, merged per key.
+``defaults`` < ``upstreams.<name>`` < the matching ``routes`` entry, merged per key; it
+is done here only (:func:`effective_call`), and the settings checks use it too. Each
+policy's defaults are read from the settings schema, where every default is written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Final
 
-from .errors import SettingsError, SettingsProblem
-from .routing import Route, RouteTable
-from .settings import (
+from ._schema import (
+    DEFAULT_MAX_OPEN_SECONDS,
+    BreakerSettings,
     CallSettings,
+    Priority,
     RouteSettings,
     Settings,
+    SettingsModel,
     ShedSettings,
-    effective_call,
-    merge_shed,
+    UpstreamSettings,
+    WindowKind,
 )
+from .errors import SettingsError, SettingsProblem
+from .routing import Route, RouteTable
 
 __all__ = [
     "BreakerPolicy",
@@ -35,27 +41,37 @@ __all__ = [
     "compile_view_policy",
 ]
 
-Priority = Literal["critical", "normal", "sheddable"]
-WindowKind = Literal["count", "time"]
+# The schema's defaults, which are the policies' defaults: each is written once, there.
+_CALL: Final = CallSettings()
+_RETRY: Final = _CALL.retry
+_BREAKER: Final = _CALL.breaker
+_BULKHEAD: Final = _CALL.bulkhead
+_SHED: Final = ShedSettings()
 
-# The cap of a re-opening breaker's open time when the settings leave it unset (and
-# open_seconds is shorter): also the longest a recovered upstream waits to be noticed.
-DEFAULT_MAX_OPEN_SECONDS = 60.0
+
+def _methods(methods: Iterable[str]) -> frozenset[str]:
+    return frozenset(m.upper() for m in methods)
+
+
+def _max_open_seconds(breaker: BreakerSettings) -> float:
+    if breaker.max_open_seconds is not None:
+        return breaker.max_open_seconds
+    return max(DEFAULT_MAX_OPEN_SECONDS, breaker.open_seconds)
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    attempts: int = 3
-    backoff_initial: float = 0.1
-    backoff_max: float = 2.0
-    jitter: bool = True
-    on_status: frozenset[int] = frozenset({502, 503, 504})
-    methods: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-    retry_non_idempotent: bool = False
-    budget_ratio: float = 0.2
-    budget_min_per_second: float = 10.0
-    respect_retry_after: bool = True
-    max_retry_after: float = 30.0
+    attempts: int = _RETRY.attempts
+    backoff_initial: float = _RETRY.backoff_initial
+    backoff_max: float = _RETRY.backoff_max
+    jitter: bool = _RETRY.jitter
+    on_status: frozenset[int] = frozenset(_RETRY.on_status)
+    methods: frozenset[str] = _methods(_RETRY.methods)
+    retry_non_idempotent: bool = _RETRY.retry_non_idempotent
+    budget_ratio: float = _RETRY.budget_ratio
+    budget_min_per_second: float = _RETRY.budget_min_per_second
+    respect_retry_after: bool = _RETRY.respect_retry_after
+    max_retry_after: float = _RETRY.max_retry_after
 
     @property
     def enabled(self) -> bool:
@@ -64,33 +80,33 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class BreakerPolicy:
-    enabled: bool = True
-    failure_rate: float = 0.5
-    window: WindowKind = "count"
-    window_size: int = 20
-    min_calls: int = 10
-    open_seconds: float = 30.0
+    enabled: bool = _BREAKER.enabled
+    failure_rate: float = _BREAKER.failure_rate
+    window: WindowKind = _BREAKER.window
+    window_size: int = _BREAKER.window_size
+    min_calls: int = _BREAKER.min_calls
+    open_seconds: float = _BREAKER.open_seconds
     # Each re-open from half-open doubles the open time, up to this cap (then jittered).
-    max_open_seconds: float = DEFAULT_MAX_OPEN_SECONDS
-    half_open_calls: int = 3
-    slow_call_seconds: float = 5.0
-    slow_call_rate: float = 1.0
-    failure_status: frozenset[int] = frozenset({500, 502, 503, 504})
+    max_open_seconds: float = _max_open_seconds(_BREAKER)
+    half_open_calls: int = _BREAKER.half_open_calls
+    slow_call_seconds: float = _BREAKER.slow_call_seconds
+    slow_call_rate: float = _BREAKER.slow_call_rate
+    failure_status: frozenset[int] = frozenset(_BREAKER.failure_status)
 
 
 @dataclass(frozen=True, slots=True)
 class BulkheadPolicy:
-    max_concurrent: int = 100
-    max_wait: float = 0.0
+    max_concurrent: int = _BULKHEAD.max_concurrent
+    max_wait: float = _BULKHEAD.max_wait
 
 
 @dataclass(frozen=True, slots=True)
 class ShedPolicy:
     """Inbound concurrency limit. ``max_concurrent == 0`` means no limit."""
 
-    max_concurrent: int = 200
-    max_queue: int = 400
-    queue_timeout: float = 1.0
+    max_concurrent: int = _SHED.max_concurrent
+    max_queue: int = _SHED.max_queue
+    queue_timeout: float = _SHED.queue_timeout
 
     @property
     def enabled(self) -> bool:
@@ -103,10 +119,10 @@ class CallPolicy:
 
     upstream: str
     base_url: str | None = None
-    connect_timeout: float = 2.0
-    read_timeout: float = 10.0
-    deadline: float = 15.0
-    raise_on_failure_status: bool = True
+    connect_timeout: float = _CALL.connect_timeout
+    read_timeout: float = _CALL.read_timeout
+    deadline: float = _CALL.deadline
+    raise_on_failure_status: bool = _CALL.raise_on_failure_status
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     bulkhead: BulkheadPolicy = field(default_factory=BulkheadPolicy)
@@ -167,7 +183,7 @@ def _call_policy(name: str, base_url: str | None, call: CallSettings) -> CallPol
             backoff_max=r.backoff_max,
             jitter=r.jitter,
             on_status=frozenset(r.on_status),
-            methods=frozenset(m.upper() for m in r.methods),
+            methods=_methods(r.methods),
             retry_non_idempotent=r.retry_non_idempotent,
             budget_ratio=r.budget_ratio,
             budget_min_per_second=r.budget_min_per_second,
@@ -181,11 +197,7 @@ def _call_policy(name: str, base_url: str | None, call: CallSettings) -> CallPol
             window_size=b.window_size,
             min_calls=b.min_calls,
             open_seconds=b.open_seconds,
-            max_open_seconds=(
-                b.max_open_seconds
-                if b.max_open_seconds is not None
-                else max(DEFAULT_MAX_OPEN_SECONDS, b.open_seconds)
-            ),
+            max_open_seconds=_max_open_seconds(b),
             half_open_calls=b.half_open_calls,
             slow_call_seconds=b.slow_call_seconds,
             slow_call_rate=b.slow_call_rate,
@@ -201,6 +213,63 @@ def _shed_policy(shed: ShedSettings) -> ShedPolicy:
         max_queue=shed.max_queue,
         queue_timeout=shed.queue_timeout,
     )
+
+
+# --- layering: defaults < upstream < route, merged per key ------------------------------
+
+
+def _override(base: SettingsModel, over: SettingsModel | None) -> Any:
+    """``base`` with the keys the user set in ``over`` (per key, nested sections merged)."""
+    if over is None:
+        return base
+    updates: dict[str, Any] = {}
+    for key in over.model_fields_set:
+        if key not in type(base).model_fields:
+            continue
+        value = getattr(over, key)
+        current = getattr(base, key)
+        if isinstance(value, SettingsModel) and isinstance(current, SettingsModel):
+            value = _override(current, value)
+        if value is not None:
+            updates[key] = value
+    return base.model_copy(update=updates) if updates else base
+
+
+def merge_call(defaults: CallSettings, upstream: UpstreamSettings) -> CallSettings:
+    """An upstream's call settings: the defaults with the keys the upstream set."""
+    merged: CallSettings = _override(defaults, upstream)
+    return merged
+
+
+def merge_route(base: CallSettings, route: RouteSettings) -> CallSettings:
+    """``base`` (an upstream's, or the defaults) with the keys a route set."""
+    merged: CallSettings = _override(base, route)
+    # A route's deadline is the whole inbound request's: it caps an upstream's own call
+    # deadline but never loosens a tighter one.
+    if route.deadline is not None and base.deadline < route.deadline:
+        merged = merged.model_copy(update={"deadline": base.deadline})
+    return merged
+
+
+def merge_shed(app: ShedSettings, route: RouteSettings) -> ShedSettings | None:
+    """A route's own shed limit (app values for keys it did not set), or None."""
+    if route.shed is None:
+        return None
+    merged: ShedSettings = _override(app, route.shed)
+    return merged
+
+
+def effective_call(settings: Settings, upstream: str, route: RouteSettings | None) -> CallSettings:
+    """The layered settings for one call: defaults < upstream < route, merged per key."""
+    call = settings.defaults
+    if upstream in settings.upstreams:
+        call = merge_call(call, settings.upstreams[upstream])
+    if route is not None:
+        call = merge_route(call, route)
+    return call
+
+
+# --- compiling ------------------------------------------------------------------------------
 
 
 def compile_route(

@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+from ._schema import Priority, RouteSettings
 
 if TYPE_CHECKING:
-    from .policy import CallPolicy, Priority, ShedPolicy
+    from .policy import CallPolicy, ShedPolicy
 
 __all__ = ["Route", "RouteTable", "RouteTemplateError", "parse_template"]
 
@@ -21,6 +23,10 @@ __all__ = ["Route", "RouteTable", "RouteTemplateError", "parse_template"]
 class RouteTemplateError(ValueError):
     """A route template that does not parse."""
 
+
+# A route that sets no priority, and a view policy (which has none), are "normal" the
+# way the settings schema says.
+_DEFAULT_PRIORITY: Final[Priority] = RouteSettings.model_fields["priority"].default
 
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -76,7 +82,7 @@ class Route:
     pattern: str
     name: str
     methods: frozenset[str] | None = None
-    priority: Priority = "normal"
+    priority: Priority = _DEFAULT_PRIORITY
     depends_on: tuple[str, ...] = ()
     deadline: float | None = None
     shed: ShedPolicy | None = None

@@ -1,0 +1,91 @@
+"""The bodies built without a template: problem+json (RFC 9457) and plain text.
+
+Both say what the page says (:mod:`gateway_guard._copy`), in a form a program or a
+terminal reads; neither needs escaping rules of its own beyond what is done here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from ._copy import COPY, Page
+from ._hygiene import one_line
+
+__all__ = ["PROBLEM_TYPE_BASE", "plain_text", "problem_json", "problem_type"]
+
+# problem+json "type" URIs are this page's anchors, one per Proxy-Status error type (plus
+# "upstream_status" for a failure status the upstream answered). RFC 9457 §3.1.1 asks that
+# a type URI, when dereferenced, documents the problem: the error-pages doc does, and we
+# control it (a made-up domain could be registered by anyone). Errors that the app itself
+# returned carry no more meaning than their status, which is what "about:blank" says.
+PROBLEM_TYPE_BASE: Final = (
+    "https://github.com/gateway-guard/gateway-guard/blob/main/docs/error-pages.md"
+)
+
+
+def problem_type(page: Page) -> str:
+    """The problem+json ``type`` URI of ``page``."""
+    if page.app:
+        return "about:blank"
+    return f"{PROBLEM_TYPE_BASE}#{page.proxy_error or 'upstream_status'}"
+
+
+def problem_json(page: Page, rid: str) -> bytes:
+    """``page`` as an ``application/problem+json`` body (ASCII) for request ``rid``."""
+    _, message = COPY[page.situation]
+    problem: dict[str, Any] = {
+        "type": problem_type(page),
+        "title": page.status_phrase,
+        "status": page.status,
+        "detail": message,
+        # A URI, as RFC 9457 §3.1.5 requires; request_id carries the bare id for clients.
+        "instance": f"urn:request:{rid}",
+        "request_id": rid,
+    }
+    if page.proxy_error is not None:
+        problem["proxy_error"] = page.proxy_error
+    if page.received_status is not None:
+        problem["received_status"] = page.received_status
+    if page.retry_after is not None:
+        problem["retry_after"] = page.retry_after
+    if page.details is not None:
+        for field in ("upstream", "attempts", "elapsed_ms", "exception"):
+            problem[field] = page.details[field]
+    # ensure_ascii: valid in any charset. <, > and & as \u escapes: the body stays inert
+    # even if something renders it as HTML (the same JSON value to every parser).
+    text = json.dumps(problem, ensure_ascii=True)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return text.encode("ascii")
+
+
+def plain_text(page: Page, brand: Mapping[str, Any], rid: str, ts: str) -> bytes:
+    """``page`` as a ``text/plain`` body; ``brand`` is the template's static context."""
+    _, message = COPY[page.situation]
+    name = brand["brand_name"]
+    status_line = f"{page.status} {page.status_phrase}"
+    lines = [f"{one_line(name)}: {status_line}" if name else status_line, ""]
+    lines += [message, page.advice, ""]
+    if brand["status_url"]:
+        lines.append(f"Status page: {brand['status_url']}")
+    if brand["support_url"]:
+        lines.append(f"Support: {brand['support_url']}")
+    lines.append(f"Reference: {rid} ({ts})")
+    if page.details is not None:
+        lines += ["", "Debug details (debug mode is on; turn it off in production):"]
+        for label, field in (
+            ("Proxy error", "proxy_error"),
+            ("Received status", "received_status"),
+            ("Upstream", "upstream"),
+            ("Attempts", "attempts"),
+            ("Elapsed ms", "elapsed_ms"),
+        ):
+            if page.details[field] is not None:
+                lines.append(f"{label}: {one_line(str(page.details[field]))}")
+        # Plain text has no escaping: controls become spaces, so no line can be forged;
+        # the exception's own lines (its causes) are indented under it.
+        first, *causes = page.details["exception"].split("\n")
+        lines.append(f"Exception: {one_line(first)}")
+        lines.extend(f"  {one_line(cause)}" for cause in causes)
+    return ("\n".join(lines) + "\n").encode("utf-8", "replace")

@@ -1,0 +1,195 @@
+"""The settings schema: every key, its type, its bounds and its default (DESIGN §2).
+
+This is the one place a default is written: :mod:`gateway_guard.policy` reads its own
+defaults from these models, and the docs are checked against them (tests/test_docs.py).
+Loading, error messages and cross-field checks live in :mod:`gateway_guard.settings` and
+the private modules it names.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "DEFAULT_MAX_OPEN_SECONDS",
+    "BrandSettings",
+    "BreakerSettings",
+    "BulkheadSettings",
+    "CallSettings",
+    "Priority",
+    "RetrySettings",
+    "RouteSettings",
+    "Settings",
+    "SettingsModel",
+    "ShedSettings",
+    "UpstreamSettings",
+    "WindowKind",
+]
+
+_MODEL_CONFIG = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Rate = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+HttpStatus = Annotated[int, Field(ge=100, le=599)]
+HttpMethod = Annotated[str, Field(pattern=r"^[A-Za-z]+$", max_length=32)]
+Priority = Literal["critical", "normal", "sheddable"]
+WindowKind = Literal["count", "time"]
+
+# The cap of a re-opening breaker's open time when the settings leave it unset (and
+# open_seconds is shorter): also the longest a recovered upstream waits to be noticed.
+DEFAULT_MAX_OPEN_SECONDS: Final = 60.0
+
+
+class SettingsModel(BaseModel):
+    """The base of every settings table: unknown keys are errors, values are frozen."""
+
+    model_config = _MODEL_CONFIG
+
+
+class RetrySettings(SettingsModel):
+    """``[defaults.retry]``, ``[upstreams.NAME.retry]``, ``routes[].retry``."""
+
+    attempts: int = Field(3, ge=1, le=10, description="Attempts in all, including the first.")
+    backoff_initial: NonNegativeSeconds = Field(0.1, description="First backoff, seconds.")
+    backoff_max: NonNegativeSeconds = Field(2.0, description="Longest backoff, seconds.")
+    jitter: bool = Field(True, description="Randomise backoff so callers do not retry in step.")
+    on_status: list[HttpStatus] = Field(
+        [502, 503, 504], description="Upstream statuses that are retried."
+    )
+    methods: list[HttpMethod] = Field(
+        ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"],
+        description="Methods retried after the request may have reached the upstream. "
+        "POST/PATCH are retried only with an Idempotency-Key header.",
+    )
+    retry_non_idempotent: bool = Field(
+        False, description="Retry POST/PATCH even without an Idempotency-Key (dangerous)."
+    )
+    budget_ratio: Rate = Field(
+        0.2, description="Retries may add at most this fraction of calls (sliding 10 s window)."
+    )
+    budget_min_per_second: float = Field(
+        10.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Floor: adds this many retries per second of the 10 s window (a burst).",
+    )
+    respect_retry_after: bool = Field(True, description="Never retry before Retry-After.")
+    max_retry_after: NonNegativeSeconds = Field(
+        30.0, description="A longer upstream Retry-After fails fast instead of waiting."
+    )
+
+
+class BreakerSettings(SettingsModel):
+    """``[defaults.breaker]``, ``[upstreams.NAME.breaker]``."""
+
+    enabled: bool = Field(True, description="false: the breaker never opens.")
+    failure_rate: Rate = Field(0.5, description="Open at this failure rate (0-1).")
+    window: WindowKind = Field(
+        "count", description='"count": the last window_size calls; "time": the last seconds.'
+    )
+    window_size: int = Field(20, ge=1, le=10_000, description="Calls, or seconds.")
+    min_calls: int = Field(10, ge=1, description="Calls in the window before it may open.")
+    open_seconds: PositiveSeconds = Field(30.0, description="Time open before probing.")
+    max_open_seconds: PositiveSeconds | None = Field(
+        None,
+        description=(
+            "Cap of the growing open time after failed probes; unset: "
+            f"{DEFAULT_MAX_OPEN_SECONDS:g} s, or open_seconds when that is longer."
+        ),
+    )
+    half_open_calls: int = Field(
+        3, ge=1, le=1000, description="Probes admitted in half-open; this many successes close it."
+    )
+    slow_call_seconds: PositiveSeconds = Field(5.0, description="A call this long is slow.")
+    slow_call_rate: Rate = Field(1.0, description="Open at this slow-call rate (1 = never).")
+    failure_status: list[HttpStatus] = Field(
+        [500, 502, 503, 504], description="Statuses counted as failures."
+    )
+
+
+class BulkheadSettings(SettingsModel):
+    """``[defaults.bulkhead]``, ``[upstreams.NAME.bulkhead]``: outbound concurrency."""
+
+    max_concurrent: int = Field(100, ge=0, description="Calls in flight (0 = unlimited).")
+    max_wait: NonNegativeSeconds = Field(0.0, description="Wait for a free slot (0 = fail fast).")
+
+
+class ShedSettings(SettingsModel):
+    """``[shed]`` and ``routes[].shed``: inbound load shedding."""
+
+    max_concurrent: int = Field(200, ge=0, description="Requests in flight (0 = no limit).")
+    max_queue: int = Field(400, ge=0, description="Requests waiting for a slot.")
+    queue_timeout: NonNegativeSeconds = Field(1.0, description="Longest wait in the queue.")
+    exempt: list[str] = Field(
+        ["/healthz", "/metrics"], description="Paths (or templates) never shed (app-wide only)."
+    )
+
+
+class CallSettings(SettingsModel):
+    """``[defaults]``: applies to every upstream call."""
+
+    connect_timeout: PositiveSeconds = Field(2.0, description="Seconds to connect.")
+    read_timeout: PositiveSeconds = Field(10.0, description="Seconds between bytes read.")
+    deadline: PositiveSeconds = Field(15.0, description="One call, all retries included.")
+    raise_on_failure_status: bool = Field(
+        True, description="Retries spent and still a failure status: raise UpstreamStatusError."
+    )
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
+    bulkhead: BulkheadSettings = BulkheadSettings()
+
+
+class UpstreamSettings(CallSettings):
+    """``[upstreams.NAME]``: one upstream; any ``defaults`` key may be overridden."""
+
+    base_url: str | None = Field(None, description="http(s) URL the clients are based on.")
+
+
+class RouteSettings(SettingsModel):
+    """``[[routes]]``: a route policy; the first matching entry wins."""
+
+    path: str = Field(description="Route template: /orders/{id}, /static/{rest:path}.")
+    methods: list[HttpMethod] | None = Field(
+        None, min_length=1, description="Methods matched (all if unset)."
+    )
+    name: str | None = Field(None, max_length=100, description="Name in logs (default: path).")
+    priority: Priority = Field("normal", description="Shedding order: sheddable goes first.")
+    depends_on: list[str] = Field(
+        [], description="Upstreams whose open breaker makes this route answer 503 at once."
+    )
+    connect_timeout: PositiveSeconds | None = None
+    read_timeout: PositiveSeconds | None = None
+    deadline: PositiveSeconds | None = Field(None, description="Inbound request deadline.")
+    raise_on_failure_status: bool | None = None
+    retry: RetrySettings | None = None
+    shed: ShedSettings | None = None
+
+
+class BrandSettings(SettingsModel):
+    """``[brand]``: how the error pages look."""
+
+    name: str = Field("", max_length=200, description="Shown in the page title and heading.")
+    logo_url: str | None = Field(None, description="http(s) URL or /path of a logo image.")
+    accent_color: str = Field("#2563eb", description="Hex colour: #rgb or #rrggbb.")
+    support_url: str | None = Field(None, description="Where visitors can get help.")
+    status_url: str | None = Field(None, description="The public status page.")
+    template_dir: str | None = Field(None, description="Directory of Jinja2 overrides.")
+    lang: str = Field("en", pattern=r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+
+
+class Settings(SettingsModel):
+    """The whole gateway_guard configuration (DESIGN §2)."""
+
+    service: str = Field("gateway-guard", description="Deployment name; the Proxy-Status member.")
+    debug: bool = Field(False, description="Rich diagnostics in pages and headers. Never in prod.")
+    brand_app_errors: bool = Field(
+        False, description="Also brand 502/503/504 responses that the app returns itself."
+    )
+    brand: BrandSettings = BrandSettings()
+    defaults: CallSettings = CallSettings()
+    upstreams: dict[str, UpstreamSettings] = {}
+    shed: ShedSettings = ShedSettings()
+    routes: list[RouteSettings] = []
