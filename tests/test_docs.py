@@ -289,7 +289,7 @@ def test_the_worked_layering_example_is_right() -> None:
         calls = policies.calls
         if m["request"]:
             method, _, path = m["request"].rpartition(" ")
-            route = policies.routes.match(method or "GET", path)
+            route = policies.routes.resolve(method or "GET", path)[1]
             assert route is not None, m["request"]
             calls = route.calls
         policy = calls[m["upstream"]]

@@ -451,7 +451,7 @@ DEADLINE_SETTINGS = {
 
 
 def route_deadline(guard: gg.Guard) -> RequestContext:
-    route = guard.policies.routes.match("GET", DEADLINE_PATH)
+    route = guard.policies.routes.resolve("GET", DEADLINE_PATH)[1]
     assert route is not None
     return RequestContext(guard, "req-deadline", route=route)
 

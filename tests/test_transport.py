@@ -856,7 +856,7 @@ def test_route_policy_disables_retries(
     driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
 ) -> None:
     guard = make_guard(clock, routes=ROUTES)
-    route = guard.policies.routes.match("GET", "/orders/42")
+    route = guard.policies.routes.resolve("GET", "/orders/42")[1]
     assert route is not None
     handler = Upstream(status(503))
 
@@ -875,7 +875,7 @@ def test_route_deadline_caps_the_call(
     driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
 ) -> None:
     guard = make_guard(clock, routes=ROUTES)
-    route = guard.policies.routes.match("GET", "/reports/2024/q1")
+    route = guard.policies.routes.resolve("GET", "/reports/2024/q1")[1]
     assert route is not None
     context(guard, route=route)
     handler = Upstream()
@@ -889,7 +889,7 @@ def test_route_for_another_path_changes_nothing(
     driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
 ) -> None:
     guard = make_guard(clock, routes=ROUTES)
-    context(guard, route=guard.policies.routes.match("GET", "/nothing"))
+    context(guard, route=guard.policies.routes.resolve("GET", "/nothing")[1])
     handler = Upstream(status(503))
 
     with pytest.raises(gg.UpstreamStatusError):

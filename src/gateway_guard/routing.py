@@ -110,19 +110,11 @@ class RouteTable:
     the table never grows with what clients send.
     """
 
-    __slots__ = (
-        "_by_method",
-        "_exempt",
-        "_other",
-        "_routes_by_method",
-        "_routes_other",
-        "routes",
-    )
+    __slots__ = ("_by_method", "_other", "routes")
 
     def __init__(self, routes: Sequence[Route], exempt: Sequence[str] = ()) -> None:
         self.routes: tuple[Route, ...] = tuple(routes)
         exempt_rx = "|".join(f"(?:{parse_template(p)})" for p in exempt)
-        self._exempt = re.compile(exempt_rx, re.DOTALL) if exempt else None
         methods: set[str] = set()
         for route in self.routes:
             if route.methods is not None:
@@ -131,13 +123,13 @@ class RouteTable:
                 if "GET" in route.methods:
                     methods.add("HEAD")
 
-        def compile_for(method: str | None, *, with_exempt: bool = True) -> _Matcher | None:
+        def compile_for(method: str | None) -> _Matcher | None:
             # Each alternative is one capturing group (template parameters capture
             # nothing), so a match's ``lastindex`` numbers the alternative that matched,
             # and the answer is read from a tuple built here: nothing is built per request.
             parts: list[str] = []
             answers: list[_Answer] = [_NOTHING]  # group 0 is the whole match: never used
-            if exempt and with_exempt:
+            if exempt:
                 parts.append(f"({exempt_rx})")
                 answers.append(_EXEMPT)
             for route in self.routes:
@@ -153,9 +145,6 @@ class RouteTable:
 
         self._by_method = {m: compile_for(m) for m in sorted(methods)}
         self._other = compile_for(None)
-        # match() answers "which route?" even for an exempt path: routes only.
-        self._routes_by_method = {m: compile_for(m, with_exempt=False) for m in sorted(methods)}
-        self._routes_other = compile_for(None, with_exempt=False)
 
     def resolve(self, method: str, path: str) -> _Answer:
         """``(exempt, route)``: whether ``path`` is exempt, else the first matching route."""
@@ -167,18 +156,6 @@ class RouteTable:
         if m is None:
             return _NOTHING
         return answers[m.lastindex]  # type: ignore[index]
-
-    def match(self, method: str, path: str) -> Route | None:
-        """The first route whose methods and template match (exemption aside), or None."""
-        matcher = self._routes_by_method.get(method, self._routes_other)
-        if matcher is None:
-            return None
-        pattern, answers = matcher
-        m = pattern.fullmatch(path)
-        return None if m is None else answers[m.lastindex][1]  # type: ignore[index]
-
-    def is_exempt(self, path: str) -> bool:
-        return self._exempt is not None and self._exempt.fullmatch(path) is not None
 
     def __len__(self) -> int:
         return len(self.routes)
