@@ -303,7 +303,7 @@ def logged(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
         calls.append((ctx.request_id, error.status))
         log_gateway_error(ctx, error, **kwargs)
 
-    monkeypatch.setattr("gateway_guard.django.middleware.log_gateway_error", record)
+    monkeypatch.setattr("gateway_guard.inbound._errors.log_gateway_error", record)
     return calls
 
 
@@ -752,8 +752,8 @@ def test_brand_app_errors(fetch: Fetch, status: int) -> None:
     assert branded.headers["Retry-After"] == "7"  # the app's, kept
     assert branded.headers["X-Request-ID"] == "b1"
     assert proxy_status(branded.headers["Proxy-Status"])[0] == "shop"
-    # A stream is never thrown away: it passes as the app sent it.
-    assert streamed.status_code == status and "Proxy-Status" not in streamed.headers
+    # A stream is re-branded too (its body closed unread), as in every adapter.
+    assert streamed.status_code == status and "Proxy-Status" in streamed.headers
     # Responses that already carry Proxy-Status (the app's own, or our pages) are kept.
     assert (explained.status_code, explained.content) == (503, b"explained")
     assert proxy_status(ours.headers["Proxy-Status"])[1] == {"error": "destination_unavailable"}

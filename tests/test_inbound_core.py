@@ -1,14 +1,26 @@
-"""The inbound core's decisions (gateway_guard.inbound)."""
+"""The inbound core's decisions (gateway_guard.inbound), and the adapter behaviours that
+follow from owning them in one place: Django re-brands a streamed 502/503/504 like the
+other adapters.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.http import FileResponse, HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http.response import HttpResponseBase
+from django.test import RequestFactory, override_settings
 
 import gateway_guard as gg
+
+# Django is configured once per process, by test_django.py (it is also the URLconf):
+# imported so that this module runs alone, or first, with the same settings.
+import test_django  # noqa: F401
+from gateway_guard.django import GatewayGuardMiddleware
 from gateway_guard.inbound import (
     REQUEST_ID,
     AppError,
@@ -166,3 +178,76 @@ def test_a_handler_response_gets_proxy_status_always_and_retry_after_on_5xx() ->
     assert handler_headers(page, 200, {}, read) == [("Proxy-Status", proxy_status)]
     # What the handler set is never changed.
     assert handler_headers(page, 503, {"proxy-status": "mine", "RETRY-AFTER": "60"}, read) == []
+
+
+# --- Django: a streamed 502/503/504 is re-branded, its body closed unread ----------------------
+
+
+class Body:
+    """A streamed body that records whether it was read and closed."""
+
+    def __init__(self) -> None:
+        self.read = False
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.read = True
+        yield b"the app's own stream"
+
+    def close(self) -> None:
+        self.closed = True
+
+
+DJANGO_GG = {"service": "shop", "brand_app_errors": True, "upstreams": {"up": {}}}
+
+
+def django_call(response: HttpResponseBase, mode: str) -> HttpResponseBase:
+    request = RequestFactory().get("/stream", headers={"Accept": "text/html"})
+    if mode == "sync":
+        return GatewayGuardMiddleware(lambda r: response)(request)  # type: ignore[return-value]
+
+    async def get_response(r: HttpRequest) -> HttpResponseBase:
+        return response
+
+    async def go() -> HttpResponseBase:
+        return await GatewayGuardMiddleware(get_response)(request)  # type: ignore[no-any-return, misc]
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_django_re_brands_a_streamed_gateway_status_and_closes_it_unread(mode: str) -> None:
+    body = Body()
+    with override_settings(GATEWAY_GUARD=DJANGO_GG):
+        streamed = StreamingHttpResponse(body, status=503, headers={"Retry-After": "9"})
+        response = django_call(streamed, mode)
+    assert response.status_code == 503 and not response.streaming
+    assert response.has_header("Proxy-Status") and response["Retry-After"] == "9"
+    assert b"the app's own stream" not in response.content
+    assert (body.read, body.closed) == (False, True)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_django_re_brands_a_file_response_and_closes_the_file(mode: str) -> None:
+    file = io.BytesIO(b"the app's own file")
+    with override_settings(GATEWAY_GUARD=DJANGO_GG):
+        response = django_call(FileResponse(file, status=502), mode)
+    assert response.status_code == 502 and response.has_header("Proxy-Status")
+    assert file.closed
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_django_streams_success_unbuffered_and_non_gateway_statuses_as_they_are(
+    mode: str,
+) -> None:
+    with override_settings(GATEWAY_GUARD=DJANGO_GG):
+        for status in (200, 500):
+            body = Body()
+            streamed = StreamingHttpResponse(body, status=status)
+            response = django_call(streamed, mode)
+            assert response is streamed and response.has_header(REQUEST_ID)
+            assert (body.read, body.closed) == (False, False)  # untouched until served
+        plain = django_call(
+            HttpResponse("explained", status=503, headers={"Proxy-Status": "x"}), mode
+        )
+        assert plain.content == b"explained"
