@@ -1,6 +1,6 @@
 """The inbound core's decisions (gateway_guard.inbound), and the adapter behaviours that
 follow from owning them in one place: Django re-brands a streamed 502/503/504 like the
-other adapters.
+other adapters, and Flask lets Flask choose which error handler answers a gateway error.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ import pytest
 from django.http import FileResponse, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.test import RequestFactory, override_settings
+from flask import Blueprint, Flask
+from flask.testing import FlaskClient
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import BadGateway, HTTPException
+from werkzeug.test import TestResponse
 
 import gateway_guard as gg
 
@@ -21,6 +26,8 @@ import gateway_guard as gg
 # imported so that this module runs alone, or first, with the same settings.
 import test_django  # noqa: F401
 from gateway_guard.django import GatewayGuardMiddleware
+from gateway_guard.flask import GatewayGuard, UpstreamHTTPError, UpstreamServiceUnavailable
+from gateway_guard.headers import format_retry_after
 from gateway_guard.inbound import (
     REQUEST_ID,
     AppError,
@@ -251,3 +258,114 @@ def test_django_streams_success_unbuffered_and_non_gateway_statuses_as_they_are(
             HttpResponse("explained", status=503, headers={"Proxy-Status": "x"}), mode
         )
         assert plain.content == b"explained"
+
+
+# --- Flask: Flask chooses the error handler ----------------------------------------------------
+
+
+class BufferedClient(FlaskClient):
+    """Reads the whole response and closes it at once, as a WSGI server does: the request
+    context and the shedding slot end in ``close()``."""
+
+    def open(self, *args: Any, **kwargs: Any) -> TestResponse:
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
+def guarded(app: Flask) -> Flask:
+    app.test_client_class = BufferedClient
+    app.config["GATEWAY_GUARD"] = {"service": "shop", "upstreams": {"up": {}}}
+    GatewayGuard(app)
+    return app
+
+
+def flask_app(*, raises: Exception | None = None) -> Flask:
+    app = guarded(Flask("precedence"))
+    error = raises or gg.UpstreamConnectError("refused", upstream="up")
+
+    @app.get("/boom")
+    def boom() -> ResponseReturnValue:
+        raise error
+
+    return app
+
+
+def test_flask_catch_all_http_exception_handler_now_receives_gateway_errors() -> None:
+    app = flask_app(raises=gg.CircuitOpenError("open", upstream="up", retry_after=4.5))
+    received: list[HTTPException] = []
+
+    @app.errorhandler(HTTPException)
+    def any_http_error(e: HTTPException) -> ResponseReturnValue:
+        received.append(e)
+        return f"generic {e.code}", e.code or 500
+
+    response = app.test_client().get("/boom")
+    [e] = received
+    assert isinstance(e, UpstreamServiceUnavailable) and isinstance(e.error, gg.CircuitOpenError)
+    assert (response.status_code, response.data) == (503, b"generic 503")
+    # The core's fields for a handler's response: Proxy-Status always, Retry-After on a 5xx.
+    assert "destination_unavailable" in response.headers["Proxy-Status"]
+    assert response.headers["Retry-After"] == "5"
+    assert response.headers.getlist("X-Request-ID")  # from the WSGI layer, once
+
+
+def test_flask_exception_handler_receives_gateway_errors_as_it_does_any_http_error() -> None:
+    app = flask_app()
+    app.register_error_handler(Exception, lambda e: (type(e).__name__, 500))
+    response = app.test_client().get("/boom")
+    assert (response.status_code, response.data) == (500, b"UpstreamBadGateway")
+    assert "Retry-After" not in response.headers and "Proxy-Status" in response.headers
+
+
+def test_flask_picks_the_same_handler_as_for_a_werkzeug_bad_gateway() -> None:
+    # A code handler on the app beats a class handler on the blueprint (Flask's order).
+    app = guarded(Flask("same"))
+    bp = Blueprint("bp", __name__)
+
+    @bp.get("/ours")
+    def ours() -> ResponseReturnValue:
+        raise gg.UpstreamConnectError("refused", upstream="up")
+
+    @bp.get("/werkzeug")
+    def werkzeug_one() -> ResponseReturnValue:
+        raise BadGateway()
+
+    bp.register_error_handler(HTTPException, lambda e: ("blueprint class handler", 502))
+    app.register_error_handler(502, lambda e: ("app code handler", 502))
+    app.register_blueprint(bp)
+    client = app.test_client()
+    assert client.get("/werkzeug").data == b"app code handler"
+    assert client.get("/ours").data == b"app code handler"
+
+
+def test_flask_asks_the_apps_own_handle_http_exception() -> None:
+    class Custom(Flask):
+        def handle_http_exception(self, e: HTTPException) -> Any:
+            return f"custom {e.code}", e.code
+
+    app = guarded(Custom("custom"))
+
+    @app.get("/boom")
+    def boom() -> ResponseReturnValue:
+        raise gg.UpstreamTimeout("slow", upstream="up")
+
+    response = app.test_client().get("/boom")
+    assert (response.status_code, response.data) == (504, b"custom 504")
+    assert "Proxy-Status" in response.headers
+
+
+def test_flask_without_a_handler_and_a_handler_returning_e_give_the_branded_page() -> None:
+    page = flask_app().test_client().get("/boom", headers={"Accept": "application/json"})
+    app = flask_app()
+    app.register_error_handler(UpstreamHTTPError, lambda e: e)
+    again = app.test_client().get("/boom", headers={"Accept": "application/json"})
+    for response in (page, again):
+        assert response.status_code == 502
+        assert response.content_type == "application/problem+json"
+        assert len(response.headers.getlist("X-Request-ID")) == 1
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.2, 12.2, 86400.5, float("inf")])
+def test_werkzeug_retry_after_uses_the_headers_rounding(seconds: float) -> None:
+    error = gg.CircuitOpenError("open", retry_after=seconds)
+    assert UpstreamServiceUnavailable(error).retry_after == int(format_retry_after(seconds))
