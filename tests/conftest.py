@@ -34,6 +34,6 @@ def no_backoff() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _fresh_log_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test logs as if first: the gateway-error log throttle is process-wide state."""
-    from gateway_guard import inbound
+    from gateway_guard.inbound import _errors as inbound
 
     monkeypatch.setattr(inbound, "_throttle", inbound._Throttle())

@@ -1247,19 +1247,6 @@ def test_a_streamed_body_passes_through_unbuffered_and_in_order(make_client: Mak
     assert client.probe.events == ["sent 0", "got 0", "sent 1", "got 1", "sent 2", "got 2"]
 
 
-DJANGO_SKIPS_STREAMS = pytest.mark.xfail(
-    strict=True, reason="Django skips streaming re-brand until the inbound core lands"
-)
-
-
-@pytest.mark.parametrize(
-    "adapter",
-    [
-        pytest.param(name, marks=DJANGO_SKIPS_STREAMS) if name.startswith("django") else name
-        for name in ADAPTERS
-    ],
-    indirect=True,
-)
 def test_brand_app_errors_rebrands_a_streamed_502(make_client: MakeClient) -> None:
     client = make_client(brand_app_errors=True)
     reply = client.request("/stream/502", headers={"Accept": HTML, "X-Request-ID": "s-2"})

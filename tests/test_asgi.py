@@ -27,7 +27,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import gateway_guard as gg
-from gateway_guard import inbound
+from gateway_guard.inbound import _errors as inbound
 from gateway_guard.testing import FakeClock
 
 Scope = MutableMapping[str, Any]

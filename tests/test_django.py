@@ -251,7 +251,7 @@ def logged(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
         calls.append((ctx.request_id, error.status))
         log_gateway_error(ctx, error, **kwargs)
 
-    monkeypatch.setattr("gateway_guard.django.middleware.log_gateway_error", record)
+    monkeypatch.setattr("gateway_guard.inbound._errors.log_gateway_error", record)
     return calls
 
 

@@ -430,13 +430,15 @@ def test_handler_for_the_exception_classes_wins_and_can_return_the_branded_page(
     assert seen == ["502 up", "503 up"]
 
 
-def test_catch_all_handlers_do_not_replace_the_branded_page() -> None:
+def test_catch_all_handlers_receive_gateway_errors_as_flask_chooses() -> None:
+    # Flask's precedence: a catch-all HTTPException handler answers HTTP errors, ours too.
     app, _ = make_app()
     add_raising_view(app, "/boom", refused())
     app.register_error_handler(HTTPException, lambda e: ("generic http", 500))
     app.register_error_handler(Exception, lambda e: ("generic", 500))
     response = app.test_client().get("/boom", headers={"Accept": HTML})
-    assert response.status_code == 502 and b"<html" in response.data
+    assert (response.status_code, response.data) == (500, b"generic http")
+    assert proxy_status(response.headers["Proxy-Status"])[1] == {"error": "connection_refused"}
 
 
 def test_async_user_error_handler() -> None:

@@ -43,6 +43,7 @@ class RequestContext:
 
     __slots__ = (
         "_calls",
+        "admitted",
         "blocked",
         "deadline_at",
         "exempt",
@@ -78,6 +79,9 @@ class RequestContext:
         # ``blocked`` before the app runs.
         self.exempt = exempt
         self.blocked = blocked
+        # Whether the request holds an inbound shedding slot: set and cleared by the
+        # inbound core, so the slot is given back exactly once whatever the adapter does.
+        self.admitted = False
         if route is None:
             self.priority: Priority = "normal"
             self.route_key: int | None = None

@@ -27,7 +27,8 @@
    errors that escape Flask still become error pages;
 2. registers Flask error handlers for :class:`~gateway_guard.UpstreamError` and
    ``httpx.TransportError``: a view that lets one escape answers with the branded page, or
-   with the app's own ``@app.errorhandler(502)`` (503, 504...) when it has one;
+   with the app's own handler for it as an HTTP error (``@app.errorhandler(502)``,
+   ``errorhandler(HTTPException)``...) when Flask finds one;
 3. stores the app's :class:`Guard` in ``app.extensions["gateway_guard"]`` (never the app
    on the extension: one extension object serves any number of apps).
 
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import os
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
@@ -49,7 +49,7 @@ import httpx
 
 try:
     from flask import Flask, current_app, has_app_context, has_request_context, request
-    from flask.typing import ErrorHandlerCallable, ResponseReturnValue
+    from flask.typing import ResponseReturnValue
     from werkzeug.datastructures import Headers
     from werkzeug.exceptions import (
         BadGateway,
@@ -67,7 +67,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .context import RequestContext, current_context
 from .errors import SettingsError, SettingsProblem, UpstreamError
 from .guard import Guard
-from .inbound import as_upstream_error, log_gateway_error, render_error, start, view_policy
+from .headers import format_retry_after
+from .inbound import as_upstream_error, handler_headers, respond, start, view_policy
 from .render import RenderedError
 from .routing import Route
 from .settings import Settings, SettingsSource
@@ -128,9 +129,11 @@ class UpstreamHTTPError(HTTPException):
                 return e                      # the branded page, headers included
             return render_template("maintenance.html"), 503
 
-    Handlers are looked up by status (``errorhandler(502)``), or by this class or one of
-    its per-status subclasses (``errorhandler(UpstreamHTTPError)``), on blueprints first,
-    then on the app, as Flask does.
+    Flask itself chooses the handler (``app.handle_http_exception``), as for any HTTP
+    error: by status (``errorhandler(502)``) before by class (this class, a per-status
+    subclass, ``BadGateway``, ``HTTPException``...), on blueprints before the app. A
+    handler's response gets the page's ``Proxy-Status`` (and on a 5xx its
+    ``Retry-After``) unless it set its own.
     """
 
     error: UpstreamError
@@ -178,8 +181,9 @@ class UpstreamServiceUnavailable(UpstreamHTTPError, ServiceUnavailable):
 
     def __init__(self, error: UpstreamError, response: Response | None = None) -> None:
         super().__init__(error, response)
-        if error.retry_after is not None and math.isfinite(error.retry_after):
-            self.retry_after = max(0, math.ceil(error.retry_after))
+        if error.retry_after is not None:
+            # The whole seconds our pages' Retry-After gives for this wait.
+            self.retry_after = int(format_retry_after(error.retry_after))
 
 
 class UpstreamGatewayTimeout(UpstreamHTTPError, GatewayTimeout):
@@ -482,29 +486,33 @@ def _async_view(
 
 
 def _handle_gateway_error(exc: Exception) -> ResponseReturnValue:
-    """Flask error handler for UpstreamError and httpx.TransportError."""
+    """Flask error handler for UpstreamError and httpx.TransportError.
+
+    The page is the core's; which of the app's own handlers answers instead is Flask's
+    choice: the error goes on as the ``UpstreamHTTPError`` for its status, through
+    ``app.handle_http_exception``, exactly as a werkzeug ``BadGateway`` would.
+    """
     error = as_upstream_error(exc)
     if error is None:  # pragma: no cover - registered for those two classes only
         raise exc
     app = current_app
     ctx = current_context()
     # Behind GatewayGuardWSGI (always, unless app.wsgi_app was replaced or a test calls
-    # full_dispatch_request() directly) the wrapper adds X-Request-ID to every response.
+    # full_dispatch_request() directly) the wrapper gives every response its request id.
     wrapped = ctx is not None
     if ctx is None:
         ctx = _context_without_wrapper(_state(app).guard)
-    guard = ctx.guard
-    log_gateway_error(ctx, error)
-    method = request.method
-    rendered = render_error(guard, ctx, error, request.headers.get("Accept"), method)
+    rendered = respond(ctx, error, request.headers.get("Accept"), request.method)
     branded = _response(app, rendered, keep_request_id=not wrapped)
-    handler = _user_handler(app, rendered.status, request.blueprints)
-    if handler is None:
-        return branded
     http_error = UpstreamHTTPError.for_error(error, status=rendered.status, response=branded)
     http_error.__cause__ = error
-    response = app.make_response(app.ensure_sync(handler)(http_error))
-    _add_diagnostics(response, rendered)
+    answer = app.handle_http_exception(http_error)
+    if answer is http_error:
+        return branded  # no handler of the app's, or one that only looked at it
+    response = app.make_response(answer)
+    headers = response.headers
+    for name, value in handler_headers(rendered, response.status_code, headers, Headers.get):
+        headers[name] = value
     return response
 
 
@@ -527,49 +535,3 @@ def _response(app: Flask, rendered: RenderedError, *, keep_request_id: bool) -> 
         [(k, v) for k, v in rendered.headers if keep_request_id or k != "x-request-id"]
     )
     return response
-
-
-def _user_handler(app: Flask, status: int, blueprints: list[str]) -> ErrorHandlerCallable | None:
-    """The app's own handler for a gateway error answered with ``status``, if it has one.
-
-    Flask's lookup order (``Flask._find_error_handler``) over the registered handlers,
-    blueprints (innermost first) before the app, code-specific before class handlers; but
-    only handlers registered for the status code (``errorhandler(502)``) or for our own
-    exception classes count. A catch-all ``errorhandler(HTTPException)`` or
-    ``errorhandler(Exception)`` is usually written for 404s and crashes; it does not
-    replace the branded page (Flask itself prefers our ``UpstreamError`` handler over an
-    ``Exception`` one, as the more specific class).
-    """
-    exc_class = _BY_STATUS.get(status, UpstreamHTTPError)
-    spec = app.error_handler_spec
-    names: tuple[str | None, ...] = (*blueprints, None)
-    for code in (status, None):
-        for name in names:
-            # .get, not [], so lookups do not add empty entries to Flask's defaultdicts.
-            by_code = spec.get(name)
-            handlers = by_code.get(code) if by_code is not None else None
-            if not handlers:
-                continue
-            for cls in exc_class.__mro__:
-                if code is None and not issubclass(cls, UpstreamHTTPError):
-                    break
-                handler = handlers.get(cls)
-                if handler is not None:
-                    return handler
-    return None
-
-
-def _add_diagnostics(response: Response, rendered: RenderedError) -> None:
-    """Give a user handler's response the diagnostic headers it left out.
-
-    ``Proxy-Status`` always (it says what failed upstream, whatever the app answered);
-    ``Retry-After`` only on a 5xx, where it means "this failure should be over by then".
-    Headers the handler set are never changed.
-    """
-    headers = response.headers
-    wanted = {"proxy-status"}
-    if response.status_code >= 500:
-        wanted.add("retry-after")
-    for name, value in rendered.headers:
-        if name in wanted and name not in headers:
-            headers[name.title()] = value

@@ -16,10 +16,20 @@ from types import TracebackType
 from typing import Any
 
 from .context import RequestContext, reset_context, set_context
-from .errors import LoadShedError, UpstreamError
+from .errors import UpstreamError
 from .guard import Guard
-from .headers import parse_retry_after
-from .inbound import as_upstream_error, inbound_shed, log_gateway_error, render_error, start
+from .inbound import (
+    REQUEST_ID,
+    AppError,
+    admit,
+    as_upstream_error,
+    log_gateway_error,
+    on_response_start,
+    release,
+    respond,
+    start,
+)
+from .render import RenderedError
 from .settings import SettingsSource
 
 __all__ = ["GatewayGuardWSGI"]
@@ -27,8 +37,6 @@ __all__ = ["GatewayGuardWSGI"]
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-
-_BRANDABLE = frozenset({"502", "503", "504"})
 
 
 class GatewayGuardWSGI:
@@ -44,7 +52,6 @@ class GatewayGuardWSGI:
             raise TypeError("give GatewayGuardWSGI either guard= or settings=, not both")
         self.app = app
         self.guard = guard if guard is not None else Guard(settings)
-        self._shedding = self.guard.shedding
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
@@ -60,43 +67,20 @@ class GatewayGuardWSGI:
             environ.get("HTTP_TRACEPARENT"),
         )
         accept = environ.get("HTTP_ACCEPT")
-        if ctx.blocked is not None:
-            return self._error(start_response, ctx, ctx.blocked, accept, method, None)
-        shed = not ctx.exempt
-        if shed:
-            try:
-                self._shedding.admit(ctx.route_key, ctx.priority)
-            except LoadShedError as exc:
-                return self._error(start_response, ctx, inbound_shed(exc), accept, method, None)
-        response = _Response(self, ctx, start_response, accept, method, shed)
+        refusal = admit(ctx)
+        if refusal is not None:
+            return _send_page(start_response, respond(ctx, refusal, accept, method))
+        response = _Response(ctx, start_response, accept, method)
         token = set_context(ctx)
         try:
             body = self.app(environ, response.start_response)
         except Exception as exc:
-            error = as_upstream_error(exc)
             response.finish(token)
+            error = as_upstream_error(exc)
             if error is None:
                 raise
-            return self._error(start_response, ctx, error, accept, method, sys.exc_info())
+            return response.error_page(error)
         return _Body(body, response, token)
-
-    def _error(
-        self,
-        start_response: StartResponse,
-        ctx: RequestContext,
-        error: UpstreamError,
-        accept: str | None,
-        method: str,
-        exc_info: ExcInfo | tuple[None, None, None] | None,
-    ) -> list[bytes]:
-        log_gateway_error(ctx, error)
-        rendered = render_error(self.guard, ctx, error, accept, method)
-        status = f"{rendered.status} {_REASONS.get(rendered.status, 'Error')}"
-        if exc_info is not None and exc_info[0] is not None:
-            start_response(status, list(rendered.headers), exc_info)
-        else:
-            start_response(status, list(rendered.headers))
-        return [rendered.body]
 
 
 _REASONS = {
@@ -105,6 +89,29 @@ _REASONS = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
+
+
+def _send_page(
+    start_response: StartResponse, rendered: RenderedError, exc_info: ExcInfo | None = None
+) -> list[bytes]:
+    status = f"{rendered.status} {_REASONS.get(rendered.status, 'Error')}"
+    if exc_info is not None:
+        start_response(status, list(rendered.headers), exc_info)
+    else:
+        start_response(status, list(rendered.headers))
+    return [rendered.body]
+
+
+def _read(headers: list[tuple[str, str]], name: str) -> str | None:
+    for field, value in headers:
+        if field.lower() == name:
+            return value
+    return None
+
+
+def _status_code(status: str) -> int:
+    code = status[:3]
+    return int(code) if code.isdigit() else 0
 
 
 class _Response:
@@ -119,9 +126,7 @@ class _Response:
         "_accept",
         "_done",
         "_method",
-        "_mw",
         "_pending",
-        "_shed",
         "_start_response",
         "_write",
         "ctx",
@@ -130,22 +135,19 @@ class _Response:
 
     def __init__(
         self,
-        mw: GatewayGuardWSGI,
         ctx: RequestContext,
         start_response: StartResponse,
         accept: str | None,
         method: str,
-        shed: bool,
     ) -> None:
-        self._mw = mw
         self.ctx = ctx
         self._start_response = start_response
         self._accept = accept
         self._method = method
-        self._shed = shed
         self._done = False
         self._pending: tuple[str, list[tuple[str, str]]] | None = None
         self._write: Callable[[bytes], object] | None = None
+        # Our page's body when we replaced the app's response: the app's own gives way.
         self.intercepted: bytes | None = None
 
     @property
@@ -158,33 +160,17 @@ class _Response:
     ) -> Callable[[bytes], object]:
         if exc_info is not None and self.sent:
             raise exc_info[1].with_traceback(exc_info[2])  # PEP 3333: too late to change
-        guard = self._mw.guard
-        if (
-            guard.settings.brand_app_errors
-            and status[:3] in _BRANDABLE
-            # A response that already explains itself (our page, or a user's error
-            # handler that set Proxy-Status) is not re-branded.
-            and not any(name.lower() == "proxy-status" for name, _ in headers)
-        ):
-            retry_after = next(
-                (parse_retry_after(v) for k, v in headers if k.lower() == "retry-after"), None
-            )
-            rendered = guard.renderer.render_status(
-                int(status[:3]),
-                request_id=self.ctx.request_id,
-                accept=self._accept,
-                method=self._method,
-                retry_after=retry_after,
-            )
+        decision = on_response_start(self.ctx, _status_code(status), headers, _read)
+        if isinstance(decision, AppError):
+            rendered = respond(self.ctx, decision, self._accept, self._method)
             self.intercepted = rendered.body
             reason = _REASONS.get(rendered.status, "Error")
             self._pending = (f"{rendered.status} {reason}", list(rendered.headers))
             return _discard
         self.intercepted = None
-        # A new list: the app may pass the same list for every response. An id the app
-        # set itself is kept.
-        if not any(name.lower() == "x-request-id" for name, _ in headers):
-            headers = [*headers, ("X-Request-ID", self.ctx.request_id)]
+        if decision is not None:
+            # A new list: the app may pass the same list for every response.
+            headers = [*headers, (REQUEST_ID, decision)]
         self._pending = (status, headers)
         return self.write
 
@@ -200,12 +186,12 @@ class _Response:
         assert self._write is not None
         return self._write(data)
 
-    def error_body(self, error: UpstreamError) -> list[bytes]:
+    def error_page(self, error: UpstreamError) -> list[bytes]:
+        """Our page instead of a response whose headers were not sent yet."""
         self._pending = None
-        mw = self._mw
-        return mw._error(
-            self._start_response, self.ctx, error, self._accept, self._method, sys.exc_info()
-        )
+        exc_info = sys.exc_info()
+        rendered = respond(self.ctx, error, self._accept, self._method)
+        return _send_page(self._start_response, rendered, exc_info if exc_info[0] else None)
 
     def finish(self, token: Token[RequestContext | None] | None) -> None:
         if self._done:
@@ -216,8 +202,7 @@ class _Response:
             # token cannot be reset there, and that context dies with the request anyway.
             with contextlib.suppress(ValueError):
                 reset_context(token)
-        if self._shed:
-            self._mw._shedding.release(self.ctx.route_key)
+        release(self.ctx)
 
 
 def _discard(data: bytes) -> None:
@@ -262,7 +247,7 @@ class _Body:
                 # server drop the connection so the client knows the body is incomplete.
                 log_gateway_error(response.ctx, error, started=True)
                 raise
-            yield from response.error_body(error)
+            yield from response.error_page(error)
             return
         response.flush()  # an empty body still needs its status and headers
         if response.intercepted is not None:

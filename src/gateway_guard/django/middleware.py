@@ -13,9 +13,9 @@ or ``process_view``), as the 500 that Django made of it, which we recognise beca
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Awaitable, Callable
-from contextvars import Token
 from typing import Any, cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -24,14 +24,18 @@ from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 
 from gateway_guard.context import RequestContext, get_context, reset_context, set_context
-from gateway_guard.errors import LoadShedError, UpstreamError
-from gateway_guard.headers import parse_retry_after
+from gateway_guard.errors import UpstreamError
 from gateway_guard.inbound import (
+    REQUEST_ID,
+    AppError,
+    admit,
+    admit_async,
     as_upstream_error,
-    inbound_shed,
-    log_gateway_error,
-    render_error,
+    on_response_start,
+    release,
+    respond,
     start,
+    try_admit,
 )
 from gateway_guard.render import RenderedError
 
@@ -42,7 +46,6 @@ __all__ = ["GatewayErrorResponse", "GatewayGuardMiddleware"]
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
 AsyncGetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 
-_BRANDABLE = frozenset({502, 503, 504})
 # Where got_request_exception leaves an upstream error for __call__ to find.
 _ERROR_ATTR = "_gateway_guard_error"
 
@@ -88,24 +91,30 @@ class GatewayGuardMiddleware:
         if self.async_mode:
             return self.__acall__(request)
         ctx = _context(request)
-        response: HttpResponseBase | None = _refuse(request, ctx)
-        if response is None:
-            token = set_context(ctx)
-            try:
-                response = cast(GetResponse, self.get_response)(request)
-            finally:
-                _leave(ctx, token)
+        refusal = admit(ctx)
+        if refusal is not None:
+            return _page(request, ctx, refusal)
+        token = set_context(ctx)
+        try:
+            response = cast(GetResponse, self.get_response)(request)
+        finally:
+            reset_context(token)
+            release(ctx)
         return _finish(request, ctx, response)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         ctx = _context(request)
-        response: HttpResponseBase | None = await _refuse_async(request, ctx)
-        if response is None:
-            token = set_context(ctx)
-            try:
-                response = await cast(AsyncGetResponse, self.get_response)(request)
-            finally:
-                _leave(ctx, token)
+        # The common case takes a free slot without suspending.
+        if not try_admit(ctx):
+            refusal = await admit_async(ctx)
+            if refusal is not None:
+                return _page(request, ctx, refusal)
+        token = set_context(ctx)
+        try:
+            response = await cast(AsyncGetResponse, self.get_response)(request)
+        finally:
+            reset_context(token)
+            release(ctx)
         return _finish(request, ctx, response)
 
     def process_exception(
@@ -115,10 +124,10 @@ class GatewayGuardMiddleware:
         ctx = get_context()
         if error is None or ctx is None:
             return None  # not ours: Django (or a middleware below) answers it
-        return _error(request, ctx, error)
+        return _page(request, ctx, error)
 
 
-# --- the steps both modes share -------------------------------------------------------------
+# --- translation both modes share ------------------------------------------------------------
 
 
 def _context(request: HttpRequest) -> RequestContext:
@@ -132,81 +141,45 @@ def _context(request: HttpRequest) -> RequestContext:
     )
 
 
-def _refuse(request: HttpRequest, ctx: RequestContext) -> GatewayErrorResponse | None:
-    """A 503 when a dependency is down or the app is full; None once admitted."""
-    if ctx.blocked is not None:
-        return _error(request, ctx, ctx.blocked)
-    if not ctx.exempt:
-        try:
-            ctx.guard.shedding.admit(ctx.route_key, ctx.priority)
-        except LoadShedError as exc:
-            return _error(request, ctx, inbound_shed(exc))
-    return None
-
-
-async def _refuse_async(request: HttpRequest, ctx: RequestContext) -> GatewayErrorResponse | None:
-    if ctx.blocked is not None:
-        return _error(request, ctx, ctx.blocked)
-    shedding = ctx.guard.shedding
-    # The common case takes a free slot without suspending.
-    if ctx.exempt or shedding.try_admit(ctx.route_key):
-        return None
-    try:
-        await shedding.admit_async(ctx.route_key, ctx.priority)
-    except LoadShedError as exc:
-        return _error(request, ctx, inbound_shed(exc))
-    return None
-
-
-def _leave(ctx: RequestContext, token: Token[RequestContext | None]) -> None:
-    reset_context(token)
-    if not ctx.exempt:
-        ctx.guard.shedding.release(ctx.route_key)
-
-
 def _finish(
     request: HttpRequest, ctx: RequestContext, response: HttpResponseBase
 ) -> HttpResponseBase:
     error = vars(request).pop(_ERROR_ATTR, None)
     if error is not None and response.status_code == 500:
-        response = _error(request, ctx, error)
-    elif (
-        ctx.guard.settings.brand_app_errors
-        and response.status_code in _BRANDABLE
-        and not response.streaming  # a stream is never buffered nor thrown away
-        # A response that already explains itself (our page, or the app's own handler
-        # that set Proxy-Status) is not re-branded.
-        and not response.has_header("Proxy-Status")
-    ):
-        response = _brand(request, ctx, response)
-    # The app's own X-Request-ID (a singleton field) wins over ours; never send two.
-    response.setdefault("X-Request-ID", ctx.request_id)
+        return _page(request, ctx, error)  # the 500 Django made of our error
+    decision = on_response_start(ctx, response.status_code, response, HttpResponseBase.get)
+    if decision is None:
+        return response
+    if isinstance(decision, AppError):
+        _close_body(response)
+        return _page(request, ctx, decision)
+    response[REQUEST_ID] = decision
     return response
 
 
-def _error(request: HttpRequest, ctx: RequestContext, error: UpstreamError) -> GatewayErrorResponse:
-    log_gateway_error(ctx, error)
-    rendered = render_error(
-        ctx.guard, ctx, error, request.META.get("HTTP_ACCEPT"), request.method or "GET"
-    )
-    response = GatewayErrorResponse(rendered)
-    response._has_been_logged = True
-    return response
-
-
-def _brand(
-    request: HttpRequest, ctx: RequestContext, response: HttpResponseBase
+def _page(
+    request: HttpRequest, ctx: RequestContext, failure: UpstreamError | AppError
 ) -> GatewayErrorResponse:
-    """Replace an app's own 502/503/504 with the branded page (brand_app_errors)."""
-    retry_after = response.get("Retry-After")
-    rendered = ctx.guard.renderer.render_status(
-        response.status_code,
-        request_id=ctx.request_id,
-        accept=request.META.get("HTTP_ACCEPT"),
-        method=request.method or "GET",
-        retry_after=parse_retry_after(retry_after) if retry_after is not None else None,
-    )
-    return GatewayErrorResponse(rendered)
+    rendered = respond(ctx, failure, request.META.get("HTTP_ACCEPT"), request.method or "GET")
+    response = GatewayErrorResponse(rendered)
+    if isinstance(failure, UpstreamError):
+        response._has_been_logged = True  # respond() logged it
+    return response
+
+
+def _close_body(response: HttpResponseBase) -> None:
+    """Close the body of a response we replace, unread (a stream, a file).
+
+    Its closers only: ``response.close()`` would also send ``request_finished`` in the
+    middle of the request (closing database connections, resetting the urlconf), and again
+    when the server closes our page. Django adds the request's own closer after the
+    middleware chain, so none is here yet.
+    """
+    closers: list[Callable[[], object]] = getattr(response, "_resource_closers", [])
+    for close in closers:
+        with contextlib.suppress(Exception):  # as Django's own close() does
+            close()
+    closers.clear()
 
 
 def _remember_upstream_error(sender: object, request: HttpRequest | None = None, **_: Any) -> None:

@@ -1,88 +1,24 @@
-"""The inbound decision core shared by every middleware (ASGI, WSGI, Django, Flask).
-
-Framework adapters translate their request into (method, path, a few headers), call
-:func:`start`, and turn what comes back into their own response type. Everything that is
-a decision — exemption, route, request id, dependency check, error mapping, logging —
-lives here once.
-"""
+"""What a gateway error becomes: which exceptions are ours, the log line, the page."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import httpx
 
-from .breaker import BreakerState
-from .context import RequestContext, get_context
-from .errors import CircuitOpenError, LoadShedError, UpstreamError, from_exception
-from .headers import new_request_id, parse_traceparent, valid_request_id
+from gateway_guard.errors import UpstreamError, from_exception
+
+from ._response import AppError
 
 if TYPE_CHECKING:
-    from .guard import Guard
-    from .render import RenderedError
-    from .routing import Route
-
-__all__ = [
-    "as_upstream_error",
-    "inbound_shed",
-    "log_gateway_error",
-    "render_error",
-    "start",
-    "view_policy",
-]
+    from gateway_guard.context import RequestContext
+    from gateway_guard.guard import Guard
+    from gateway_guard.render import RenderedError
 
 logger = logging.getLogger("gateway_guard")
-
-_ADMITTING = (BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.DISABLED)
-
-
-def start(
-    guard: Guard,
-    method: str,
-    path: str,
-    request_id: str | bytes | None,
-    traceparent: str | bytes | None,
-) -> RequestContext:
-    """Decide what to do with an inbound request before any of the app's code runs."""
-    rid = valid_request_id(request_id) if request_id is not None else None
-    if rid is None:
-        rid = new_request_id()
-    trace_id = None
-    if traceparent is not None:
-        parsed = parse_traceparent(traceparent)
-        if parsed is not None:
-            trace_id = parsed[0]
-    exempt, route = guard.policies.routes.resolve(method, path)
-    if route is None:
-        # The clock is read only when something needs it: here, only debug timings.
-        now = guard.clock() if guard.settings.debug else 0.0
-        return RequestContext(guard, rid, None, None, trace_id, now, exempt)
-    clock = guard.clock  # a local first: CPython 3.11 cannot specialise obj.attr() calls
-    now = clock()
-    deadline_at = None if route.deadline is None else now + route.deadline
-    blocked = _dependency_down(guard, route) if route.depends_on else None
-    return RequestContext(guard, rid, route, deadline_at, trace_id, now, exempt, blocked)
-
-
-def _dependency_down(guard: Guard, route: Route) -> CircuitOpenError | None:
-    """A 503 to answer at once when an upstream the route needs has its breaker open.
-
-    Half-open lets the request through: it may be the probe that closes the breaker.
-    """
-    for name in route.depends_on:
-        breaker = guard.breaker(name)
-        if breaker.state not in _ADMITTING:
-            return CircuitOpenError(
-                f"route {route.name!r} depends on upstream {name!r}, whose breaker is open",
-                upstream=name,
-                retry_after=breaker.retry_after(),
-            )
-    return None
 
 
 def as_upstream_error(exc: BaseException) -> UpstreamError | None:
@@ -139,12 +75,6 @@ class _Throttle:
 _throttle = _Throttle()
 
 
-def inbound_shed(exc: LoadShedError) -> LoadShedError:
-    """An inbound shed names no upstream (the limiter's name is not one)."""
-    exc.upstream = None
-    return exc
-
-
 def log_gateway_error(ctx: RequestContext, error: UpstreamError, *, started: bool = False) -> None:
     """Log a gateway error with fields JSON log setups can pick up.
 
@@ -187,7 +117,11 @@ def log_gateway_error(ctx: RequestContext, error: UpstreamError, *, started: boo
 
 
 def render_error(
-    guard: Guard, ctx: RequestContext, error: UpstreamError, accept: str | None, method: str
+    guard: Guard,
+    ctx: RequestContext,
+    error: UpstreamError,
+    accept: str | bytes | None,
+    method: str,
 ) -> RenderedError:
     """The response for ``error``; never raises (the renderer falls back to plain text)."""
     timings: list[tuple[str, float, str | None]] = []
@@ -201,31 +135,21 @@ def render_error(
     )
 
 
-@contextlib.contextmanager
-def view_policy(route: Route) -> Iterator[None]:
-    """Apply a per-view policy (Flask's ``@ext.policy``, Django's ``@gateway_policy``)
-    to the current request while the view runs.
+def respond(
+    ctx: RequestContext, failure: UpstreamError | AppError, accept: str | bytes | None, method: str
+) -> RenderedError:
+    """Our page for a refusal, a gateway error or the app's own 502/503/504; never raises.
 
-    The view's upstream policies replace the route's, its deadline can only shorten the
-    request's, and a dependency whose breaker is open answers 503 before the view runs
-    (raised, so the framework's own error handling renders it).
+    A gateway error is logged here (:func:`log_gateway_error`), once, by whichever
+    adapter answers it.
     """
-    ctx = get_context()
-    if ctx is None:
-        yield  # called outside a guarded request (a unit test of the view): nothing to do
-        return
-    guard = ctx.guard
-    if route.depends_on:
-        blocked = _dependency_down(guard, route)
-        if blocked is not None:
-            raise blocked
-    saved = ctx.route, ctx.deadline_at
-    ctx.route = route
-    if route.deadline is not None:
-        deadline_at = guard.clock() + route.deadline
-        if ctx.deadline_at is None or deadline_at < ctx.deadline_at:
-            ctx.deadline_at = deadline_at
-    try:
-        yield
-    finally:
-        ctx.route, ctx.deadline_at = saved
+    if isinstance(failure, AppError):
+        return ctx.guard.renderer.render_status(
+            failure.status,
+            request_id=ctx.request_id,
+            accept=accept,
+            method=method,
+            retry_after=failure.retry_after,
+        )
+    log_gateway_error(ctx, failure)
+    return render_error(ctx.guard, ctx, failure, accept, method)

@@ -1,0 +1,64 @@
+"""The inbound core: every decision about an inbound request, made once for every adapter.
+
+Adapters (ASGI, WSGI, Django, Flask) only translate: their request into (method, path,
+``X-Request-ID``, ``traceparent``, ``Accept``), their response into (status, a header
+the function that reads one field of them), and what the core answers back into their
+own types. One request::
+
+    ctx = start(guard, method, path, request_id, traceparent)   # exempt, route, id, deadline
+    refusal = admit(ctx)        # or: try_admit(ctx) or await admit_async(ctx)
+    if refusal is not None:     # a dependency is down, or shedding: answer it ourselves
+        send(respond(ctx, refusal, accept, method))
+    set the request context; run the app:
+        at its response start:  on_response_start(ctx, status, headers, read)
+            -> AppError: send respond(ctx, it, accept, method) instead, drop the app's body
+            -> (name, value): add that field;  None: send the response as it is
+        on an exception:        as_upstream_error(exc) -> None: not ours, let it go;
+                                else respond(...) before the response started, or
+                                log_gateway_error(ctx, error, started=True) and abort after
+    finally: reset the request context; release(ctx)   # gives back the slot, once
+
+A framework with error handlers of its own (Flask) answers a gateway error through them:
+:func:`respond` renders our page, :func:`handler_headers` says which of its fields a
+handler's response gets.
+
+==========================  ===================================================
+decision                    where
+==========================  ===================================================
+exempt, route, request id,  :func:`start` (``_start.py``)
+trace, deadline
+dependency down (503)       :func:`start` and :func:`view_policy` (``_admission.py``)
+shedding: admit, queue,     :func:`admit`, :func:`try_admit`, :func:`admit_async`,
+priorities, release         :func:`release` (``_admission.py``)
+re-branding the app's 5xx,  :func:`on_response_start` (``_response.py``)
+the request id it gets
+a handler response's        :func:`handler_headers` (``_response.py``)
+fields
+ours or not, log, page      :func:`as_upstream_error`, :func:`log_gateway_error`,
+                            :func:`respond` (``_errors.py``)
+==========================  ===================================================
+"""
+
+from ._admission import admit, admit_async, inbound_shed, release, try_admit
+from ._errors import as_upstream_error, log_gateway_error, render_error, respond
+from ._response import REQUEST_ID, AppError, FieldReader, handler_headers, on_response_start
+from ._start import start, view_policy
+
+__all__ = [
+    "REQUEST_ID",
+    "AppError",
+    "FieldReader",
+    "admit",
+    "admit_async",
+    "as_upstream_error",
+    "handler_headers",
+    "inbound_shed",
+    "log_gateway_error",
+    "on_response_start",
+    "release",
+    "render_error",
+    "respond",
+    "start",
+    "try_admit",
+    "view_policy",
+]

@@ -1,0 +1,98 @@
+"""Admission: whether an inbound request may run the app now, later, or not at all.
+
+A request is refused (answered by us, without running the app) when a dependency of its
+route has its breaker open, or when inbound shedding has no slot for it. Exempt paths are
+never shed. What a request takes it gives back once, in :func:`release`, whichever way
+the adapter finishes it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway_guard.breaker import BreakerState
+from gateway_guard.errors import CircuitOpenError, LoadShedError, UpstreamError
+
+if TYPE_CHECKING:
+    from gateway_guard.context import RequestContext
+    from gateway_guard.guard import Guard
+    from gateway_guard.routing import Route
+
+_ADMITTING = (BreakerState.CLOSED, BreakerState.HALF_OPEN, BreakerState.DISABLED)
+
+
+def dependency_down(guard: Guard, route: Route) -> CircuitOpenError | None:
+    """A 503 to answer at once when an upstream the route needs has its breaker open.
+
+    Half-open lets the request through: it may be the probe that closes the breaker.
+    """
+    for name in route.depends_on:
+        breaker = guard.breaker(name)
+        if breaker.state not in _ADMITTING:
+            return CircuitOpenError(
+                f"route {route.name!r} depends on upstream {name!r}, whose breaker is open",
+                upstream=name,
+                retry_after=breaker.retry_after(),
+            )
+    return None
+
+
+def inbound_shed(exc: LoadShedError) -> LoadShedError:
+    """An inbound shed names no upstream (the limiter's name is not one)."""
+    exc.upstream = None
+    return exc
+
+
+def admit(ctx: RequestContext) -> UpstreamError | None:
+    """Admit the request, waiting in the queue if it must (a thread blocks).
+
+    Returns the error to answer with instead of running the app, or None once admitted.
+    """
+    if ctx.blocked is not None:
+        return ctx.blocked
+    if ctx.exempt:
+        return None
+    try:
+        ctx.guard.shedding.admit(ctx.route_key, ctx.priority)
+    except LoadShedError as exc:
+        return inbound_shed(exc)
+    ctx.admitted = True
+    return None
+
+
+def try_admit(ctx: RequestContext) -> bool:
+    """Admit the request if that needs no wait; True when it may run the app now.
+
+    False (holding nothing) sends the caller to :func:`admit_async`, which queues, sheds
+    or answers a blocked route. Split so the common case of an async adapter creates no
+    coroutine.
+    """
+    if ctx.blocked is not None:
+        return False
+    if ctx.exempt:
+        return True
+    if ctx.guard.shedding.try_admit(ctx.route_key):
+        ctx.admitted = True
+        return True
+    return False
+
+
+async def admit_async(ctx: RequestContext) -> UpstreamError | None:
+    """Like :func:`admit`, suspending instead of blocking while queued."""
+    if ctx.blocked is not None:
+        return ctx.blocked
+    if ctx.exempt:
+        return None
+    try:
+        await ctx.guard.shedding.admit_async(ctx.route_key, ctx.priority)
+    except LoadShedError as exc:
+        return inbound_shed(exc)
+    ctx.admitted = True
+    return None
+
+
+def release(ctx: RequestContext) -> None:
+    """Give back what admission took; does nothing the second time, or if nothing was."""
+    if ctx.admitted:
+        ctx.admitted = False
+        ctx.guard.shedding.release(ctx.route_key)
