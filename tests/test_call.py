@@ -74,6 +74,7 @@ class Log:
 def drive(call: Call, script: list[Answer | Fail], clock: FakeClock, log: Log) -> float:
     """A driver: send, sleep, repeat, as the core says. Returns RETURN or WRAP."""
     while True:
+        call.admit()
         log.timeouts.append((call.connect_timeout, call.read_timeout))
         step = script.pop(0)
         clock.advance(step.takes)
@@ -89,7 +90,6 @@ def drive(call: Call, script: list[Answer | Fail], clock: FakeClock, log: Log) -
                 return wait
         log.waits.append(wait)
         clock.advance(wait)
-        call.admit()
 
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -128,6 +128,18 @@ def runtime(clock: FakeClock, **overrides: Any) -> UpstreamRuntime:
     return make_guard(clock, **overrides).runtime("up")
 
 
+def call_to(rt: UpstreamRuntime, method: str = "GET", **headers: str) -> Call:
+    """A new call, as a driver starts one (a body in memory, not a stream)."""
+    return Call(rt, method, Headers(**headers), streaming=False)
+
+
+def admitted(rt: UpstreamRuntime, method: str = "GET") -> Call:
+    """A new call with its first attempt admitted."""
+    call = call_to(rt, method)
+    call.admit()
+    return call
+
+
 def refused() -> Fail:
     """A connect that failed: the request never left."""
     return Fail(gg.UpstreamConnectError("refused", proxy_error="connection_refused"), False)
@@ -157,7 +169,7 @@ def context() -> Iterator[Any]:
 
 def test_retries_a_failure_status_with_backoff(clock: FakeClock, log: Log) -> None:
     rt = runtime(clock)
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = call_to(rt)
 
     assert drive(call, [Answer(503), Answer(502), Answer(200)], clock, log) == RETURN
     assert log.waits == [0.1, 0.2]
@@ -166,7 +178,7 @@ def test_retries_a_failure_status_with_backoff(clock: FakeClock, log: Log) -> No
 
 def test_status_error_after_retries_are_spent(clock: FakeClock, log: Log) -> None:
     rt = runtime(clock)
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = call_to(rt)
 
     with pytest.raises(gg.UpstreamStatusError) as info:
         drive(call, [Answer(503)] * 3, clock, log)
@@ -176,7 +188,7 @@ def test_status_error_after_retries_are_spent(clock: FakeClock, log: Log) -> Non
 
 def test_failure_status_returned_when_the_caller_wants_it(clock: FakeClock, log: Log) -> None:
     rt = runtime(clock, raise_on_failure_status=False, retry={"attempts": 1})
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = call_to(rt)
 
     assert drive(call, [Answer(503)], clock, log) == RETURN
 
@@ -187,11 +199,11 @@ def test_post_is_not_retried_once_it_may_have_reached_the_upstream(
     rt = runtime(clock)
 
     with pytest.raises(gg.UpstreamProtocolError) as info:
-        drive(Call(rt, "POST", Headers(), streaming=False), [reset(), Answer(200)], clock, log)
+        drive(call_to(rt, "POST"), [reset(), Answer(200)], clock, log)
     assert info.value.attempts == 1
     # A failure status is an answer: the POST reached the upstream.
     with pytest.raises(gg.UpstreamStatusError):
-        drive(Call(rt, "POST", Headers(), streaming=False), [Answer(503)], clock, log)
+        drive(call_to(rt, "POST"), [Answer(503)], clock, log)
 
 
 def test_post_is_retried_when_it_never_left_or_carries_an_idempotency_key(
@@ -199,10 +211,10 @@ def test_post_is_retried_when_it_never_left_or_carries_an_idempotency_key(
 ) -> None:
     rt = runtime(clock)
 
-    call = Call(rt, "POST", Headers(), streaming=False)
+    call = call_to(rt, "POST")
     assert drive(call, [refused(), Answer(201)], clock, log) == RETURN
 
-    keyed = Call(rt, "POST", Headers(Idempotency_Key="k-1"), streaming=False)
+    keyed = call_to(rt, "POST", Idempotency_Key="k-1")
     assert drive(keyed, [reset(), Answer(503), Answer(201)], clock, log) == RETURN
 
 
@@ -219,13 +231,13 @@ def test_a_deterministic_failure_is_not_retried(clock: FakeClock, log: Log) -> N
     bad_cert = gg.UpstreamConnectError("cert", proxy_error="tls_certificate_error")
 
     with pytest.raises(gg.UpstreamConnectError):
-        drive(Call(rt, "GET", Headers(), streaming=False), [Fail(bad_cert, False)], clock, log)
+        drive(call_to(rt), [Fail(bad_cert, False)], clock, log)
     assert log.waits == []
 
 
 def test_retry_after_is_honoured(clock: FakeClock, log: Log) -> None:
     rt = runtime(clock)
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = call_to(rt)
 
     busy = Answer(503, Headers(Retry_After="2"))
     assert drive(call, [busy, Answer(200)], clock, log) == RETURN
@@ -234,7 +246,7 @@ def test_retry_after_is_honoured(clock: FakeClock, log: Log) -> None:
 
 def test_retry_after_beyond_the_deadline_fails_at_once(clock: FakeClock, log: Log) -> None:
     rt = runtime(clock)
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = call_to(rt)
 
     with pytest.raises(gg.UpstreamStatusError) as info:
         drive(call, [Answer(503, Headers(Retry_After="9")), Answer(200)], clock, log)
@@ -247,7 +259,7 @@ def test_a_pool_wait_that_timed_out_is_retried_and_not_held_against_the_upstream
     rt = runtime(clock, breaker={"min_calls": 1, "window_size": 1})
     pool_full = Fail(gg.LoadShedError("pool", proxy_error="connection_limit_reached"), False)
 
-    call = Call(rt, "POST", Headers(), streaming=False)
+    call = call_to(rt, "POST")
     assert drive(call, [pool_full, Answer(200)], clock, log) == RETURN
     assert rt.breaker.state is BreakerState.CLOSED
 
@@ -259,11 +271,11 @@ def test_failures_open_the_breaker_and_it_refuses_the_next_call(clock: FakeClock
     rt = runtime(clock, retry={"attempts": 1}, breaker=TRIPPY)
     for _ in range(4):
         with pytest.raises(gg.UpstreamProtocolError):
-            drive(Call(rt, "GET", Headers(), streaming=False), [reset()], clock, log)
+            drive(call_to(rt), [reset()], clock, log)
     assert rt.breaker.state is BreakerState.OPEN
 
     with pytest.raises(gg.CircuitOpenError) as info:
-        Call(rt, "GET", Headers(), streaming=False)
+        admitted(rt)
     assert info.value.attempts == 0
     assert info.value.retry_after == pytest.approx(30.0)
 
@@ -272,10 +284,10 @@ def test_the_breaker_opening_between_retries_stops_them(clock: FakeClock, log: L
     rt = runtime(clock)
     rt.breaker.force_open()
     with pytest.raises(gg.CircuitOpenError):
-        Call(rt, "GET", Headers(), streaming=False)
+        admitted(rt)
     rt.breaker.reset()
 
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = admitted(rt)
     assert call.answered(503, Headers(), True) >= 0.0
     rt.breaker.force_open()
     with pytest.raises(gg.CircuitOpenError) as info:
@@ -289,20 +301,19 @@ def test_a_probe_slot_is_given_back_when_the_attempt_is_cancelled(clock: FakeClo
         retry={"attempts": 1},
         breaker={"min_calls": 1, "window_size": 1, "half_open_calls": 1},
     )
-    call = Call(rt, "GET", Headers(), streaming=False)
-    call.failed(reset().error, True)
+    admitted(rt).failed(reset().error, True)
     clock.advance(31.0)
 
-    probe = Call(rt, "GET", Headers(), streaming=False)
+    probe = admitted(rt)
     assert probe.probe
     probe.cancelled()
-    assert Call(rt, "GET", Headers(), streaming=False).probe  # the slot came back
+    assert admitted(rt).probe  # the slot came back
 
 
 def test_a_streamed_body_settles_the_breaker_when_it_ends(clock: FakeClock, log: Log) -> None:
     rt = runtime(clock, retry={"attempts": 1}, breaker={"min_calls": 1, "window_size": 1})
 
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = call_to(rt)
     assert drive(call, [Answer(200, streamed=True)], clock, log) == WRAP
     assert rt.breaker.state is BreakerState.CLOSED
     error = gg.UpstreamProtocolError("cut", proxy_error="http_response_incomplete")
@@ -316,7 +327,7 @@ def test_a_streamed_body_settles_the_breaker_when_it_ends(clock: FakeClock, log:
 
 def test_attempt_timeouts_are_clipped_to_the_deadline(clock: FakeClock, log: Log) -> None:
     rt = runtime(clock)
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = call_to(rt)
 
     timed_out = Fail(gg.UpstreamTimeout("read", proxy_error="connection_read_timeout"), True, 2.0)
     with pytest.raises(gg.UpstreamTimeout) as info:
@@ -331,18 +342,18 @@ def test_the_inbound_requests_deadline_clips_the_call(
 ) -> None:
     rt = runtime(clock)
     context(rt, deadline_at=clock() + 0.5)
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = admitted(rt)
     assert (call.connect_timeout, call.read_timeout) == (0.5, 0.5)
 
     clock.advance(0.5)
     with pytest.raises(gg.UpstreamTimeout) as info:
-        Call(rt, "GET", Headers(), streaming=False)
+        admitted(rt)
     assert (info.value.attempts, info.value.proxy_error) == (0, "http_response_timeout")
 
 
 def test_a_wait_longer_than_the_deadline_left_is_not_taken(clock: FakeClock, log: Log) -> None:
     rt = runtime(clock, retry={"backoff_initial": 5.0, "backoff_max": 5.0, "jitter": False})
-    call = Call(rt, "GET", Headers(), streaming=False)
+    call = call_to(rt)
 
     with pytest.raises(gg.UpstreamStatusError):
         drive(call, [Answer(503, takes=1.5), Answer(200)], clock, log)
@@ -358,12 +369,11 @@ def test_the_routes_policy_for_the_upstream_wins(clock: FakeClock, log: Log, con
     assert route is not None
 
     assert (
-        drive(Call(rt, "GET", Headers(), streaming=False), [Answer(503), Answer(200)], clock, log)
-        == RETURN
+        drive(call_to(rt), [Answer(503), Answer(200)], clock, log) == RETURN
     )  # outside the route: the upstream's 3 attempts
     context(rt, route=route)
     with pytest.raises(gg.UpstreamStatusError) as info:
-        drive(Call(rt, "GET", Headers(), streaming=False), [Answer(503), Answer(200)], clock, log)
+        drive(call_to(rt), [Answer(503), Answer(200)], clock, log)
     assert info.value.attempts == 1
 
 
@@ -388,9 +398,9 @@ def test_the_requests_diagnostics_record_each_call(
     rt = runtime(clock)
     ctx = context(rt)
 
-    drive(Call(rt, "GET", Headers(), streaming=False), [Answer(503), Answer(200)], clock, log)
+    drive(call_to(rt), [Answer(503), Answer(200)], clock, log)
     with pytest.raises(gg.UpstreamConnectError):
-        drive(Call(rt, "GET", Headers(), streaming=False), [refused()] * 3, clock, log)
+        drive(call_to(rt), [refused()] * 3, clock, log)
     refusal = gg.LoadShedError("full", upstream="up", elapsed=0.25)
     assert shed(rt, refusal) is refusal
 

@@ -5,31 +5,33 @@ no decision of its own; it only translates its client's request, response and ex
 to plain values. The protocol, in the manner of tenacity's ``iter()``::
 
     take a bulkhead slot                  # refused: raise shed(runtime, exc)
-    call = Call(runtime, method, headers, streaming=body_is_a_stream)  # may raise
+    call = Call(runtime, method, headers, body_is_a_stream)   # streamed bodies: no retry
     while True:
+        call.admit()                       # may raise CircuitOpenError / UpstreamTimeout
         set the attempt's timeouts from call.connect_timeout / call.read_timeout
         try:
             response = send()
         except <the client's transport errors> as exc:
             error = classify(exc)          # the driver's own classifier: an UpstreamError
-            wait = call.failed(error, reached=<the request may have reached the upstream>)
+            wait = call.failed(error, <the request may have reached the upstream>)
             if wait < 0.0: raise error from exc
-            sleep(wait); call.admit(); continue            # admit() may raise
+            sleep(wait); continue
         except BaseException:
             call.cancelled(); raise        # cancelled, or a bug on our side: not the upstream's
         outcome = call.answered(response.status, response.headers, body_in_memory)
         if outcome < 0.0: break            # RETURN, WRAP or RAISE
-        discard(response); sleep(outcome); call.admit()
+        discard(response); sleep(outcome)
     give the bulkhead slot back
     RETURN: return the response.  RAISE: raise call.status_error() (attach the response).
     WRAP: return it with its body guarded: body_done() at its end, body_failed(error) if it
           breaks off (raise that error), cancelled() if it is closed or dropped before.
 
 Every admitted attempt is reported to the breaker exactly once, with its probe flag, by
-``failed`` / ``answered`` / ``cancelled`` / ``body_*``. ``admit`` (and creating the Call,
-which admits the first attempt) raises :class:`CircuitOpenError` when the breaker says no
-and :class:`UpstreamTimeout` when the deadline has run out, with what was tried so far.
-Waits are seconds (>= 0); the negative constants below say what to do instead.
+``failed`` / ``answered`` / ``cancelled`` / ``body_*``. ``admit`` raises
+:class:`CircuitOpenError` when the breaker says no and :class:`UpstreamTimeout` when the
+deadline has run out, with what was tried so far. Waits are seconds (>= 0); the
+negative constants below say what to do instead. The whole sync and async httpx drivers
+(``transport.py``) are this loop plus the httpx glue.
 
 Only the client's transport errors count against an upstream: any other exception out of
 the client is a bug on our side of the wire (or a cancellation), re-raised untouched and
@@ -75,9 +77,9 @@ class Call:
     """The decisions of one outbound call to one upstream. No I/O, no client types.
 
     Created once the bulkhead slot is held; creating it resolves the policy and the
-    deadline, propagates the request id and trace into ``headers``, and admits the
-    first attempt. ``streaming`` says the request body is a stream that cannot be sent
-    twice (a body held in memory can).
+    deadline, and propagates the request id and trace into ``headers``. ``streaming``
+    says the request body is a stream that cannot be sent twice (a body held in memory
+    can).
     """
 
     __slots__ = (
@@ -99,7 +101,7 @@ class Call:
     )
 
     def __init__(
-        self, rt: UpstreamRuntime, method: str, headers: RequestHeaders, *, streaming: bool
+        self, rt: UpstreamRuntime, method: str, headers: RequestHeaders, streaming: bool
     ) -> None:
         now = rt.clock()
         self.rt = rt
@@ -107,7 +109,7 @@ class Call:
         self.headers = headers
         self.streaming = streaming
         self.started = now
-        self.attempt = 1
+        self.attempt = 0  # the number of the attempt being made, once admitted
         self.state: RetryState | None = None
         self.last_status: int | None = None
         self.retry_after: str | None = None
@@ -129,16 +131,14 @@ class Call:
         self.policy: CallPolicy = policy
         self.deadline_at = deadline_at
         rt.budget.record_call(now)
-        self._admit(now)
 
     # --- before each attempt ---------------------------------------------------------------
 
     def admit(self) -> None:
-        """Admit a retry: the breaker may have opened, the deadline may have run out."""
+        """Admit the next attempt, the first one included: the deadline may have run out,
+        the breaker may say no (it may open between our own retries)."""
         self.attempt += 1
-        self._admit(self.rt.clock())
-
-    def _admit(self, now: float) -> None:
+        now = self.rt.clock()
         remaining = self.deadline_at - now
         if remaining <= 0.0:
             raise self._deadline_error()
