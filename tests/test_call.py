@@ -74,7 +74,6 @@ class Log:
 def drive(call: Call, script: list[Answer | Fail], clock: FakeClock, log: Log) -> float:
     """A driver: send, sleep, repeat, as the core says. Returns RETURN or WRAP."""
     while True:
-        call.admit()
         log.timeouts.append((call.connect_timeout, call.read_timeout))
         step = script.pop(0)
         clock.advance(step.takes)
@@ -90,6 +89,7 @@ def drive(call: Call, script: list[Answer | Fail], clock: FakeClock, log: Log) -
                 return wait
         log.waits.append(wait)
         clock.advance(wait)
+        call.admit()
 
 
 # --- fixtures --------------------------------------------------------------------------------
@@ -129,15 +129,8 @@ def runtime(clock: FakeClock, **overrides: Any) -> UpstreamRuntime:
 
 
 def call_to(rt: UpstreamRuntime, method: str = "GET", **headers: str) -> Call:
-    """A new call, as a driver starts one (a body in memory, not a stream)."""
-    return Call(rt, method, Headers(**headers), streaming=False)
-
-
-def admitted(rt: UpstreamRuntime, method: str = "GET") -> Call:
-    """A new call with its first attempt admitted."""
-    call = call_to(rt, method)
-    call.admit()
-    return call
+    """A new call, its first attempt admitted, as a driver starts one (body in memory)."""
+    return Call(rt, method, Headers(**headers), False)
 
 
 def refused() -> Fail:
@@ -220,7 +213,7 @@ def test_post_is_retried_when_it_never_left_or_carries_an_idempotency_key(
 
 def test_a_streaming_body_is_never_sent_twice(clock: FakeClock, log: Log) -> None:
     rt = runtime(clock)
-    call = Call(rt, "PUT", Headers(), streaming=True)
+    call = Call(rt, "PUT", Headers(), True)
 
     with pytest.raises(gg.UpstreamConnectError):
         drive(call, [refused(), Answer(200)], clock, log)
@@ -275,7 +268,7 @@ def test_failures_open_the_breaker_and_it_refuses_the_next_call(clock: FakeClock
     assert rt.breaker.state is BreakerState.OPEN
 
     with pytest.raises(gg.CircuitOpenError) as info:
-        admitted(rt)
+        call_to(rt)
     assert info.value.attempts == 0
     assert info.value.retry_after == pytest.approx(30.0)
 
@@ -284,10 +277,10 @@ def test_the_breaker_opening_between_retries_stops_them(clock: FakeClock, log: L
     rt = runtime(clock)
     rt.breaker.force_open()
     with pytest.raises(gg.CircuitOpenError):
-        admitted(rt)
+        call_to(rt)
     rt.breaker.reset()
 
-    call = admitted(rt)
+    call = call_to(rt)
     assert call.answered(503, Headers(), True) >= 0.0
     rt.breaker.force_open()
     with pytest.raises(gg.CircuitOpenError) as info:
@@ -301,13 +294,13 @@ def test_a_probe_slot_is_given_back_when_the_attempt_is_cancelled(clock: FakeClo
         retry={"attempts": 1},
         breaker={"min_calls": 1, "window_size": 1, "half_open_calls": 1},
     )
-    admitted(rt).failed(reset().error, True)
+    call_to(rt).failed(reset().error, True)
     clock.advance(31.0)
 
-    probe = admitted(rt)
+    probe = call_to(rt)
     assert probe.probe
     probe.cancelled()
-    assert admitted(rt).probe  # the slot came back
+    assert call_to(rt).probe  # the slot came back
 
 
 def test_a_streamed_body_settles_the_breaker_when_it_ends(clock: FakeClock, log: Log) -> None:
@@ -342,12 +335,12 @@ def test_the_inbound_requests_deadline_clips_the_call(
 ) -> None:
     rt = runtime(clock)
     context(rt, deadline_at=clock() + 0.5)
-    call = admitted(rt)
+    call = call_to(rt)
     assert (call.connect_timeout, call.read_timeout) == (0.5, 0.5)
 
     clock.advance(0.5)
     with pytest.raises(gg.UpstreamTimeout) as info:
-        admitted(rt)
+        call_to(rt)
     assert (info.value.attempts, info.value.proxy_error) == (0, "http_response_timeout")
 
 
@@ -382,13 +375,13 @@ def test_request_id_and_trace_are_propagated_unless_set(clock: FakeClock, contex
     context(rt, trace_id="4bf92f3577b34da6a3ce929d0e0e4736")
 
     headers = Headers()
-    Call(rt, "GET", headers, streaming=False)
+    Call(rt, "GET", headers, False)
     assert headers["x-request-id"] == "req-1"
     parsed = parse_traceparent(headers["traceparent"])
     assert parsed is not None and parsed[0] == "4bf92f3577b34da6a3ce929d0e0e4736"
 
     own = Headers(X_Request_ID="mine", Traceparent="t")
-    Call(rt, "GET", own, streaming=False)
+    Call(rt, "GET", own, False)
     assert (own["x-request-id"], own["traceparent"]) == ("mine", "t")
 
 

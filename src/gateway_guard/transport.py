@@ -91,7 +91,6 @@ class GuardedTransport(httpx.BaseTransport):
                 not isinstance(request.stream, httpx.ByteStream),
             )
             while True:
-                call.admit()
                 request.extensions["timeout"] = (
                     call.policy.timeouts if not call.clipped else _clipped(call)
                 )
@@ -103,6 +102,7 @@ class GuardedTransport(httpx.BaseTransport):
                     if wait < 0.0:
                         raise error from exc
                     _sleep(wait)
+                    call.admit()
                     continue
                 except BaseException:
                     call.cancelled()
@@ -114,6 +114,7 @@ class GuardedTransport(httpx.BaseTransport):
                     break
                 drain(response)
                 _sleep(outcome)
+                call.admit()
         finally:
             if fast is not None:
                 fast.tokens.append(None)
@@ -166,7 +167,6 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 not isinstance(request.stream, httpx.ByteStream),
             )
             while True:
-                call.admit()
                 request.extensions["timeout"] = (
                     call.policy.timeouts if not call.clipped else _clipped(call)
                 )
@@ -179,6 +179,7 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                         raise error from exc
                     if wait > 0.0:
                         await asyncio.sleep(wait)
+                    call.admit()
                     continue
                 except BaseException:
                     call.cancelled()
@@ -191,6 +192,7 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 await adrain(response)
                 if outcome > 0.0:
                     await asyncio.sleep(outcome)
+                call.admit()
         finally:
             if fast is not None:
                 fast.tokens.append(None)
