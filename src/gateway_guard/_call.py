@@ -78,9 +78,8 @@ class Call:
 
     Created once the bulkhead slot is held; creating it resolves the policy and the
     deadline, propagates the request id and trace into ``headers``, and admits the first
-    attempt. ``streaming``
-    says the request body is a stream that cannot be sent twice (a body held in memory
-    can).
+    attempt. ``streaming`` says the request body is a stream that cannot be sent twice (a
+    body held in memory can).
     """
 
     __slots__ = (
