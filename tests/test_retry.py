@@ -23,6 +23,7 @@ from gateway_guard.errors import (
     LoadShedError,
     UpstreamStatusError,
     UpstreamTimeout,
+    from_exception,
 )
 from gateway_guard.policy import RetryPolicy
 from gateway_guard.retry import (
@@ -830,3 +831,39 @@ def test_testing_mode_is_exported_from_gateway_guard_testing() -> None:
     assert testing_pkg.set_testing is retry.set_testing
     with testing_pkg.testing():
         assert testing_pkg.is_testing()
+
+
+# --- the classified path (drivers that classify their own client's exceptions) -----------
+
+_REQUEST = httpx.Request("GET", "http://up.test/")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        httpx.ConnectError("refused", request=_REQUEST),
+        httpx.ConnectTimeout("slow connect", request=_REQUEST),
+        httpx.PoolTimeout("pool full", request=_REQUEST),
+        httpx.ReadTimeout("slow read", request=_REQUEST),
+        httpx.ReadError("reset", request=_REQUEST),
+        httpx.RemoteProtocolError("peer closed connection", request=_REQUEST),
+        httpx.UnsupportedProtocol("ftp://", request=_REQUEST),
+        httpx.DecodingError("bad gzip", request=_REQUEST),
+    ],
+    ids=lambda exc: type(exc).__name__,
+)
+@pytest.mark.parametrize("replayable", [True, False], ids=["replayable", "not-replayable"])
+def test_decide_on_a_classified_error_agrees_with_decide_on_the_exception(
+    exc: httpx.TransportError, replayable: bool
+) -> None:
+    def decide(**kwargs: object) -> RetryDecision:
+        return RetryState(FIXED).decide(
+            attempt=1,
+            remaining=10.0,
+            replayable=replayable,
+            streaming_body=False,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    classified = decide(error=from_exception(exc), reached=not never_sent(exc))
+    assert classified == decide(exc=exc)

@@ -506,6 +506,16 @@ _RETRYABLE_CLASSES = (UpstreamConnectError, UpstreamTimeout, UpstreamProtocolErr
 _DETERMINISTIC = frozenset({"tls_certificate_error", "http_response_content_coding"})
 
 
+def _retryable(error_class: type[UpstreamError], proxy_error: str | None, reached: bool) -> bool:
+    """Whether another attempt might succeed after an attempt failed as classified."""
+    if issubclass(error_class, LoadShedError):
+        # Out of an attempt, this is the client's own connection pool (our bulkhead refuses
+        # before any attempt): the request was never sent, and a pooled connection may
+        # well be free a moment later.
+        return not reached
+    return issubclass(error_class, _RETRYABLE_CLASSES) and proxy_error not in _DETERMINISTIC
+
+
 def is_retryable_exception(exc: BaseException) -> bool:
     """Whether another attempt might succeed where this exception failed.
 
@@ -518,14 +528,12 @@ def is_retryable_exception(exc: BaseException) -> bool:
     """
     if isinstance(exc, CircuitOpenError | LoadShedError):
         return False
-    if isinstance(exc, httpx.PoolTimeout):
-        # classify() reports this as our own connection limit (503), but the request was
-        # never sent and a pooled connection may well be free a moment later.
-        return True
     if not isinstance(exc, httpx.TransportError | OSError | UpstreamError):
         return False
     error_class, proxy_error = classify(exc)
-    return issubclass(error_class, _RETRYABLE_CLASSES) and proxy_error not in _DETERMINISTIC
+    # classify() names httpx.PoolTimeout our own connection limit; never_sent() knows it
+    # was a wait for a pooled connection.
+    return _retryable(error_class, proxy_error, not never_sent(exc))
 
 
 # --- the decision ------------------------------------------------------------------------
@@ -548,21 +556,26 @@ class RetryState:
         self,
         *,
         attempt: int,
-        exc: BaseException | None,
-        status: int | None,
-        retry_after_header: str | None,
-        remaining: float | None,
+        exc: BaseException | None = None,
+        status: int | None = None,
+        retry_after_header: str | None = None,
+        remaining: float | None = None,
         replayable: bool,
         streaming_body: bool,
+        error: UpstreamError | None = None,
+        reached: bool = True,
     ) -> RetryDecision:
         """Whether to try again after attempt number ``attempt`` (1-based) failed, and when.
 
         Give ``exc`` when the attempt raised, else the ``status`` it answered with and its
-        ``Retry-After`` header. ``remaining`` is the seconds left of the call's deadline
-        (None: no deadline). ``replayable`` is :func:`request_is_replayable`'s answer;
-        ``streaming_body`` says the request body was a stream that was not buffered. The
-        rules and reasons are listed in the module docstring; the budget is consulted
-        last, so a retry denied for any other reason never spends it.
+        ``Retry-After`` header. A driver that classifies its client's exceptions itself
+        gives ``error`` (the classified :class:`UpstreamError`) and ``reached`` (False when
+        the request provably never left, see :func:`never_sent`) instead of ``exc``.
+        ``remaining`` is the seconds left of the call's deadline (None: no deadline).
+        ``replayable`` is :func:`request_is_replayable`'s answer; ``streaming_body`` says
+        the request body was a stream that was not buffered. The rules and reasons are
+        listed in the module docstring; the budget is consulted last, so a retry denied
+        for any other reason never spends it.
         """
         policy = self._policy
         mode = _testing
@@ -576,9 +589,16 @@ class RetryState:
 
         reason: RetryReason
         if exc is not None:
-            if not is_retryable_exception(exc):
+            retryable: bool | None = is_retryable_exception(exc)
+            reached = not never_sent(exc)
+        elif error is not None:
+            retryable = _retryable(type(error), error.proxy_error, reached)
+        else:
+            retryable = None  # the attempt answered a status
+        if retryable is not None:
+            if not retryable:
                 return _NOT_RETRYABLE
-            if not replayable and not never_sent(exc):
+            if not replayable and reached:
                 return _NON_IDEMPOTENT
             reason = "error"
         elif status is not None and status in policy.on_status:

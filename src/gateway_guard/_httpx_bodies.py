@@ -1,0 +1,190 @@
+"""httpx response bodies for the guarded transports: guarded streams, failure bodies.
+
+A successful response whose body is still to come is handed over with its stream
+wrapped, so that the call's breaker outcome is settled when the body ends (the call core's
+``WRAP``). A failure response is either drained before a retry (so its connection can be
+reused) or read, capped, into the :class:`UpstreamStatusError` raised for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import httpx
+
+from .errors import UpstreamError, from_exception
+
+if TYPE_CHECKING:
+    from ._call import Call
+
+__all__ = [
+    "AsyncGuardedStream",
+    "GuardedStream",
+    "adrain",
+    "aread_capped",
+    "drain",
+    "read_capped",
+]
+
+# The most of a failure response's body kept for logs; the rest is never read.
+_MAX_ERROR_BODY = 64 * 1024
+
+# A failure body smaller than this is read before a retry so its connection goes back to
+# the pool; a larger one is cheaper to drop than to download.
+_MAX_DRAIN = 64 * 1024
+
+
+# --- guarded streams -----------------------------------------------------------------------
+
+
+class _Settling:
+    """What both guarded body streams share: the call's outcome is settled exactly once."""
+
+    __slots__ = ("_call", "_inner", "_open")
+    _call: Call
+    _open: bool
+
+    def _done(self) -> None:
+        if self._open:
+            self._open = False
+            self._call.body_done()
+
+    def _failed(self, exc: httpx.TransportError) -> UpstreamError:
+        """The body broke off: the classified error to raise (chained to ``exc``)."""
+        self._open = False
+        call = self._call
+        error = from_exception(exc, upstream=call.rt.name)
+        call.body_failed(error)
+        return error
+
+    def _settle(self) -> None:
+        # Closed before the end (the caller stopped reading): nothing learned about the
+        # upstream, but a half-open probe slot must be given back.
+        if self._open:
+            self._open = False
+            self._call.cancelled()
+
+    def __del__(self) -> None:
+        # A response dropped without close() must not keep a probe slot forever.
+        # Known defect (issue #15): for a half-open probe, cancelled() reaches
+        # CircuitBreaker.record_ignored, which takes the breaker's lock in this finaliser.
+        self._settle()
+
+
+class GuardedStream(_Settling, httpx.SyncByteStream):
+    """Records the breaker outcome when the body ends; classifies failures mid-body."""
+
+    def __init__(self, inner: httpx.SyncByteStream, call: Call) -> None:
+        self._inner = inner
+        self._call = call
+        self._open = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self._inner
+        except httpx.TransportError as exc:
+            raise self._failed(exc) from exc
+        self._done()
+
+    def close(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            self._settle()
+
+
+class AsyncGuardedStream(_Settling, httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, call: Call) -> None:
+        self._inner = inner
+        self._call = call
+        self._open = True
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except httpx.TransportError as exc:
+            raise self._failed(exc) from exc
+        self._done()
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            self._settle()
+
+
+# --- failure bodies ------------------------------------------------------------------------
+
+
+def read_capped(response: httpx.Response) -> None:
+    """Keep up to _MAX_ERROR_BODY of a failure response (decoded) for logs, then close."""
+    if response.is_stream_consumed:  # built from bytes: already in memory
+        response.close()
+        return
+    chunks: list[bytes] = []
+    try:
+        size = 0
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= _MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass  # what arrived is kept; a failure body is evidence, not data
+    finally:
+        response._content = b"".join(chunks)[:_MAX_ERROR_BODY]
+        response.close()
+
+
+async def aread_capped(response: httpx.Response) -> None:
+    if response.is_stream_consumed:
+        await response.aclose()
+        return
+    chunks: list[bytes] = []
+    try:
+        size = 0
+        async for chunk in response.aiter_bytes():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size >= _MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        response._content = b"".join(chunks)[:_MAX_ERROR_BODY]
+        await response.aclose()
+
+
+def drain(response: httpx.Response) -> None:
+    """Read (a small) failure body before retrying, so the connection can be reused."""
+    if response.is_stream_consumed:
+        response.close()
+        return
+    try:
+        size = 0
+        for chunk in response.iter_raw():
+            size += len(chunk)
+            if size > _MAX_DRAIN:
+                break
+    except httpx.HTTPError:
+        pass  # the connection is gone anyway; the retry opens another
+    finally:
+        response.close()
+
+
+async def adrain(response: httpx.Response) -> None:
+    if response.is_stream_consumed:
+        await response.aclose()
+        return
+    try:
+        size = 0
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > _MAX_DRAIN:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        await response.aclose()
