@@ -20,17 +20,7 @@ from gateway_guard.breaker import BreakerState
 from gateway_guard.context import CallRecord, RequestContext, reset_context, set_context
 from gateway_guard.guard import UpstreamRuntime
 from gateway_guard.headers import parse_traceparent
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from gateway_guard.testing import FakeClock
 
 
 class Headers(dict[str, str]):
@@ -358,7 +348,7 @@ def test_a_wait_longer_than_the_deadline_left_is_not_taken(clock: FakeClock, log
 def test_the_routes_policy_for_the_upstream_wins(clock: FakeClock, log: Log, context: Any) -> None:
     guard = make_guard(clock, routes=[{"path": "/orders/{id}", "retry": {"attempts": 1}}])
     rt = guard.runtime("up")
-    route = guard.policies.routes.match("GET", "/orders/42")
+    route = guard.policies.routes.resolve("GET", "/orders/42")[1]
     assert route is not None
 
     assert (

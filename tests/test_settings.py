@@ -340,7 +340,7 @@ def test_layering_defaults_upstream_route_per_key() -> None:
     assert pay.read_timeout == 3  # upstream beats defaults
     assert pay.retry.attempts == 4  # inherited per key
     assert pay.retry.backoff_max == 1  # merged, not replaced
-    route = p.routes.match("GET", "/checkout")
+    route = p.routes.resolve("GET", "/checkout")[1]
     assert route is not None
     in_route = route.calls["payments"]
     assert in_route.retry.attempts == 1  # the route beats the upstream
@@ -358,7 +358,7 @@ def test_route_deadline_caps_but_never_loosens() -> None:
         },
         environ={},
     )
-    route = compile_policies(s).routes.match("GET", "/a")
+    route = compile_policies(s).routes.resolve("GET", "/a")[1]
     assert route is not None
     assert route.deadline == 5.0
     assert route.calls["fast"].deadline == 2.0
@@ -370,7 +370,7 @@ def test_unchanged_route_policies_are_shared() -> None:
         {"upstreams": UP, "routes": [{"path": "/a", "priority": "critical"}]}, environ={}
     )
     p = compile_policies(s)
-    route = p.routes.match("GET", "/a")
+    route = p.routes.resolve("GET", "/a")[1]
     assert route is not None
     assert route.calls["payments"] is p.calls["payments"]
 
@@ -386,7 +386,7 @@ def test_route_shed_merges_with_app_shed() -> None:
         {"shed": {"queue_timeout": 2}, "routes": [{"path": "/a", "shed": {"max_concurrent": 5}}]},
         environ={},
     )
-    route = compile_policies(s).routes.match("GET", "/a")
+    route = compile_policies(s).routes.resolve("GET", "/a")[1]
     assert route is not None and route.shed is not None
     assert route.shed.max_concurrent == 5
     assert route.shed.queue_timeout == 2
