@@ -9,13 +9,14 @@ from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from .asgi import GatewayGuardMiddleware
-from .breaker import BreakerState, CircuitBreaker
+from .breaker import BreakerSnapshot, BreakerState, CircuitBreaker
 from .context import RequestContext, current_context, current_guard
 from .errors import (
     CircuitOpenError,
     GatewayGuardError,
     LoadShedError,
     SettingsError,
+    SettingsProblem,
     UpstreamConfigError,
     UpstreamConnectError,
     UpstreamError,
@@ -34,6 +35,7 @@ except _PackageNotFoundError:  # pragma: no cover - running from a source tree w
     __version__ = "0.0.0"
 
 __all__ = [
+    "BreakerSnapshot",
     "BreakerState",
     "CircuitBreaker",
     "CircuitOpenError",
@@ -46,6 +48,7 @@ __all__ = [
     "RequestContext",
     "Settings",
     "SettingsError",
+    "SettingsProblem",
     "UpstreamConfigError",
     "UpstreamConnectError",
     "UpstreamError",

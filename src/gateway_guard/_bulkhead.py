@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Final, TypeAlias
 
 from ._concurrency import PRIORITIES, ConcurrencyLimiter, LimiterSnapshot
+from ._schema import Priority
 from .errors import LoadShedError
-from .policy import BulkheadPolicy, Priority
+from .policy import BulkheadPolicy
 
 __all__ = ["BULKHEAD_QUEUE_FACTOR", "Limiter", "TokenLimiter", "bulkhead"]
 

@@ -58,9 +58,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._estimator import HoldTimeEstimator
+from ._schema import Priority
 from ._waiters import EVICTED, GONE, GRANTED, WAITING, TaskWaiter, ThreadWaiter, Waiter, ring
 from .errors import LoadShedError
-from .policy import Priority
 
 __all__ = ["MAX_RETRY_AFTER", "PRIORITIES", "ConcurrencyLimiter", "LimiterSnapshot"]
 

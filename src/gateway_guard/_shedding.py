@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import TypeAlias
 
 from ._concurrency import ConcurrencyLimiter
-from .policy import Priority, ShedPolicy
+from ._schema import Priority
+from .policy import ShedPolicy
 
 __all__ = ["InboundShedding", "RouteKey", "shedder"]
 

@@ -46,15 +46,7 @@ from typing import TypeAlias, TypeVar
 from gateway_guard.errors import CircuitOpenError
 from gateway_guard.policy import BreakerPolicy
 
-__all__ = [
-    "HALF_OPEN_RETRY_AFTER",
-    "BreakerSnapshot",
-    "BreakerState",
-    "CallListener",
-    "CallOutcome",
-    "CircuitBreaker",
-    "StateListener",
-]
+__all__ = ["BreakerSnapshot", "BreakerState", "CircuitBreaker"]
 
 logger = logging.getLogger("gateway_guard")
 

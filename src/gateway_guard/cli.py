@@ -12,7 +12,7 @@ from .errors import SettingsError
 from .policy import CallPolicy, Policies, ShedPolicy, compile_policies
 from .settings import Settings, load_settings
 
-__all__ = ["main"]
+__all__: list[str] = []
 
 
 def _seconds(value: float) -> str:

@@ -12,12 +12,12 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from ._schema import Priority
     from .errors import CircuitOpenError
     from .guard import Guard
-    from .policy import Priority
     from .routing import Route
 
-__all__ = ["CallRecord", "RequestContext", "current_context", "current_guard"]
+__all__ = ["RequestContext", "current_context", "current_guard"]
 
 # Upstream calls remembered per request for logs and debug headers; a request that
 # makes thousands of calls must not grow without bound.

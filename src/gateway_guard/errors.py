@@ -44,8 +44,6 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamStatusError",
     "UpstreamTimeout",
-    "classify",
-    "from_exception",
 ]
 
 

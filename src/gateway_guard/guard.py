@@ -12,9 +12,10 @@ from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
+from ._bulkhead import Limiter, TokenLimiter, bulkhead
+from ._shedding import InboundShedding
 from .breaker import BreakerState, CircuitBreaker
 from .errors import UpstreamError
-from .limiter import InboundShedding, Limiter, TokenLimiter, bulkhead
 from .policy import CallPolicy, Policies, compile_policies, compile_view_policy
 from .render import ErrorRenderer
 from .retry import RetryBudget
@@ -22,7 +23,7 @@ from .routing import Route
 from .settings import Settings, SettingsSource, load_settings
 from .transport import AsyncGuardedTransport, GuardedTransport
 
-__all__ = ["Guard", "UpstreamRuntime"]
+__all__ = ["Guard"]
 
 logger = logging.getLogger("gateway_guard")
 

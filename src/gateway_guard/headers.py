@@ -22,20 +22,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 
-__all__ = [
-    "PROXY_ERROR_TYPES",
-    "format_retry_after",
-    "header_safe",
-    "new_request_id",
-    "new_traceparent",
-    "parse_retry_after",
-    "parse_traceparent",
-    "proxy_status",
-    "server_timing",
-    "sf_string",
-    "sf_token",
-    "valid_request_id",
-]
+__all__: list[str] = []
 
 # --- printable ASCII -------------------------------------------------------------------------
 

@@ -67,21 +67,7 @@ from gateway_guard.policy import RetryPolicy
 if TYPE_CHECKING:
     from tenacity import RetryCallState
 
-__all__ = [
-    "HeaderLookup",
-    "RetryBudget",
-    "RetryDecision",
-    "RetryReason",
-    "RetrySchedule",
-    "RetryState",
-    "is_retryable_exception",
-    "is_testing",
-    "never_sent",
-    "parse_retry_after",
-    "request_is_replayable",
-    "set_testing",
-    "testing",
-]
+__all__ = ["is_testing", "set_testing", "testing"]
 
 RetryReason = Literal[
     "attempts_exhausted",

@@ -17,7 +17,7 @@ from ._schema import Priority, RouteSettings
 if TYPE_CHECKING:
     from .policy import CallPolicy, ShedPolicy
 
-__all__ = ["Route", "RouteTable", "RouteTemplateError", "parse_template"]
+__all__: list[str] = []
 
 
 class RouteTemplateError(ValueError):

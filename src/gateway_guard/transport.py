@@ -35,7 +35,7 @@ from .retry import never_sent
 if TYPE_CHECKING:
     from .guard import UpstreamRuntime
 
-__all__ = ["AsyncGuardedTransport", "GuardedTransport"]
+__all__: list[str] = []
 
 
 def _clipped(call: Call) -> Mapping[str, float]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from django.apps import AppConfig
 from django.core import checks
 
+__all__: list[str] = []  # Django finds the AppConfig by itself; nothing here is API
+
 
 class GatewayGuardConfig(AppConfig):
     name = "gateway_guard.django"

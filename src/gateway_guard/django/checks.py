@@ -35,17 +35,18 @@ from django.core.checks import CheckMessage
 from django.urls import get_resolver
 from django.utils.module_loading import import_string
 
+from gateway_guard._settings_load import ENV_PREFIX
 from gateway_guard.asgi import GatewayGuardMiddleware as ASGIMiddleware
 from gateway_guard.errors import SettingsError
 from gateway_guard.guard import Guard
-from gateway_guard.settings import ENV_PREFIX, Settings
+from gateway_guard.settings import Settings
 from gateway_guard.wsgi import GatewayGuardWSGI
 
 from .conf import SETTING, conf, get_guard
 from .decorators import registered_policies
 from .middleware import GatewayGuardMiddleware
 
-__all__ = ["CHECKS", "TAG", "check_middleware", "check_settings", "check_view_policies"]
+__all__: list[str] = []
 
 TAG = "gateway_guard"
 # The name each @gateway_policy is compiled under by the check (problems name it).

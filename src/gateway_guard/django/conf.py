@@ -17,7 +17,7 @@ from django.core.signals import setting_changed
 
 from gateway_guard.guard import Guard
 
-__all__ = ["SETTING", "conf", "get_guard"]
+__all__ = ["get_guard"]
 
 SETTING = "GATEWAY_GUARD"
 

@@ -17,7 +17,7 @@ from gateway_guard.guard import Guard
 from gateway_guard.inbound import view_policy
 from gateway_guard.routing import Route
 
-__all__ = ["PolicySpec", "gateway_policy", "registered_policies"]
+__all__ = ["gateway_policy"]
 
 V = TypeVar("V", bound=Callable[..., Any])
 

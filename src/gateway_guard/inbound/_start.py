@@ -38,8 +38,7 @@ def start(
         # The clock is read only when something needs it: here, only debug timings.
         now = guard.clock() if guard.settings.debug else 0.0
         return RequestContext(guard, rid, None, None, trace_id, now, exempt)
-    clock = guard.clock  # a local first: CPython 3.11 cannot specialise obj.attr() calls
-    now = clock()
+    now = guard.clock()
     deadline_at = None if route.deadline is None else now + route.deadline
     blocked = dependency_down(guard, route) if route.depends_on else None
     return RequestContext(guard, rid, route, deadline_at, trace_id, now, exempt, blocked)

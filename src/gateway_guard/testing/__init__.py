@@ -23,5 +23,14 @@ from __future__ import annotations
 from gateway_guard.retry import is_testing, set_testing, testing
 
 from ._clock import FakeClock
+from .upstream import MisbehavingUpstream, Mode, UpstreamStats
 
-__all__ = ["FakeClock", "is_testing", "set_testing", "testing"]
+__all__ = [
+    "FakeClock",
+    "MisbehavingUpstream",
+    "Mode",
+    "UpstreamStats",
+    "is_testing",
+    "set_testing",
+    "testing",
+]

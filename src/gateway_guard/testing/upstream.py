@@ -112,7 +112,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Final
 
-__all__ = ["MisbehavingUpstream", "Mode", "ModeConfig", "UpstreamStats", "main"]
+__all__ = ["MisbehavingUpstream", "Mode", "UpstreamStats"]
 
 HOST: Final = "127.0.0.1"
 
