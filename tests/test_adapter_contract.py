@@ -349,14 +349,17 @@ class Client:
     def __init__(self, probe: Probe) -> None:
         self.probe = probe
 
-    def request(
-        self, path: str, method: str = "GET", headers: Headers | None = None
-    ) -> Reply:  # pragma: no cover - every adapter has its own
-        raise NotImplementedError
+    def request(self, path: str, method: str = "GET", headers: Headers | None = None) -> Reply:
+        return self._call(path, method, headers, None)
 
     def stream(self, path: str, headers: Headers | None = None) -> Reply:
         """GET ``path``, noting ``got N`` in the probe's events as each chunk arrives."""
-        raise NotImplementedError  # pragma: no cover
+        return self._call(path, "GET", headers, self._got())
+
+    def _call(
+        self, path: str, method: str, headers: Headers | None, on_chunk: OnChunk | None
+    ) -> Reply:  # pragma: no cover - every adapter has its own
+        raise NotImplementedError
 
     def close(self) -> None:
         pass
@@ -423,12 +426,6 @@ class ASGIClient(Client):
         super().__init__(probe)
         self.guard = gg.Guard(source)
         self.app = gg.GatewayGuardMiddleware(asgi_app(probe), guard=self.guard)
-
-    def request(self, path: str, method: str = "GET", headers: Headers | None = None) -> Reply:
-        return self._call(path, method, headers, None)
-
-    def stream(self, path: str, headers: Headers | None = None) -> Reply:
-        return self._call(path, "GET", headers, self._got())
 
     def _call(
         self, path: str, method: str, headers: Headers | None, on_chunk: OnChunk | None
@@ -551,12 +548,6 @@ class WSGIClient(Client):
         self.guard = gg.Guard(source)
         self.app = gg.GatewayGuardWSGI(wsgi_app(probe), guard=self.guard)
 
-    def request(self, path: str, method: str = "GET", headers: Headers | None = None) -> Reply:
-        return self._call(path, method, headers, None)
-
-    def stream(self, path: str, headers: Headers | None = None) -> Reply:
-        return self._call(path, "GET", headers, self._got())
-
     def _call(
         self, path: str, method: str, headers: Headers | None, on_chunk: OnChunk | None
     ) -> Reply:
@@ -640,12 +631,6 @@ class FlaskClient(Client):
     def __init__(self, probe: Probe, source: dict[str, Any]) -> None:
         super().__init__(probe)
         self.app, self.guard = flask_app(probe, source)
-
-    def request(self, path: str, method: str = "GET", headers: Headers | None = None) -> Reply:
-        return self._call(path, method, headers, None)
-
-    def stream(self, path: str, headers: Headers | None = None) -> Reply:
-        return self._call(path, "GET", headers, self._got())
 
     def _call(
         self, path: str, method: str, headers: Headers | None, on_chunk: OnChunk | None
@@ -769,12 +754,6 @@ class DjangoClient(Client):
 
     def close(self) -> None:
         self._settings.disable()
-
-    def request(self, path: str, method: str = "GET", headers: Headers | None = None) -> Reply:
-        return self._call(path, method, headers, None)
-
-    def stream(self, path: str, headers: Headers | None = None) -> Reply:
-        return self._call(path, "GET", headers, self._got())
 
     def _call(
         self, path: str, method: str, headers: Headers | None, on_chunk: OnChunk | None
