@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Final, TypeAlias
 
-from ._concurrency import PRIORITIES, ConcurrencyLimiter, LimiterSnapshot
+from ._concurrency import PRIORITIES, ConcurrencyLimiter, LimiterSnapshot, Tokens, token_pool
 from .errors import LoadShedError
 from .policy import BulkheadPolicy, Priority
 
@@ -48,7 +48,8 @@ class TokenLimiter:
             raise ValueError(f"max_concurrent must be > 0, got {max_concurrent}")
         self.name = name
         self._max_concurrent = max_concurrent
-        self.tokens: list[None] = [None] * max_concurrent
+        # A list up to LIST_TOKENS_MAX slots, then a counter with the same protocol.
+        self.tokens: Tokens = token_pool(max_concurrent)
         # Statistics only. CPython 3.11 does not switch threads inside a `+= 1` on an
         # attribute, so they are exact there; elsewhere they could undercount, never more.
         self.released = 0

@@ -62,7 +62,15 @@ from ._waiters import EVICTED, GONE, GRANTED, WAITING, TaskWaiter, ThreadWaiter,
 from .errors import LoadShedError
 from .policy import Priority
 
-__all__ = ["MAX_RETRY_AFTER", "PRIORITIES", "ConcurrencyLimiter", "LimiterSnapshot"]
+__all__ = [
+    "MAX_RETRY_AFTER",
+    "PRIORITIES",
+    "ConcurrencyLimiter",
+    "LimiterSnapshot",
+    "TokenCount",
+    "Tokens",
+    "token_pool",
+]
 
 #: Upper bound of the ``retry_after`` estimate, in seconds.
 MAX_RETRY_AFTER: Final = 60.0
@@ -71,6 +79,51 @@ MAX_RETRY_AFTER: Final = 60.0
 PRIORITIES: Final[tuple[Priority, ...]] = typing.get_args(Priority)
 _RANK: Final[dict[str, int]] = {p: rank for rank, p in enumerate(PRIORITIES)}
 _LOWEST: Final = len(PRIORITIES) - 1
+
+
+#: Limits up to this many slots keep their free slots as a list of tokens (8 bytes each);
+#: larger ones count them, so a limit costs the same memory whatever its size.
+LIST_TOKENS_MAX: Final = 4096
+
+
+class TokenCount:
+    """Free slots as a number, for large limits: the list-of-tokens protocol (``pop()``
+    raising IndexError when none is free, ``append(None)``, ``len``, truth) on a counter.
+
+    Each operation takes a lock of its own, held for one integer update, to be as atomic
+    as the list's C methods: a few hundred nanoseconds dearer than the list, paid only by
+    limits too large for a list to be the cheap choice.
+    """
+
+    __slots__ = ("_free", "_lock")
+
+    def __init__(self, free: int) -> None:
+        self._free = free
+        self._lock = threading.Lock()
+
+    def pop(self) -> None:
+        with self._lock:
+            if self._free <= 0:
+                raise IndexError("no free slot")
+            self._free -= 1
+
+    def append(self, token: None) -> None:
+        with self._lock:
+            self._free += 1
+
+    def __len__(self) -> int:
+        return self._free
+
+    def __bool__(self) -> bool:
+        return self._free > 0
+
+
+Tokens: typing.TypeAlias = list[None] | TokenCount
+
+
+def token_pool(free: int) -> Tokens:
+    """``free`` free slots: a list of tokens when small, a :class:`TokenCount` when large."""
+    return [None] * free if free <= LIST_TOKENS_MAX else TokenCount(free)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +227,7 @@ class ConcurrencyLimiter(HoldTimeEstimator):
         self._lock = threading.Lock()
         # One token per free slot. A slot handed from a releaser to a waiter never becomes
         # a token, so ``max_concurrent - len(_tokens)`` is the number of slots held.
-        self._tokens: list[None] = [None] * max_concurrent
+        self._tokens: Tokens = token_pool(max_concurrent)
         # Written only under the lock; read without it by the lock-free paths.
         self._queued = 0
         self._queues: tuple[deque[Waiter], ...] = (deque(), deque(), deque())
