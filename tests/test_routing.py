@@ -179,9 +179,12 @@ def _best_of(repeats: int, fn: Callable[[], object]) -> float:
     return best
 
 
-def _walk(path: str) -> None:
-    for _ in path:
-        pass
+_RUNS = re.compile("[0-9]+|[^0-9]+")
+
+
+def _runs(path: str) -> list[int]:
+    # Python-level work per run of digits: what the digit steps of the matcher do.
+    return [m.end() for m in _RUNS.finditer(path)]
 
 
 @pytest.mark.parametrize(
@@ -201,7 +204,7 @@ def test_hostile_paths_match_in_linear_time(template: str, str_only: bool, body:
     # timed on the same 16 KB path in this run, so a loaded machine moves both sides:
     # str parameters cost little more than a one-parameter template (well under 1 ms,
     # bench/routing.py); digit parameters walk runs of digits in Python, so they are held
-    # to a Python loop over the path's characters.
+    # to a Python loop over the path's runs of digits (measured: 2 to 7 times that).
     hostile = table((template, None), exempt=("/healthz",))
     plain = table(("/x/{a}", None), exempt=("/healthz",))
     path = "/x/" + body + "!"
@@ -210,5 +213,5 @@ def test_hostile_paths_match_in_linear_time(template: str, str_only: bool, body:
         baseline = _best_of(5, lambda: plain.resolve("GET", path))
         assert took < 50 * baseline, (took, baseline)
     else:
-        baseline = _best_of(5, lambda: _walk(path))
-        assert took < 200 * baseline, (took, baseline)
+        baseline = _best_of(5, lambda: _runs(path))
+        assert took < 50 * baseline, (took, baseline)
