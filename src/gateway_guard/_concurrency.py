@@ -57,6 +57,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from . import _fork
 from ._estimator import HoldTimeEstimator
 from ._waiters import EVICTED, GONE, GRANTED, WAITING, TaskWaiter, ThreadWaiter, Waiter, ring
 from .errors import LoadShedError
@@ -181,6 +182,7 @@ class ConcurrencyLimiter(HoldTimeEstimator):
     """
 
     __slots__ = (
+        "__weakref__",
         "_cancelled",
         "_clock",
         "_evicted",
@@ -246,6 +248,16 @@ class ConcurrencyLimiter(HoldTimeEstimator):
         self._cancelled = 0
         # Context managers carry no per-use state, so one per priority serves all callers.
         self._slots = {p: _Slot(self, p) for p in PRIORITIES}
+        if not self._unlimited:
+            _fork.register(self)
+
+    def _after_fork(self) -> None:
+        # In a forked child (see _fork): the lock may be held by a thread that did not
+        # follow, and the slots and queue places of such threads are never given back.
+        self._lock = threading.Lock()
+        self._queues = (deque(), deque(), deque())
+        self._queued = 0
+        self._tokens = token_pool(self._max_concurrent)
 
     # --- introspection ------------------------------------------------------------------
 
