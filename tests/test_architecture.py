@@ -30,6 +30,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_estimator",
                 "_negotiate",
                 "_waiters",
+                "_matcher",
+                "_fork",
                 "testing._clock",
                 "testing.upstream",
             }

@@ -1001,3 +1001,27 @@ def test_e2e_shedding_under_concurrency(upstream: MisbehavingUpstream) -> None:
     assert shed.status_code == 503
     assert proxy_status(shed.headers["proxy-status"])[1] == {"error": "connection_limit_reached"}
     assert [r.status_code for r in results] == [200]
+
+
+class _GeventLikeTimeout(BaseException):
+    """Like gevent's Timeout: a BaseException, so ``except Exception`` lets it through."""
+
+
+@pytest.mark.parametrize("error", [SystemExit(1), KeyboardInterrupt(), _GeventLikeTimeout()])
+def test_a_base_exception_in_a_view_releases_the_slot(error: BaseException) -> None:
+    app, ext = make_app(shed={"max_concurrent": 3, "max_queue": 0})
+
+    @app.get("/boom")
+    def boom() -> ResponseReturnValue:
+        raise error
+
+    @app.get("/ok")
+    def ok() -> ResponseReturnValue:
+        return "ok"
+
+    client = app.test_client()
+    for _ in range(3):
+        with pytest.raises(type(error)):
+            client.get("/boom")
+    assert ext.guard.shedding.app.in_flight == 0
+    assert client.get("/ok").status_code == 200

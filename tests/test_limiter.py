@@ -12,12 +12,14 @@ from typing import Any
 
 import pytest
 
+from gateway_guard._concurrency import LIST_TOKENS_MAX
 from gateway_guard.errors import LoadShedError
 from gateway_guard.limiter import (
     BULKHEAD_QUEUE_FACTOR,
     MAX_RETRY_AFTER,
     ConcurrencyLimiter,
     InboundShedding,
+    TokenLimiter,
     bulkhead,
     shedder,
 )
@@ -1577,3 +1579,39 @@ def test_token_limiter_async_slot() -> None:
         assert limiter.in_flight == 0
 
     asyncio.run(main())
+
+
+def test_a_large_limit_costs_no_memory_at_startup() -> None:
+    # Issue #15, defect 5: 10**7 slots cost 229 MiB (a list of tokens), 10**12 MemoryError.
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        limiters = [
+            ConcurrencyLimiter("in", 1_000_000, 1_000_000, 1.0),
+            TokenLimiter("out", 1_000_000),
+            ConcurrencyLimiter("big", 10**12, 0, 0.0),
+        ]
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size < 64 * 1024, size
+    assert [lim.in_flight for lim in limiters] == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "make", [lambda n: TokenLimiter("t", n), lambda n: ConcurrencyLimiter("c", n, 0, 0.0)]
+)
+def test_a_counted_pool_admits_exactly_its_limit(make: Callable[[int], Any]) -> None:
+    n = LIST_TOKENS_MAX + 3
+    lim = make(n)
+    for _ in range(n):
+        lim.acquire()
+    assert lim.in_flight == n
+    with pytest.raises(LoadShedError):
+        lim.acquire()
+    for _ in range(n):
+        lim.release()
+    assert lim.in_flight == 0
+    with pytest.raises(RuntimeError):
+        lim.release()

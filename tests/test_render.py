@@ -1081,3 +1081,13 @@ def test_without_any_usable_template_html_requests_get_plain_text(
         assert rendered.status == 504
         assert headers_of(rendered)["content-type"] == "text/plain; charset=utf-8"
         assert b"did not answer in time" in rendered.body
+
+
+def test_the_text_page_never_emits_a_line_separator() -> None:
+    # Settings(...) skips check_settings, so the renderer must not trust the URLs.
+    renderer = make(
+        status_url="https://s.example/\u2028Forged: 1", support_url="https://s.example/\x85x"
+    )
+    text = renderer.render(LoadShedError(), request_id=RID, accept="text/plain").body.decode()
+    assert "\u2028" not in text and "\x85" not in text
+    assert not any(line.startswith("Forged") for line in text.splitlines())

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import math
 import re
+import time
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -116,3 +119,99 @@ def test_an_exempt_path_is_exempt_even_when_a_route_matches_it() -> None:
     t = table(("/healthz", None), ("/{rest:path}", None), exempt=("/healthz",))
     assert t.resolve("GET", "/healthz") == (True, None)
     assert t.resolve("GET", "/x") == (False, t.routes[1])
+
+
+# Templates built from pieces that make regex backtracking matter: several parameters
+# in one segment, literals that the parameters can also match, digits and dots.
+_PIECES = st.sampled_from(["/", "_", ".", "a", "1", "{}", "{}", "{:int}", "{:float}"])
+
+
+@st.composite
+def _templates(draw: st.DrawFn) -> str:
+    pieces = draw(st.lists(_PIECES, max_size=7))
+    if draw(st.booleans()):
+        pieces.append("{:path}")
+    out = "/"
+    for i, piece in enumerate(pieces):
+        out += piece.replace("{", f"{{p{i}") if piece.startswith("{") else piece
+    return out
+
+
+_PATHS = st.text(alphabet="/_.a1b", max_size=12).map(lambda s: "/" + s)
+
+
+@given(st.lists(_templates(), min_size=1, max_size=3), _PATHS)
+def test_matching_agrees_with_the_templates_regular_expressions(
+    templates: list[str], path: str
+) -> None:
+    t = table(*((p, None) for p in templates))
+    expected = next(
+        (i for i, p in enumerate(templates) if re.fullmatch(parse_template(p), path, re.DOTALL)),
+        None,
+    )
+    route = match(t, "GET", path)
+    assert (route.index if route is not None else None) == expected
+
+
+def test_segments_with_several_parameters() -> None:
+    t = table(
+        ("/files/{name}.{ext}", None),
+        ("/v/{major:int}.{minor:int}", None),
+        ("/x/{a}_{b}_{c}/{rest:path}", None),
+        ("/{a}-{b}", None),
+    )
+    assert match(t, "GET", "/files/a.b.c").index == 0  # type: ignore[union-attr]
+    assert match(t, "GET", "/files/.b") is None
+    assert match(t, "GET", "/v/1.2").index == 1  # type: ignore[union-attr]
+    # The check for route 1 fails, so the table goes on to a later route.
+    assert match(t, "GET", "/v-1.x").index == 3  # type: ignore[union-attr]
+    assert match(t, "GET", "/x/a_b_c/").index == 2  # type: ignore[union-attr]
+    assert match(t, "GET", "/x/a_b_c/d/e").index == 2  # type: ignore[union-attr]
+    assert match(t, "GET", "/x/a_b_/d") is None
+
+
+def _best_of(repeats: int, fn: Callable[[], object]) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+_RUNS = re.compile("[0-9]+|[^0-9]+")
+
+
+def _runs(path: str) -> list[int]:
+    # Python-level work per run of digits: what the digit steps of the matcher do.
+    return [m.end() for m in _RUNS.finditer(path)]
+
+
+@pytest.mark.parametrize(
+    ("template", "str_only"),
+    [
+        ("/x/{a}_{b}_{c}", True),
+        ("/x/{a}_{b}_{c}_{d}.{e}", True),
+        ("/x/{a}{b}{c}/{r:path}", True),
+        ("/x/{a}_{b:int}_{c}", False),
+        ("/x/{a}.{b:float}_{c}", False),
+    ],
+)
+@pytest.mark.parametrize("body", ["_" * 16384, "1_" * 8192, "a_" * 8192 + "/", "1.1_" * 4096])
+def test_hostile_paths_match_in_linear_time(template: str, str_only: bool, body: str) -> None:
+    # A backtracking engine takes minutes on these (polynomial in the length, with the
+    # number of parameters in the segment as the exponent). Bounds are relative to work
+    # timed on the same 16 KB path in this run, so a loaded machine moves both sides:
+    # str parameters cost little more than a one-parameter template (well under 1 ms,
+    # bench/routing.py); digit parameters walk runs of digits in Python, so they are held
+    # to a Python loop over the path's runs of digits (measured: 2 to 7 times that).
+    hostile = table((template, None), exempt=("/healthz",))
+    plain = table(("/x/{a}", None), exempt=("/healthz",))
+    path = "/x/" + body + "!"
+    took = _best_of(5, lambda: hostile.resolve("GET", path))
+    if str_only:
+        baseline = _best_of(5, lambda: plain.resolve("GET", path))
+        assert took < 50 * baseline, (took, baseline)
+    else:
+        baseline = _best_of(5, lambda: _runs(path))
+        assert took < 50 * baseline, (took, baseline)

@@ -436,3 +436,65 @@ def test_max_open_seconds_from_the_environment() -> None:
         {}, environ={"GATEWAY_GUARD__DEFAULTS__BREAKER__MAX_OPEN_SECONDS": "90"}
     )
     assert settings.defaults.breaker.max_open_seconds == 90.0
+
+
+# Defect 9 of issue #15: each of these passed validation before.
+HOSTILE: list[tuple[dict[str, Any], str, str]] = [
+    ({"defaults": {"read_timeout": 1e300}}, "defaults.read_timeout", "3600"),
+    ({"defaults": {"retry": {"backoff_max": 1e300}}}, "defaults.retry.backoff_max", "3600"),
+    ({"shed": {"queue_timeout": 1e300}}, "shed.queue_timeout", "3600"),
+    ({"service": "shop\n"}, "service", "token"),
+    ({"brand": {"accent_color": "#fff\n"}}, "brand.accent_color", "hex colour"),
+    ({"upstreams": {"pay\n": {"base_url": "http://p.example"}}}, "upstreams.pay\n", "names"),
+    ({"upstreams": {"p": {"base_url": "http://:8080"}}}, "upstreams.p.base_url", "host"),
+    (
+        {"brand": {"status_url": "https://s.example/\u2028Forged: line"}},
+        "brand.status_url",
+        "control",
+    ),
+    ({"brand": {"support_url": "https://s.example/\x85x"}}, "brand.support_url", "control"),
+    ({"brand": {"name": "Acme\u2028Forged: line"}}, "brand.name", "one line"),
+    ({"routes": [{"path": "/a", "name": "a\nb"}]}, "routes.0.name", "one line"),
+    ({"defaults": {"retry": {"on_status": [200, 503]}}}, "defaults.retry.on_status.0", "400"),
+    ({"shed": {"max_concurrent": 10**12}}, "shed.max_concurrent", "1000000"),
+    ({"shed": {"max_concurrent": 2**64}}, "shed.max_concurrent", "1000000"),
+    (
+        {"defaults": {"bulkhead": {"max_concurrent": 10**12}}},
+        "defaults.bulkhead.max_concurrent",
+        "",
+    ),
+    (
+        {"routes": [{"path": "/a/{x}"}, {"path": "/a/{x}", "methods": ["GET"]}]},
+        "routes.1.path",
+        "duplicates routes.0.path",
+    ),
+]
+
+
+@pytest.mark.parametrize(("raw", "path", "fragment"), HOSTILE, ids=[c[1] for c in HOSTILE])
+def test_hostile_settings_are_refused_at_startup(
+    raw: dict[str, Any], path: str, fragment: str
+) -> None:
+    with pytest.raises(gg.SettingsError) as info:
+        load_settings(raw, environ={})
+    assert any(p.path == path for p in info.value.problems), info.value
+    assert fragment in str(info.value)
+
+
+def test_a_route_with_other_methods_is_not_a_duplicate() -> None:
+    routes = [{"path": "/a", "methods": ["GET"]}, {"path": "/a", "methods": ["POST"]}]
+    assert len(load_settings({"routes": routes}, environ={}).routes) == 2
+
+
+def test_settings_nested_deep_are_a_settings_error(tmp_path: Path) -> None:
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(100_000):
+        node["x"] = {}
+        node = node["x"]
+    with pytest.raises(gg.SettingsError, match="nested deeper"):
+        load_settings({"brand": deep}, environ={})
+    file = tmp_path / "deep.json"
+    file.write_text('{"brand": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(gg.SettingsError):
+        load_settings(str(file), environ={})

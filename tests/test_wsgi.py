@@ -543,3 +543,24 @@ def test_guard_or_settings_but_not_both() -> None:
     )
     with pytest.raises(TypeError, match="not both"):
         gg.GatewayGuardWSGI(responding(), guard=guard, settings={"service": "w"})
+
+
+class _GeventLikeTimeout(BaseException):
+    """Like gevent's Timeout: a BaseException, so ``except Exception`` lets it through."""
+
+
+@pytest.mark.parametrize("error", [SystemExit(1), KeyboardInterrupt(), _GeventLikeTimeout()])
+@pytest.mark.parametrize("where", ["app", "body"])
+def test_a_base_exception_releases_the_slot_exactly_once(error: BaseException, where: str) -> None:
+    guard = make_guard(shed={"max_concurrent": 3, "max_queue": 0})
+    body = Body(fail_at=0, error=error)
+    mw = gg.GatewayGuardWSGI(
+        raising(error) if where == "app" else responding(body=body), guard=guard
+    )
+    for _ in range(3):
+        with pytest.raises(type(error)):
+            serve(mw)
+        assert guard.shedding.app.in_flight == 0
+        assert gg.current_context() is None
+    assert serve(gg.GatewayGuardWSGI(responding(), guard=guard)).status == 200
+    assert guard.shedding.app.in_flight == 0

@@ -68,9 +68,9 @@ def plain_text(page: Page, brand: Mapping[str, Any], rid: str, ts: str) -> bytes
     lines = [f"{one_line(name)}: {status_line}" if name else status_line, ""]
     lines += [message, page.advice, ""]
     if brand["status_url"]:
-        lines.append(f"Status page: {brand['status_url']}")
+        lines.append(f"Status page: {one_line(brand['status_url'])}")
     if brand["support_url"]:
-        lines.append(f"Support: {brand['support_url']}")
+        lines.append(f"Support: {one_line(brand['support_url'])}")
     lines.append(f"Reference: {rid} ({ts})")
     if page.details is not None:
         lines += ["", "Debug details (debug mode is on; turn it off in production):"]

@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Final, TypeAlias
 
-from ._concurrency import PRIORITIES, ConcurrencyLimiter, LimiterSnapshot
+from . import _fork
+from ._concurrency import PRIORITIES, ConcurrencyLimiter, LimiterSnapshot, Tokens, token_pool
 from ._schema import Priority
 from .errors import LoadShedError
 from .policy import BulkheadPolicy
@@ -42,18 +43,25 @@ class TokenLimiter:
     else uses :meth:`acquire` / :meth:`release`, which check the pairing.
     """
 
-    __slots__ = ("_max_concurrent", "_rejected", "name", "released", "tokens")
+    __slots__ = ("__weakref__", "_max_concurrent", "_rejected", "name", "released", "tokens")
 
     def __init__(self, name: str, max_concurrent: int) -> None:
         if max_concurrent <= 0:
             raise ValueError(f"max_concurrent must be > 0, got {max_concurrent}")
         self.name = name
         self._max_concurrent = max_concurrent
-        self.tokens: list[None] = [None] * max_concurrent
+        # A list up to LIST_TOKENS_MAX slots, then a counter with the same protocol.
+        self.tokens: Tokens = token_pool(max_concurrent)
         # Statistics only. CPython 3.11 does not switch threads inside a `+= 1` on an
         # attribute, so they are exact there; elsewhere they could undercount, never more.
         self.released = 0
         self._rejected = 0
+        _fork.register(self)
+
+    def _after_fork(self) -> None:
+        # In a forked child (see _fork): slots held by threads that did not follow are
+        # never given back. The transports read ``tokens`` afresh on every call.
+        self.tokens = token_pool(self._max_concurrent)
 
     def __repr__(self) -> str:
         return f"<TokenLimiter {self.name!r} {self.in_flight}/{self._max_concurrent} in flight>"

@@ -57,12 +57,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from . import _fork
 from ._estimator import HoldTimeEstimator
 from ._schema import Priority
 from ._waiters import EVICTED, GONE, GRANTED, WAITING, TaskWaiter, ThreadWaiter, Waiter, ring
 from .errors import LoadShedError
 
-__all__ = ["MAX_RETRY_AFTER", "PRIORITIES", "ConcurrencyLimiter", "LimiterSnapshot"]
+__all__ = [
+    "MAX_RETRY_AFTER",
+    "PRIORITIES",
+    "ConcurrencyLimiter",
+    "LimiterSnapshot",
+    "TokenCount",
+    "Tokens",
+    "token_pool",
+]
 
 #: Upper bound of the ``retry_after`` estimate, in seconds.
 MAX_RETRY_AFTER: Final = 60.0
@@ -71,6 +80,51 @@ MAX_RETRY_AFTER: Final = 60.0
 PRIORITIES: Final[tuple[Priority, ...]] = typing.get_args(Priority)
 _RANK: Final[dict[str, int]] = {p: rank for rank, p in enumerate(PRIORITIES)}
 _LOWEST: Final = len(PRIORITIES) - 1
+
+
+#: Limits up to this many slots keep their free slots as a list of tokens (8 bytes each);
+#: larger ones count them, so a limit costs the same memory whatever its size.
+LIST_TOKENS_MAX: Final = 4096
+
+
+class TokenCount:
+    """Free slots as a number, for large limits: the list-of-tokens protocol (``pop()``
+    raising IndexError when none is free, ``append(None)``, ``len``, truth) on a counter.
+
+    Each operation takes a lock of its own, held for one integer update, to be as atomic
+    as the list's C methods: a few hundred nanoseconds dearer than the list, paid only by
+    limits too large for a list to be the cheap choice.
+    """
+
+    __slots__ = ("_free", "_lock")
+
+    def __init__(self, free: int) -> None:
+        self._free = free
+        self._lock = threading.Lock()
+
+    def pop(self) -> None:
+        with self._lock:
+            if self._free <= 0:
+                raise IndexError("no free slot")
+            self._free -= 1
+
+    def append(self, token: None) -> None:
+        with self._lock:
+            self._free += 1
+
+    def __len__(self) -> int:
+        return self._free
+
+    def __bool__(self) -> bool:
+        return self._free > 0
+
+
+Tokens: typing.TypeAlias = list[None] | TokenCount
+
+
+def token_pool(free: int) -> Tokens:
+    """``free`` free slots: a list of tokens when small, a :class:`TokenCount` when large."""
+    return [None] * free if free <= LIST_TOKENS_MAX else TokenCount(free)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +182,7 @@ class ConcurrencyLimiter(HoldTimeEstimator):
     """
 
     __slots__ = (
+        "__weakref__",
         "_cancelled",
         "_clock",
         "_evicted",
@@ -174,7 +229,7 @@ class ConcurrencyLimiter(HoldTimeEstimator):
         self._lock = threading.Lock()
         # One token per free slot. A slot handed from a releaser to a waiter never becomes
         # a token, so ``max_concurrent - len(_tokens)`` is the number of slots held.
-        self._tokens: list[None] = [None] * max_concurrent
+        self._tokens: Tokens = token_pool(max_concurrent)
         # Written only under the lock; read without it by the lock-free paths.
         self._queued = 0
         self._queues: tuple[deque[Waiter], ...] = (deque(), deque(), deque())
@@ -193,6 +248,16 @@ class ConcurrencyLimiter(HoldTimeEstimator):
         self._cancelled = 0
         # Context managers carry no per-use state, so one per priority serves all callers.
         self._slots = {p: _Slot(self, p) for p in PRIORITIES}
+        if not self._unlimited:
+            _fork.register(self)
+
+    def _after_fork(self) -> None:
+        # In a forked child (see _fork): the lock may be held by a thread that did not
+        # follow, and the slots and queue places of such threads are never given back.
+        self._lock = threading.Lock()
+        self._queues = (deque(), deque(), deque())
+        self._queued = 0
+        self._tokens = token_pool(self._max_concurrent)
 
     # --- introspection ------------------------------------------------------------------
 

@@ -30,10 +30,17 @@ __all__ = [
 
 _MODEL_CONFIG = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
 
-PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-NonNegativeSeconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+# The longest duration any setting takes: one hour. Beyond it a timeout, deadline or
+# backoff only means "forever", and values near 1e300 would overflow on the first call.
+MAX_SECONDS: Final = 3600.0
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
+NonNegativeSeconds = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]
 Rate = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 HttpStatus = Annotated[int, Field(ge=100, le=599)]
+# A status worth retrying is an error: a 2xx/3xx answer is the call having worked.
+RetryStatus = Annotated[int, Field(ge=400, le=599)]
+# Slots are counted, not allocated, but a limit beyond any real concurrency is a typo.
+MAX_CONCURRENT: Final = 1_000_000
 HttpMethod = Annotated[str, Field(pattern=r"^[A-Za-z]+$", max_length=32)]
 Priority = Literal["critical", "normal", "sheddable"]
 WindowKind = Literal["count", "time"]
@@ -56,7 +63,7 @@ class RetrySettings(SettingsModel):
     backoff_initial: NonNegativeSeconds = Field(0.1, description="First backoff, seconds.")
     backoff_max: NonNegativeSeconds = Field(2.0, description="Longest backoff, seconds.")
     jitter: bool = Field(True, description="Randomise backoff so callers do not retry in step.")
-    on_status: list[HttpStatus] = Field(
+    on_status: list[RetryStatus] = Field(
         [502, 503, 504], description="Upstream statuses that are retried."
     )
     methods: list[HttpMethod] = Field(
@@ -113,15 +120,19 @@ class BreakerSettings(SettingsModel):
 class BulkheadSettings(SettingsModel):
     """``[defaults.bulkhead]``, ``[upstreams.NAME.bulkhead]``: outbound concurrency."""
 
-    max_concurrent: int = Field(100, ge=0, description="Calls in flight (0 = unlimited).")
+    max_concurrent: int = Field(
+        100, ge=0, le=MAX_CONCURRENT, description="Calls in flight (0 = unlimited)."
+    )
     max_wait: NonNegativeSeconds = Field(0.0, description="Wait for a free slot (0 = fail fast).")
 
 
 class ShedSettings(SettingsModel):
     """``[shed]`` and ``routes[].shed``: inbound load shedding."""
 
-    max_concurrent: int = Field(200, ge=0, description="Requests in flight (0 = no limit).")
-    max_queue: int = Field(400, ge=0, description="Requests waiting for a slot.")
+    max_concurrent: int = Field(
+        200, ge=0, le=MAX_CONCURRENT, description="Requests in flight (0 = no limit)."
+    )
+    max_queue: int = Field(400, ge=0, le=MAX_CONCURRENT, description="Requests waiting for a slot.")
     queue_timeout: NonNegativeSeconds = Field(1.0, description="Longest wait in the queue.")
     exempt: list[str] = Field(
         ["/healthz", "/metrics"], description="Paths (or templates) never shed (app-wide only)."

@@ -25,10 +25,15 @@ __all__ = ["check_route_calls", "check_settings"]
 
 # RFC 8941 sf-token: the Proxy-Status member must be one, or every response's header
 # would need quoting rules operators do not expect.
-_TOKEN = re.compile(r"^[A-Za-z*][A-Za-z0-9!#$%&'*+.^_`|~:/-]*$")
-_UPSTREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_COLOUR = re.compile(r"^#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})$")
-_CONTROL = re.compile(r"[\x00-\x20\x7f\"'<>\\`]")
+# Used with fullmatch: ``$`` also matches before a trailing newline, which would split
+# our log lines.
+_TOKEN = re.compile(r"[A-Za-z*][A-Za-z0-9!#$%&'*+.^_`|~:/-]*")
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_COLOUR = re.compile(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
+# C1 controls and U+2028/U+2029 end a line for some readers too: a URL holding one could
+# forge a line in the plain-text page or a log.
+_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f\u2028\u2029\"'<>\\`]")
+_LINE_BREAK = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _url_problem(value: str, *, allow_path: bool) -> str | None:
@@ -51,6 +56,24 @@ def _url_problem(value: str, *, allow_path: bool) -> str | None:
         return f"has an invalid port (1-65535), got {show(value)}"
     if port == 0:
         return f"has an invalid port (1-65535), got {show(value)}"
+    if not allow_path and not urlsplit(value).hostname:
+        return f"must name a host, got {show(value)}"
+    return None
+
+
+def _shadowed_by(routes: list[RouteSettings], i: int) -> int | None:
+    """The earlier route with the same template that takes every request route ``i``
+    would match (same path, and its methods include all of ``i``'s), or None."""
+    route = routes[i]
+    methods = None if route.methods is None else {m.upper() for m in route.methods}
+    for j in range(i):
+        other = routes[j]
+        if other.path != route.path:
+            continue
+        if other.methods is None or (
+            methods is not None and methods <= {m.upper() for m in other.methods}
+        ):
+            return j
     return None
 
 
@@ -61,14 +84,14 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
     def add(path: str, message: str) -> None:
         problems.append(SettingsProblem(path, message))
 
-    if not _TOKEN.match(settings.service):
+    if not _TOKEN.fullmatch(settings.service):
         add(
             "service",
             f"must be a structured-field token (letters, digits, -._:/ ...; "
             f"starting with a letter or *), got {show(settings.service)}",
         )
     brand = settings.brand
-    if not _COLOUR.match(brand.accent_color):
+    if not _COLOUR.fullmatch(brand.accent_color):
         add(
             "brand.accent_color",
             f"must be a hex colour like #5b21b6, got {show(brand.accent_color)}",
@@ -77,13 +100,15 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
         url = getattr(brand, key)
         if url is not None and (why := _url_problem(url, allow_path=True)):
             add(f"brand.{key}", why)
+    if _LINE_BREAK.search(brand.name):
+        add("brand.name", f"must be one line without control characters, got {show(brand.name)}")
     if brand.template_dir is not None and not Path(brand.template_dir).is_dir():
         add("brand.template_dir", f"is not a directory: {show(brand.template_dir)}")
 
     _check_call(settings.defaults, "defaults", problems)
     for name, upstream in settings.upstreams.items():
         where = f"upstreams.{name}"
-        if not _UPSTREAM_NAME.match(name):
+        if not _UPSTREAM_NAME.fullmatch(name):
             add(where, "upstream names are 1-64 letters, digits, '_', '.', '-'")
         if upstream.base_url is not None and (
             why := _url_problem(upstream.base_url, allow_path=False)
@@ -104,6 +129,17 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
             parse_template(route.path)
         except RouteTemplateError as exc:
             add(f"{where}.path", str(exc))
+        if route.name is not None and _LINE_BREAK.search(route.name):
+            add(
+                f"{where}.name",
+                f"must be one line without control characters, got {show(route.name)}",
+            )
+        if (earlier := _shadowed_by(settings.routes, i)) is not None:
+            add(
+                f"{where}.path",
+                f"duplicates routes.{earlier}.path ({show(route.path)}): the earlier route "
+                "always matches first, so this one never applies",
+            )
         for j, dep in enumerate(route.depends_on):
             if dep not in settings.upstreams:
                 hint = difflib.get_close_matches(dep, list(settings.upstreams), n=1)

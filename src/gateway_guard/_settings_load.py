@@ -26,12 +26,24 @@ ENV_SETTINGS_FILE: Final = "GATEWAY_GUARD_SETTINGS"
 ENV_PREFIX: Final = "GATEWAY_GUARD__"
 
 
-def plain(value: Any) -> Any:
+# Deeper than any key path of the schema, far shallower than the interpreter's recursion
+# limit: settings nested 100k deep are a SettingsError, not a RecursionError.
+MAX_DEPTH: Final = 32
+
+
+def plain(value: Any, where: str = "", depth: int = 0) -> Any:
     """Deep-copy mappings and sequences into dicts and lists (Django/TOML hand us others)."""
+    if depth > MAX_DEPTH and isinstance(value, Mapping | list | tuple):
+        raise SettingsError([SettingsProblem(where, f"nested deeper than {MAX_DEPTH} levels")])
+    prefix = f"{where}." if where else ""
     if isinstance(value, Mapping):
-        return {str(k) if not isinstance(k, str) else k: plain(v) for k, v in value.items()}
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            key = k if isinstance(k, str) else str(k)
+            out[key] = plain(v, prefix + key, depth + 1)
+        return out
     if isinstance(value, list | tuple):
-        return [plain(v) for v in value]
+        return [plain(v, f"{prefix}{i}", depth + 1) for i, v in enumerate(value)]
     return value
 
 
@@ -47,7 +59,12 @@ def read_file(path: str, what: str) -> dict[str, Any]:
         raise SettingsError(f"{what} {path!r}: cannot be read ({exc.strerror})") from exc
     try:
         parsed = tomllib.loads(data.decode("utf-8")) if suffix == ".toml" else json.loads(data)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (
+        tomllib.TOMLDecodeError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as exc:
         raise SettingsError(f"{what} {path!r}: is not valid {suffix[1:].upper()}: {exc}") from exc
     if not isinstance(parsed, dict):
         raise SettingsError(f"{what} {path!r}: must hold a table/object at the top level")

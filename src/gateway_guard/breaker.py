@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
+from gateway_guard import _fork
 from gateway_guard.errors import CircuitOpenError
 from gateway_guard.policy import BreakerPolicy
 
@@ -321,6 +322,7 @@ class CircuitBreaker:
         self._clock = clock
         self._random = random
         self._lock = threading.Lock()
+        _fork.register(self)
         # Policy values are copied into slots so the hot path reads one attribute each, and
         # clamped so a policy that slipped past validation cannot wedge the state machine.
         self._failure_rate = policy.failure_rate
@@ -360,6 +362,12 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self.state.value}>"
+
+    def _after_fork(self) -> None:
+        # In a forked child (see gateway_guard._fork): the lock may be held by a thread
+        # that did not follow, and so may half-open probes that will never report back.
+        self._lock = threading.Lock()
+        self._probes = self._probe_successes
 
     # --- the decision API ----------------------------------------------------------------
 

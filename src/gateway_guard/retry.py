@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, cast
 import httpx
 import tenacity
 
+from gateway_guard import _fork
 from gateway_guard.errors import (
     CircuitOpenError,
     LoadShedError,
@@ -297,6 +298,7 @@ class RetryBudget:
     """
 
     __slots__ = (
+        "__weakref__",
         "_clock",
         "_count",
         "_lock",
@@ -342,6 +344,10 @@ class RetryBudget:
         self._retry_seconds: list[int | None] = [None] * size
         self._retries = [0] * size
         self._start = int(clock())
+        _fork.register(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # a forked child's copy may be held for ever
 
     @classmethod
     def from_policy(

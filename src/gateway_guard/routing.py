@@ -12,6 +12,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeAlias
 
+from ._matcher import (
+    TemplateSyntaxError,
+    Token,
+    match_segment,
+    needs_check,
+    segment_regex,
+    token_regex,
+    tokenize,
+)
+from ._matcher import segments as _split
 from ._schema import Priority, RouteSettings
 
 if TYPE_CHECKING:
@@ -28,50 +38,53 @@ class RouteTemplateError(ValueError):
 # way the settings schema says.
 _DEFAULT_PRIORITY: Final[Priority] = RouteSettings.model_fields["priority"].default
 
-_PARAM = re.compile(r"\{([^{}]*)\}")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_CONVERTERS = {"str": "[^/]+", "int": "[0-9]+", "path": ".*", "float": r"[0-9]+(?:\.[0-9]+)?"}
-
 
 def parse_template(template: str) -> str:
     """Return the regular expression (without anchors) for a route template.
 
     ``/orders/{id}`` matches one segment, ``{id:int}`` digits, ``{rest:path}`` anything
     including slashes (only as the last parameter). Raises :class:`RouteTemplateError`.
+    This is the meaning of a template; the route table matches it without backtracking.
     """
-    if not template.startswith("/"):
-        raise RouteTemplateError(f"must start with '/', got {template!r}")
-    if any(ord(c) < 0x20 or c == "\x7f" for c in template):
-        raise RouteTemplateError(f"must not contain control characters, got {template!r}")
-    parts: list[str] = []
-    names: set[str] = set()
-    pos = 0
-    for m in _PARAM.finditer(template):
-        literal = template[pos : m.start()]
-        if "{" in literal or "}" in literal:
-            raise RouteTemplateError(f"unbalanced braces in {template!r}")
-        parts.append(re.escape(literal))
-        name, _, conv = m.group(1).partition(":")
-        conv = conv or "str"
-        if not _NAME.match(name):
-            raise RouteTemplateError(f"bad parameter name {name!r} in {template!r}")
-        if name in names:
-            raise RouteTemplateError(f"parameter {name!r} appears twice in {template!r}")
-        if conv not in _CONVERTERS:
-            allowed = ", ".join(sorted(_CONVERTERS))
-            raise RouteTemplateError(
-                f"unknown converter {conv!r} in {template!r} (allowed: {allowed})"
-            )
-        if conv == "path" and m.end() != len(template):
-            raise RouteTemplateError(f"{{{name}:path}} must come last in {template!r}")
-        names.add(name)
-        parts.append(_CONVERTERS[conv])
-        pos = m.end()
-    tail = template[pos:]
-    if "{" in tail or "}" in tail:
-        raise RouteTemplateError(f"unbalanced braces in {template!r}")
-    parts.append(re.escape(tail))
-    return "".join(parts)
+    return token_regex(_tokens(template))
+
+
+def _tokens(template: str) -> list[Token]:
+    try:
+        return tokenize(template)
+    except TemplateSyntaxError as exc:
+        raise RouteTemplateError(str(exc)) from None
+
+
+class _Check:
+    """The exact test of a template some of whose segments the joined expression only
+    approximates (see _matcher): run after that expression matched, on the path's segments."""
+
+    __slots__ = ("_last", "_parts", "_segments")
+
+    def __init__(self, segments: list[list[Token]]) -> None:
+        self._segments = [(i, seg) for i, seg in enumerate(segments) if needs_check(seg)]
+        self._parts = len(segments) - 1
+        self._last = self._parts
+
+    def __call__(self, path: str) -> bool:
+        # The joined expression matched, so the path has the template's slashes where the
+        # template has them; a trailing path parameter's segment runs to the first slash.
+        parts = path.split("/", self._parts)
+        for i, segment in self._segments:
+            seg = parts[i]
+            if i == self._last:
+                seg = seg.partition("/")[0]
+            if not match_segment(segment, seg):
+                return False
+        return True
+
+
+def _compile(template: str) -> tuple[str, _Check | None]:
+    """The template's part of a joined expression, and the check that makes it exact."""
+    segments = _split(_tokens(template))
+    rx = "/".join(segment_regex(seg) for seg in segments)
+    return rx, (_Check(segments) if any(needs_check(seg) for seg in segments) else None)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -97,9 +110,27 @@ class Route:
 
 
 _Answer: TypeAlias = tuple[bool, Route | None]
-_Matcher: TypeAlias = tuple[re.Pattern[str], tuple[_Answer, ...]]
 _NOTHING: _Answer = (False, None)
 _EXEMPT: _Answer = (True, None)
+
+
+@dataclass(frozen=True, slots=True)
+class _Matcher:
+    pattern: re.Pattern[str]
+    answers: tuple[_Answer, ...]
+    # None when every alternative is exact, the common case: one fullmatch answers.
+    checks: tuple[_Check | None, ...] | None
+    alternatives: tuple[re.Pattern[str], ...]
+
+    def after(self, index: int, path: str) -> _Answer:
+        """The first alternative after ``index`` that matches exactly: the rare path taken
+        when an approximated alternative matched and its check said no."""
+        assert self.checks is not None
+        for i in range(index + 1, len(self.answers)):
+            check = self.checks[i]
+            if self.alternatives[i].fullmatch(path) and (check is None or check(path)):
+                return self.answers[i]
+        return _NOTHING
 
 
 class RouteTable:
@@ -107,14 +138,16 @@ class RouteTable:
 
     Exempt paths come first in every expression, so one ``fullmatch`` answers both "is it
     exempt?" and "which route?". Methods not named by any route share one expression;
-    the table never grows with what clients send.
+    the table never grows with what clients send. A template with two parameters in one
+    segment is matched there loosely and then checked in linear time (see _matcher).
     """
 
     __slots__ = ("_by_method", "_other", "routes")
 
     def __init__(self, routes: Sequence[Route], exempt: Sequence[str] = ()) -> None:
         self.routes: tuple[Route, ...] = tuple(routes)
-        exempt_rx = "|".join(f"(?:{parse_template(p)})" for p in exempt)
+        compiled_exempt = [_compile(p) for p in exempt]
+        compiled = [_compile(route.pattern) for route in self.routes]
         methods: set[str] = set()
         for route in self.routes:
             if route.methods is not None:
@@ -127,21 +160,26 @@ class RouteTable:
             # Each alternative is one capturing group (template parameters capture
             # nothing), so a match's ``lastindex`` numbers the alternative that matched,
             # and the answer is read from a tuple built here: nothing is built per request.
-            parts: list[str] = []
-            answers: list[_Answer] = [_NOTHING]  # group 0 is the whole match: never used
-            if exempt:
-                parts.append(f"({exempt_rx})")
+            parts: list[tuple[str, _Check | None]] = [("", None)]  # group 0: never used
+            answers: list[_Answer] = [_NOTHING]
+            for part in compiled_exempt:
+                parts.append(part)
                 answers.append(_EXEMPT)
-            for route in self.routes:
+            for route, part in zip(self.routes, compiled, strict=True):
                 allowed = route.methods
                 if allowed is not None and "GET" in allowed:
                     allowed = allowed | {"HEAD"}
                 if allowed is None or (method is not None and method in allowed):
-                    parts.append(f"({parse_template(route.pattern)})")
+                    parts.append(part)
                     answers.append((False, route))
-            if not parts:
+            if len(parts) == 1:
                 return None
-            return re.compile("|".join(parts), re.DOTALL), tuple(answers)
+            pattern = re.compile("|".join(f"({rx})" for rx, _ in parts[1:]), re.DOTALL)
+            checks = tuple(check for _, check in parts)
+            if not any(checks):
+                return _Matcher(pattern, tuple(answers), None, ())
+            alternatives = tuple(re.compile(rx, re.DOTALL) for rx, _ in parts)
+            return _Matcher(pattern, tuple(answers), checks, alternatives)
 
         self._by_method = {m: compile_for(m) for m in sorted(methods)}
         self._other = compile_for(None)
@@ -151,11 +189,17 @@ class RouteTable:
         matcher = self._by_method.get(method, self._other)
         if matcher is None:
             return _NOTHING
-        pattern, answers = matcher
-        m = pattern.fullmatch(path)
+        m = matcher.pattern.fullmatch(path)
         if m is None:
             return _NOTHING
-        return answers[m.lastindex]  # type: ignore[index]
+        index: int = m.lastindex  # type: ignore[assignment]
+        checks = matcher.checks
+        if checks is None:
+            return matcher.answers[index]
+        check = checks[index]
+        if check is None or check(path):
+            return matcher.answers[index]
+        return matcher.after(index, path)
 
     def __len__(self) -> int:
         return len(self.routes)

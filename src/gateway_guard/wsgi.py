@@ -74,9 +74,11 @@ class GatewayGuardWSGI:
         token = set_context(ctx)
         try:
             body = self.app(environ, response.start_response)
-        except Exception as exc:
+        except BaseException as exc:
+            # BaseException too: gevent's Timeout, SystemExit and KeyboardInterrupt must
+            # give the slot back like any error, or a few of them shed every later request.
             response.finish(token)
-            error = as_upstream_error(exc)
+            error = as_upstream_error(exc) if isinstance(exc, Exception) else None
             if error is None:
                 raise
             return response.error_page(error)

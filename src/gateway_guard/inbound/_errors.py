@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from gateway_guard import _fork
 from gateway_guard.errors import UpstreamError, from_exception
 
 from ._response import AppError
@@ -52,12 +53,16 @@ class _Throttle:
     never by anything a client sends.
     """
 
-    __slots__ = ("_interval", "_lock", "_state")
+    __slots__ = ("__weakref__", "_interval", "_lock", "_state")
 
     def __init__(self, interval: float = 1.0) -> None:
         self._interval = interval
         self._lock = threading.Lock()
         self._state: dict[tuple[str | None, str | None], tuple[float, int]] = {}
+        _fork.register(self)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # a forked child's copy may be held for ever
 
     def admit(self, key: tuple[str | None, str | None], now: float) -> int | None:
         """None to hold this line back; else how many were held back before it."""
