@@ -31,8 +31,9 @@ NOT_IMPORTED_ON_PURPOSE = {
     "pytest-timeout",
     "mypy",
     "ruff",
-    # bench: run as servers in subprocesses, or only compared against.
+    # run as servers in subprocesses by the end-to-end tests and benchmarks.
     "uvicorn",
+    "gunicorn",
 }
 
 
