@@ -29,8 +29,12 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The demo: a misbehaving upstream plus the FastAPI example on http://127.0.0.1:8000/.
+# Any port can move: make demo PORT=18000 UPSTREAM_PORT=19101 CONTROL_PORT=19102 (0: any free).
+PORT          ?= 8000
+UPSTREAM_PORT ?= 9101
+CONTROL_PORT  ?= 9102
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/demo.py --port $(PORT) --upstream-port $(UPSTREAM_PORT) --control-port $(CONTROL_PORT)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

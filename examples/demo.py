@@ -11,8 +11,9 @@ process, on 8000), prints the URLs and the commands that switch the upstream's m
 waits. Ctrl-C, SIGTERM or closing the terminal stops both. Everything binds 127.0.0.1.
 
 ``--port``, ``--upstream-port`` and ``--control-port`` move it elsewhere (0: any free
-port). This file needs only the standard library and gateway_guard; the app it starts
-needs FastAPI and uvicorn (``make demo`` installs them).
+port); ``make demo PORT=... UPSTREAM_PORT=... CONTROL_PORT=...`` passes them on. This
+file needs only the standard library and gateway_guard; the app it starts needs FastAPI
+and uvicorn (``make demo`` installs them).
 """
 
 from __future__ import annotations
@@ -131,15 +132,28 @@ def switch_mode(args: argparse.Namespace) -> int:
 def run(port: int, upstream_port: int, control_port: int, mode: str) -> int:
     # Signals first: a Ctrl-C during startup must still stop whatever was started.
     stop = stop_event()
-    if not _port_free(port):
-        print(f"port {port} is in use; pick another with --port", file=sys.stderr)
+    # Every port is checked before anything starts, so a busy one is named with the flag
+    # (and the make variable) that moves it, instead of surfacing as a bare EADDRINUSE.
+    busy = _busy_ports(
+        ("the app's port", port, "--port", "PORT"),
+        ("the upstream's data port", upstream_port, "--upstream-port", "UPSTREAM_PORT"),
+        ("the upstream's control port", control_port, "--control-port", "CONTROL_PORT"),
+    )
+    if busy:
+        print("\n".join(busy), file=sys.stderr)
         return 1
     port = port or _free_port()
     upstream = MisbehavingUpstream(port=upstream_port, control_port=control_port, mode=mode)
     try:
         upstream.start()
     except RuntimeError as exc:
-        print(f"cannot start the upstream: {exc.__cause__ or exc}", file=sys.stderr)
+        # Taken between the check and now (a race), or refused for another reason.
+        print(
+            f"cannot start the upstream on ports {upstream_port}/{control_port}: "
+            f"{exc.__cause__ or exc}; move them with --upstream-port and --control-port "
+            "(make demo UPSTREAM_PORT=... CONTROL_PORT=...)",
+            file=sys.stderr,
+        )
         return 1
     app: subprocess.Popen[bytes] | None = None
     try:
@@ -214,6 +228,16 @@ def _stop_app(app: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             app.kill()
             app.wait(STOP_TIMEOUT)
+
+
+def _busy_ports(*ports: tuple[str, int, str, str]) -> list[str]:
+    """One line for each port that is taken: what it is, and how to move it."""
+    return [
+        f"port {number} ({what}) is in use; pick another with {flag} "
+        f"(make demo {variable}=...), or 0 for any free port"
+        for what, number, flag, variable in ports
+        if number and not _port_free(number)
+    ]
 
 
 def _port_free(port: int) -> bool:

@@ -247,3 +247,32 @@ def test_demo_serves_switches_modes_and_stops_cleanly(signum: signal.Signals) ->
         assert not left, f"processes left behind: {left}"
         for url in demo.urls.values():
             assert not accepts(url), f"{url} still listening"
+
+
+@pytest.mark.parametrize(
+    ("flag", "variable"),
+    [("--port", "PORT"), ("--upstream-port", "UPSTREAM_PORT"), ("--control-port", "CONTROL_PORT")],
+)
+def test_demo_names_the_flag_that_moves_a_busy_port(flag: str, variable: str) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        # The other two ports: 0, any free one, so only the busy one can be refused.
+        ports = {"--port": "0", "--upstream-port": "0", "--control-port": "0", flag: port}
+        result = run_python(DEMO, *(part for item in ports.items() for part in item))
+    assert result.returncode == 1
+    assert f"port {port} " in result.stderr
+    assert flag in result.stderr and f"make demo {variable}=" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_make_demo_passes_its_ports_on() -> None:
+    makefile = (EXAMPLES.parent / "Makefile").read_text(encoding="utf-8")
+    for flag, variable in [
+        ("--port", "PORT"),
+        ("--upstream-port", "UPSTREAM_PORT"),
+        ("--control-port", "CONTROL_PORT"),
+    ]:
+        assert f"{flag} $({variable})" in makefile
+        assert re.search(rf"^{variable}\s*\?=", makefile, re.MULTILINE), variable
