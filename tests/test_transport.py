@@ -1409,6 +1409,22 @@ def test_body_failure_counts_as_one_failed_call(driver: Driver, clock: FakeClock
     assert (snapshot.calls, snapshot.failures) == (1, 1)
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_body_failure_is_not_retried_even_when_idempotent(
+    driver: Driver, clock: FakeClock, method: str
+) -> None:
+    # As docs/settings.md says: retries end when the headers arrive; the body is the
+    # caller's, who may have read part of it (issue #15, defect 6: docs and code agree).
+    guard = make_guard(clock, retry={"attempts": 3})
+    handler = Upstream(broken_body(INCOMPLETE), OK)
+
+    with pytest.raises(gg.UpstreamProtocolError):
+        driver.send(guard, handler, method)
+
+    assert handler.calls == 1
+    assert guard.breaker("up").snapshot().failures == 1
+
+
 def corrupt_gzip(request: httpx.Request) -> httpx.Response:
     """200 whose body claims gzip but is not: httpx fails decoding it in the caller's read."""
     return httpx.Response(
