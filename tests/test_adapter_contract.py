@@ -162,6 +162,15 @@ ERRORS: dict[str, tuple[Callable[[], Exception], int, dict[str, Any], str | None
         None,
         "illegal",
     ),
+    # A corrupt Content-Encoding: httpx raises it while the app reads the body, and it is
+    # not a TransportError (issue #15, defect 2).
+    "httpx-decoding": (
+        lambda: httpx.DecodingError("Error -3 while decompressing data: incorrect header check"),
+        502,
+        {"error": "http_response_content_coding"},
+        None,
+        "decompressing",
+    ),
 }
 
 

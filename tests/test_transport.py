@@ -1409,6 +1409,45 @@ def test_body_failure_counts_as_one_failed_call(driver: Driver, clock: FakeClock
     assert (snapshot.calls, snapshot.failures) == (1, 1)
 
 
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_body_failure_is_not_retried_even_when_idempotent(
+    driver: Driver, clock: FakeClock, method: str
+) -> None:
+    # As docs/settings.md says: retries end when the headers arrive; the body is the
+    # caller's, who may have read part of it (issue #15, defect 6: docs and code agree).
+    guard = make_guard(clock, retry={"attempts": 3})
+    handler = Upstream(broken_body(INCOMPLETE), OK)
+
+    with pytest.raises(gg.UpstreamProtocolError):
+        driver.send(guard, handler, method)
+
+    assert handler.calls == 1
+    assert guard.breaker("up").snapshot().failures == 1
+
+
+def corrupt_gzip(request: httpx.Request) -> httpx.Response:
+    """200 whose body claims gzip but is not: httpx fails decoding it in the caller's read."""
+    return httpx.Response(
+        200, headers={"content-encoding": "gzip"}, stream=ChunkStream([b"not gzip at all"])
+    )
+
+
+def test_corrupt_content_encoding_counts_as_one_failed_call(
+    driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
+) -> None:
+    guard = make_guard(clock)
+    ctx = context(guard)
+    handler = Upstream(corrupt_gzip)
+
+    with pytest.raises(httpx.DecodingError):
+        driver.send(guard, handler)
+
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
+    assert handler.calls == 1  # decoding the same bytes again would fail the same way
+    assert [call.error for call in ctx.calls][-1] == "http_response_content_coding"
+
+
 def test_half_open_probe_with_broken_body_reopens(driver: Driver, clock: FakeClock) -> None:
     guard = make_guard(
         clock,
@@ -1556,3 +1595,26 @@ def test_a_success_is_timed_only_when_its_duration_can_matter(
     assert response.status_code == 200
     assert guard.breaker("up").snapshot().slow == slow
     assert durations == ([2.0] if listen else [])
+
+
+# --- wall-clock deadlines ----------------------------------------------------------------------
+
+
+@pytest.mark.implementation
+def test_httpx_own_transports_get_the_deadline_hook() -> None:
+    # The slow-drip bound hooks httpcore's network backend through httpx's private _pool
+    # (tests/test_e2e_deadlines.py shows what it buys): an httpx release that moves it must
+    # fail here, not silently lose the bound.
+    from gateway_guard import _httpx_deadlines
+
+    guard = gg.Guard({"upstreams": {"up": {"base_url": BASE_URL}}})
+    sync = httpx.HTTPTransport()
+    guard.transport("up", sync)
+    guard.transport("up", sync)  # shared by two guarded transports: wrapped once
+    backend = sync._pool._network_backend
+    assert isinstance(backend, _httpx_deadlines._Backend)
+    assert not isinstance(backend._inner, _httpx_deadlines._Backend)
+    async_inner = httpx.AsyncHTTPTransport()
+    guard.async_transport("up", async_inner)
+    assert isinstance(async_inner._pool._network_backend, _httpx_deadlines._AsyncBackend)
+    sync.close()

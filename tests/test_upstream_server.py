@@ -4,6 +4,7 @@ exact statistics under concurrency, and clean shutdown."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import queue
@@ -176,6 +177,59 @@ def test_hang_never_answers(upstream: MisbehavingUpstream) -> None:
     with pytest.raises(httpx.ReadTimeout):
         get(upstream.url, timeout=httpx.Timeout(PATIENCE, read=0.2))
     assert upstream.stats().requests == 1
+
+
+def _drops(sock: socket.socket, seconds: float) -> list[tuple[float, bytes]]:
+    """What arrives on ``sock`` within ``seconds``, each piece with when it came."""
+    pieces: list[tuple[float, bytes]] = []
+    started = time.monotonic()
+    sock.settimeout(0.1)
+    while time.monotonic() - started < seconds:
+        with contextlib.suppress(TimeoutError):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            pieces.append((time.monotonic() - started, chunk))
+    return pieces
+
+
+def test_drip_headers_sends_a_header_line_at_a_time_and_never_ends_the_head(
+    upstream: MisbehavingUpstream,
+) -> None:
+    upstream.set_mode(Mode.DRIP_HEADERS, drip_ms=100)
+    with connect(upstream.port) as sock:
+        sock.sendall(GET)
+        pieces = _drops(sock, 0.75)
+    data = b"".join(chunk for _, chunk in pieces)
+    assert data.startswith(b"HTTP/1.1 200 OK\r\nX-Drip-0: 0\r\n")
+    assert b"\r\n\r\n" not in data
+    # Every read gets something soon (so no read timeout fires), yet the head never ends.
+    assert len(pieces) >= 4
+    assert max(b - a for (a, _), (b, _) in itertools.pairwise(pieces)) < 0.5
+    assert upstream.stats().requests == 1
+
+
+def test_drip_body_sends_the_head_at_once_then_a_byte_at_a_time(
+    upstream: MisbehavingUpstream,
+) -> None:
+    upstream.set_mode(Mode.DRIP_BODY, drip_ms=100, drip_status=503)
+    with connect(upstream.port) as sock:
+        sock.sendall(GET)
+        pieces = _drops(sock, 0.75)
+    head, _, body = b"".join(chunk for _, chunk in pieces).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"Content-Length: 1000000" in head
+    assert pieces[0][0] < 0.1  # the head comes at once
+    assert 3 <= len(body) <= 10 and set(body) == {ord("x")}
+
+
+def test_drip_stops_when_the_client_leaves(upstream: MisbehavingUpstream) -> None:
+    upstream.set_mode(Mode.DRIP_BODY, drip_ms=20)
+    with httpx.Client() as client, client.stream("GET", upstream.url) as response:
+        assert response.status_code == 200
+        assert set(next(response.iter_raw())) == {ord("x")}
+    # The handler noticed the client going away: no connection left behind.
+    wait_until(lambda: not upstream._data_conns)
 
 
 def test_refuse_closes_the_port_and_ok_reopens_the_same_one(
@@ -389,6 +443,8 @@ def test_control_mode_round_trip(upstream: MisbehavingUpstream) -> None:
         b'{"mode": "status", "status": true}',
         b'{"mode": "status", "retry_after": "2\\r\\nX-Evil: 1"}',
         b'{"mode": "flaky", "failure_percent": 101}',
+        b'{"mode": "drip_body", "drip_ms": 0}',
+        b'{"mode": "drip_body", "drip_status": 100}',
     ],
 )
 def test_control_rejects_bad_modes(upstream: MisbehavingUpstream, body: bytes) -> None:

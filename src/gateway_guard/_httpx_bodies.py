@@ -4,16 +4,21 @@ A successful response whose body is still to come is handed over with its stream
 wrapped, so that the call's breaker outcome is settled when the body ends (the call core's
 ``WRAP``). A failure response is either drained before a retry (so its connection can be
 reused) or read, capped, into the :class:`UpstreamStatusError` raised for it.
+
+Every read of a body, by the caller or by us, happens with the call
+:data:`~gateway_guard._httpx_deadlines.active`, so that it stops at the call's deadline.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 import httpx
 
-from .errors import UpstreamError, from_exception
+from ._httpx_deadlines import active, classified
+from .errors import UpstreamError
 
 if TYPE_CHECKING:
     from ._call import Call
@@ -54,9 +59,25 @@ class _Settling:
         """The body broke off: the classified error to raise (chained to ``exc``)."""
         self._open = False
         call = self._call
-        error = from_exception(exc, upstream=call.rt.name)
+        error = classified(exc, call.rt.name)
         call.body_failed(error)
         return error
+
+    def _closed(self) -> None:
+        """close()/aclose(): the caller stopped reading.
+
+        httpx decodes a body above the transport, so a corrupt ``Content-Encoding`` never
+        reaches us as an error of our stream: only as the exception being handled while
+        httpx closes the response. That one is the upstream's failure; any other early
+        close tells us nothing about the upstream.
+        """
+        exc = sys.exc_info()[1]
+        if self._open and isinstance(exc, httpx.DecodingError):
+            self._open = False
+            call = self._call
+            call.body_failed(classified(exc, call.rt.name))
+        else:
+            self._settle()
 
     def _settle(self) -> None:
         # Closed before the end (the caller stopped reading): nothing learned about the
@@ -81,17 +102,28 @@ class GuardedStream(_Settling, httpx.SyncByteStream):
         self._open = True
 
     def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self._inner
-        except httpx.TransportError as exc:
-            raise self._failed(exc) from exc
+        call = self._call
+        chunks = iter(self._inner)
+        while True:
+            # Active only while a chunk is read: the caller's own code between chunks
+            # (another guarded call, say) must not run under this call's deadline.
+            token = active.set(call)
+            try:
+                chunk = next(chunks, None)
+            except httpx.TransportError as exc:
+                raise self._failed(exc) from exc
+            finally:
+                active.reset(token)
+            if chunk is None:
+                break
+            yield chunk
         self._done()
 
     def close(self) -> None:
         try:
             self._inner.close()
         finally:
-            self._settle()
+            self._closed()
 
 
 class AsyncGuardedStream(_Settling, httpx.AsyncByteStream):
@@ -101,29 +133,41 @@ class AsyncGuardedStream(_Settling, httpx.AsyncByteStream):
         self._open = True
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._inner:
-                yield chunk
-        except httpx.TransportError as exc:
-            raise self._failed(exc) from exc
+        call = self._call
+        chunks = aiter(self._inner)
+        while True:
+            token = active.set(call)
+            try:
+                chunk = await anext(chunks, None)
+            except httpx.TransportError as exc:
+                raise self._failed(exc) from exc
+            finally:
+                active.reset(token)
+            if chunk is None:
+                break
+            yield chunk
         self._done()
 
     async def aclose(self) -> None:
         try:
             await self._inner.aclose()
         finally:
-            self._settle()
+            self._closed()
 
 
 # --- failure bodies ------------------------------------------------------------------------
 
 
-def read_capped(response: httpx.Response) -> None:
-    """Keep up to _MAX_ERROR_BODY of a failure response (decoded) for logs, then close."""
+def read_capped(response: httpx.Response, call: Call) -> None:
+    """Keep up to _MAX_ERROR_BODY of a failure response (decoded) for logs, then close.
+
+    Reading stops at ``call``'s deadline: what arrived by then is kept.
+    """
     if response.is_stream_consumed:  # built from bytes: already in memory
         response.close()
         return
     chunks: list[bytes] = []
+    token = active.set(call)
     try:
         size = 0
         for chunk in response.iter_bytes():
@@ -134,15 +178,17 @@ def read_capped(response: httpx.Response) -> None:
     except httpx.HTTPError:
         pass  # what arrived is kept; a failure body is evidence, not data
     finally:
+        active.reset(token)
         response._content = b"".join(chunks)[:_MAX_ERROR_BODY]
         response.close()
 
 
-async def aread_capped(response: httpx.Response) -> None:
+async def aread_capped(response: httpx.Response, call: Call) -> None:
     if response.is_stream_consumed:
         await response.aclose()
         return
     chunks: list[bytes] = []
+    token = active.set(call)
     try:
         size = 0
         async for chunk in response.aiter_bytes():
@@ -153,6 +199,7 @@ async def aread_capped(response: httpx.Response) -> None:
     except httpx.HTTPError:
         pass
     finally:
+        active.reset(token)
         response._content = b"".join(chunks)[:_MAX_ERROR_BODY]
         await response.aclose()
 

@@ -25,10 +25,10 @@
    carries ``X-Request-ID``, inbound load shedding applies, the request context is set
    (``gateway_guard.current_guard()``, deadlines, request id propagation) and gateway
    errors that escape Flask still become error pages;
-2. registers Flask error handlers for :class:`~gateway_guard.UpstreamError` and
-   ``httpx.TransportError``: a view that lets one escape answers with the branded page, or
-   with the app's own handler for it as an HTTP error (``@app.errorhandler(502)``,
-   ``errorhandler(HTTPException)``...) when Flask finds one;
+2. registers Flask error handlers for :class:`~gateway_guard.UpstreamError`,
+   ``httpx.TransportError`` and ``httpx.DecodingError``: a view that lets one escape
+   answers with the branded page, or with the app's own handler for it as an HTTP error
+   (``@app.errorhandler(502)``, ``errorhandler(HTTPException)``...) when Flask finds one;
 3. stores the app's :class:`Guard` in ``app.extensions["gateway_guard"]`` (never the app
    on the extension: one extension object serves any number of apps).
 
@@ -329,7 +329,7 @@ class GatewayGuard:
         )
         # A handler the user registered for these classes already is theirs: keep it.
         app_handlers = app.error_handler_spec[None][None]
-        for exc_class in (UpstreamError, httpx.TransportError):
+        for exc_class in (UpstreamError, httpx.TransportError, httpx.DecodingError):
             if exc_class not in app_handlers:
                 app.register_error_handler(exc_class, _handle_gateway_error)
         app.extensions[EXTENSION_KEY] = state
@@ -486,14 +486,14 @@ def _async_view(
 
 
 def _handle_gateway_error(exc: Exception) -> ResponseReturnValue:
-    """Flask error handler for UpstreamError and httpx.TransportError.
+    """Flask error handler for UpstreamError, httpx.TransportError and DecodingError.
 
     The page is the core's; which of the app's own handlers answers instead is Flask's
     choice: the error goes on as the ``UpstreamHTTPError`` for its status, through
     ``app.handle_http_exception``, exactly as a werkzeug ``BadGateway`` would.
     """
     error = as_upstream_error(exc)
-    if error is None:  # pragma: no cover - registered for those two classes only
+    if error is None:  # pragma: no cover - registered for those classes only
         raise exc
     app = current_app
     ctx = current_context()

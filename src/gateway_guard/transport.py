@@ -6,6 +6,11 @@ timeout extension, the classification of httpx's exceptions (``errors.from_excep
 and the guarded response bodies of :mod:`gateway_guard._httpx_bodies`. The two differ only
 in how they wait for a bulkhead slot, send, sleep and drain.
 
+Each attempt, each read of a failure body and each read of a body handed to the caller
+ends at the call's deadline (the tighter of its own and the inbound request's), whatever
+the upstream's pacing: the drivers make the call :data:`~gateway_guard._httpx_deadlines.active`
+while they read, and :mod:`gateway_guard._httpx_deadlines` bounds the socket I/O by it.
+
 A body held in memory (``httpx.ByteStream``) can be sent again; a stream is consumed by
 the first attempt (and may be replaced by a ByteStream once read, so the drivers look
 before sending): a streaming request, multipart uploads included, is never retried.
@@ -29,7 +34,8 @@ from ._httpx_bodies import (
     drain,
     read_capped,
 )
-from .errors import LoadShedError, UpstreamError, from_exception
+from ._httpx_deadlines import active, classified, install
+from .errors import LoadShedError, UpstreamError
 from .retry import never_sent
 
 if TYPE_CHECKING:
@@ -50,7 +56,7 @@ def _clipped(call: Call) -> Mapping[str, float]:
 
 def _classified(call: Call, exc: httpx.TransportError) -> tuple[UpstreamError, bool]:
     """The failed attempt's error, and whether the request may have reached the upstream."""
-    return from_exception(exc, upstream=call.rt.name), not never_sent(exc)
+    return classified(exc, call.rt.name), not never_sent(exc)
 
 
 def _sleep(seconds: float) -> None:
@@ -64,6 +70,7 @@ class GuardedTransport(httpx.BaseTransport):
     def __init__(self, runtime: UpstreamRuntime, inner: httpx.BaseTransport) -> None:
         self._rt = runtime
         self._inner = inner
+        install(inner)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         rt = self._rt
@@ -90,31 +97,35 @@ class GuardedTransport(httpx.BaseTransport):
                 request.headers,
                 not isinstance(request.stream, httpx.ByteStream),
             )
-            while True:
-                request.extensions["timeout"] = (
-                    call.policy.timeouts if not call.clipped else _clipped(call)
-                )
-                try:
-                    response = self._inner.handle_request(request)
-                except httpx.TransportError as exc:
-                    error, reached = _classified(call, exc)
-                    wait = call.failed(error, reached)
-                    if wait < 0.0:
-                        raise error from exc
-                    _sleep(wait)
+            token = active.set(call)
+            try:
+                while True:
+                    request.extensions["timeout"] = (
+                        call.policy.timeouts if not call.clipped else _clipped(call)
+                    )
+                    try:
+                        response = self._inner.handle_request(request)
+                    except httpx.TransportError as exc:
+                        error, reached = _classified(call, exc)
+                        wait = call.failed(error, reached)
+                        if wait < 0.0:
+                            raise error from exc
+                        _sleep(wait)
+                        call.admit()
+                        continue
+                    except BaseException:
+                        call.cancelled()
+                        raise
+                    outcome = call.answered(
+                        response.status_code, response.headers, response.is_stream_consumed
+                    )
+                    if outcome < 0.0:
+                        break
+                    drain(response)
+                    _sleep(outcome)
                     call.admit()
-                    continue
-                except BaseException:
-                    call.cancelled()
-                    raise
-                outcome = call.answered(
-                    response.status_code, response.headers, response.is_stream_consumed
-                )
-                if outcome < 0.0:
-                    break
-                drain(response)
-                _sleep(outcome)
-                call.admit()
+            finally:
+                active.reset(token)
         finally:
             if fast is not None:
                 fast.tokens.append(None)
@@ -128,7 +139,7 @@ class GuardedTransport(httpx.BaseTransport):
             # httpx attaches the request after the transport returns; we raise before that.
             response.request = request
             error.response = response
-            read_capped(response)
+            read_capped(response, call)
             raise error
         return response
 
@@ -142,6 +153,7 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
     def __init__(self, runtime: UpstreamRuntime, inner: httpx.AsyncBaseTransport) -> None:
         self._rt = runtime
         self._inner = inner
+        install(inner)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         rt = self._rt
@@ -166,33 +178,37 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 request.headers,
                 not isinstance(request.stream, httpx.ByteStream),
             )
-            while True:
-                request.extensions["timeout"] = (
-                    call.policy.timeouts if not call.clipped else _clipped(call)
-                )
-                try:
-                    response = await self._inner.handle_async_request(request)
-                except httpx.TransportError as exc:
-                    error, reached = _classified(call, exc)
-                    wait = call.failed(error, reached)
-                    if wait < 0.0:
-                        raise error from exc
-                    if wait > 0.0:
-                        await asyncio.sleep(wait)
+            token = active.set(call)
+            try:
+                while True:
+                    request.extensions["timeout"] = (
+                        call.policy.timeouts if not call.clipped else _clipped(call)
+                    )
+                    try:
+                        response = await self._inner.handle_async_request(request)
+                    except httpx.TransportError as exc:
+                        error, reached = _classified(call, exc)
+                        wait = call.failed(error, reached)
+                        if wait < 0.0:
+                            raise error from exc
+                        if wait > 0.0:
+                            await asyncio.sleep(wait)
+                        call.admit()
+                        continue
+                    except BaseException:
+                        call.cancelled()
+                        raise
+                    outcome = call.answered(
+                        response.status_code, response.headers, response.is_stream_consumed
+                    )
+                    if outcome < 0.0:
+                        break
+                    await adrain(response)
+                    if outcome > 0.0:
+                        await asyncio.sleep(outcome)
                     call.admit()
-                    continue
-                except BaseException:
-                    call.cancelled()
-                    raise
-                outcome = call.answered(
-                    response.status_code, response.headers, response.is_stream_consumed
-                )
-                if outcome < 0.0:
-                    break
-                await adrain(response)
-                if outcome > 0.0:
-                    await asyncio.sleep(outcome)
-                call.admit()
+            finally:
+                active.reset(token)
         finally:
             if fast is not None:
                 fast.tokens.append(None)
@@ -205,7 +221,7 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
             error = call.status_error()
             response.request = request
             error.response = response
-            await aread_capped(response)
+            await aread_capped(response, call)
             raise error
         return response
 

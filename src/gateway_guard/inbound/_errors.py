@@ -26,11 +26,13 @@ def as_upstream_error(exc: BaseException) -> UpstreamError | None:
     """The gateway error to render for ``exc``, or None when it is not ours to answer.
 
     An ``httpx.TransportError`` the app did not catch (an unguarded client) is still an
-    upstream failure: classify it rather than let it become a bare 500.
+    upstream failure: classify it rather than let it become a bare 500. So is an
+    ``httpx.DecodingError`` (a corrupt ``Content-Encoding``), which httpx raises above the
+    transport, where no guard can turn it into an UpstreamError.
     """
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, httpx.TransportError) or (
+    if isinstance(exc, httpx.TransportError | httpx.DecodingError) or (
         isinstance(exc, BaseExceptionGroup) and _holds_upstream_failure(exc)
     ):
         error = from_exception(exc)
@@ -42,7 +44,9 @@ def as_upstream_error(exc: BaseException) -> UpstreamError | None:
 
 def _holds_upstream_failure(group: BaseExceptionGroup[BaseException]) -> bool:
     """A task group whose failure was an upstream's (anyio/asyncio wrap errors in groups)."""
-    matched, _ = group.split(lambda e: isinstance(e, UpstreamError | httpx.TransportError))
+    matched, _ = group.split(
+        lambda e: isinstance(e, UpstreamError | httpx.TransportError | httpx.DecodingError)
+    )
     return matched is not None
 
 

@@ -50,6 +50,14 @@ mode but ``hang`` and ``refuse``.
     Answer ``status`` (default 503) with ``Retry-After: <retry_after>`` if given (seconds
     or an HTTP-date, sent verbatim) and ``body`` as ``text/plain`` if given, else the
     ``ok`` JSON echo.
+``drip_headers``
+    Answer a status line, then one header line every ``drip_ms`` milliseconds (default
+    250), never ending the head: each read a client makes completes well inside any read
+    timeout, so only a wall-clock deadline stops it. Ends like ``hang``.
+``drip_body``
+    Answer ``drip_status`` (default 200) with headers announcing a ``Content-Length`` of
+    1,000,000 bytes at once, then send one body byte every ``drip_ms`` milliseconds, until
+    the client gives up or ``hang_timeout`` passes; then close.
 ``flaky``
     ``failure_percent`` percent of requests are answered like ``status`` with
     ``failure_status`` (default 503, with ``retry_after`` and ``body`` as above); the rest
@@ -61,7 +69,7 @@ Control API (plain HTTP on ``control_url``, JSON in and out)
 ``GET /mode``
     The mode in force: ``{"mode": "ok", "delay_ms": 0.0, "status": 503,
     "retry_after": null, "body": null, "failure_percent": 0.0, "failure_status": 503,
-    "seed": null}``.
+    "seed": null, "drip_ms": 250.0, "drip_status": 200}``.
 ``POST /mode``
     Set the mode. The body is a JSON object with ``mode`` and any of the other keys above;
     keys left out take their defaults (the previous mode's options are not kept). Answers
@@ -128,6 +136,9 @@ _MAX_CONTROL_BODY: Final = 65_536
 _READ_CHUNK: Final = 65_536
 _TRUNCATED_LENGTH: Final = 1000
 _TRUNCATED_SENT: Final = 100
+_DRIP_LENGTH: Final = 1_000_000
+# Below this a drip is a busy loop rather than a slow upstream.
+_MIN_DRIP_MS: Final = 1.0
 _GARBAGE: Final = b"SPAM! this is not HTTP\r\n\x00\x01\x02\xff\r\n\r\n"
 # A loop operation run from another thread (mode switch, stats) finishes in microseconds
 # unless the machine is badly overloaded; past this, something is wrong and we say so.
@@ -148,6 +159,8 @@ class Mode(enum.StrEnum):
     TRUNCATED = "truncated"
     STATUS = "status"
     FLAKY = "flaky"
+    DRIP_HEADERS = "drip_headers"
+    DRIP_BODY = "drip_body"
 
 
 def _number(value: object, name: str) -> float:
@@ -175,6 +188,8 @@ class ModeConfig:
     failure_percent: float = 0.0
     failure_status: int = 503
     seed: int | None = None
+    drip_ms: float = 250.0
+    drip_status: int = 200
 
     def __post_init__(self) -> None:
         try:
@@ -185,7 +200,12 @@ class ModeConfig:
         delay = _number(self.delay_ms, "delay_ms")
         if not (math.isfinite(delay) and 0 <= delay <= _MAX_DELAY_MS):
             raise ValueError(f"delay_ms: must be between 0 and {_MAX_DELAY_MS:g}, got {delay}")
-        for name in ("status", "failure_status"):
+        drip = _number(self.drip_ms, "drip_ms")
+        if not (math.isfinite(drip) and _MIN_DRIP_MS <= drip <= _MAX_DELAY_MS):
+            raise ValueError(
+                f"drip_ms: must be between {_MIN_DRIP_MS:g} and {_MAX_DELAY_MS:g}, got {drip}"
+            )
+        for name in ("status", "failure_status", "drip_status"):
             code = _integer(getattr(self, name), name)
             # 1xx are interim responses: answering one as final would hang the client in a
             # way no real upstream does.
@@ -244,6 +264,8 @@ class ModeConfig:
             failure_percent=_number(data.get("failure_percent", 0.0), "failure_percent"),
             failure_status=_integer(data.get("failure_status", 503), "failure_status"),
             seed=None if seed is None else _integer(seed, "seed"),
+            drip_ms=_number(data.get("drip_ms", 250.0), "drip_ms"),
+            drip_status=_integer(data.get("drip_status", 200), "drip_status"),
         )
 
     def to_dict(self) -> dict[str, object]:
@@ -257,6 +279,8 @@ class ModeConfig:
             "failure_percent": self.failure_percent,
             "failure_status": self.failure_status,
             "seed": self.seed,
+            "drip_ms": self.drip_ms,
+            "drip_status": self.drip_status,
         }
 
 
@@ -448,6 +472,8 @@ class MisbehavingUpstream:
         failure_percent: float = 0.0,
         failure_status: int = 503,
         seed: int | None = None,
+        drip_ms: float = 250.0,
+        drip_status: int = 200,
     ) -> None:
         """Switch mode; returns once the switch is complete. Options not given are reset."""
         self.apply(
@@ -460,6 +486,8 @@ class MisbehavingUpstream:
                 failure_percent=failure_percent,
                 failure_status=failure_status,
                 seed=seed,
+                drip_ms=drip_ms,
+                drip_status=drip_status,
             )
         )
 
@@ -840,6 +868,9 @@ class MisbehavingUpstream:
             writer.write(head + b"x" * _TRUNCATED_SENT)
             await writer.drain()
             return False
+        if config.mode is Mode.DRIP_HEADERS or config.mode is Mode.DRIP_BODY:
+            await self._drip(reader, writer, config)
+            return False
         if config.mode is Mode.STATUS or failing:
             status = config.status if config.mode is Mode.STATUS else config.failure_status
             headers: list[tuple[str, str]] = []
@@ -867,6 +898,40 @@ class MisbehavingUpstream:
             async with asyncio.timeout(self._hang_timeout):
                 while await reader.read(_READ_CHUNK):
                     pass
+
+    async def _drip(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: ModeConfig
+    ) -> None:
+        if config.mode is Mode.DRIP_HEADERS:
+            writer.write(b"HTTP/1.1 200 OK\r\n")
+        else:
+            status = config.drip_status
+            head = _render(
+                status, [("Content-Type", "application/octet-stream")], b"", request=None
+            )
+            # _render announced the empty body; this answer's body is the drip.
+            head = head.replace(b"Content-Length: 0", f"Content-Length: {_DRIP_LENGTH}".encode())
+            writer.write(head)
+        await writer.drain()
+        interval = config.drip_ms / 1000
+        loop = asyncio.get_running_loop()
+        # Bounded three ways: hang_timeout, the announced length, and the client leaving
+        # (reading is the wait between drops, and how we notice the client went away).
+        give_up = loop.time() + self._hang_timeout
+        for number in range(_DRIP_LENGTH):
+            try:
+                async with asyncio.timeout(interval):
+                    if not await reader.read(_READ_CHUNK):
+                        return
+            except TimeoutError:
+                pass
+            if loop.time() >= give_up:
+                return
+            if config.mode is Mode.DRIP_HEADERS:
+                writer.write(f"X-Drip-{number}: {number}\r\n".encode())
+            else:
+                writer.write(b"x")
+            await writer.drain()
 
     async def _answer_control(
         self, request: _Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -976,6 +1041,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--failure-percent", type=float, default=0.0)
     parser.add_argument("--failure-status", type=int, default=503)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--drip-ms", type=float, default=250.0)
+    parser.add_argument("--drip-status", type=int, default=200)
     parser.add_argument("--certfile", help="PEM certificate chain: serve data over TLS")
     parser.add_argument("--keyfile", help="PEM private key for --certfile")
     args = parser.parse_args(argv)
@@ -989,6 +1056,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             failure_percent=args.failure_percent,
             failure_status=args.failure_status,
             seed=args.seed,
+            drip_ms=args.drip_ms,
+            drip_status=args.drip_status,
         )
     except ValueError as exc:
         parser.error(str(exc))
