@@ -74,7 +74,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("drivers", frozenset({"transport", "_httpx_bodies"})),
+    ("drivers", frozenset({"transport", "_httpx_bodies", "_httpx_deadlines"})),
     ("runtime", frozenset({"guard"})),
     (
         "adapters",
