@@ -669,6 +669,23 @@ def test_retry_after_is_waited(driver: Driver, clock: FakeClock, sleeps: SleepRe
 
 
 @pytest.mark.implementation
+def test_repeated_retry_after_headers_are_honoured(
+    driver: Driver, clock: FakeClock, sleeps: SleepRecorder
+) -> None:
+    # Defect 7 of #15: httpx joins the two fields into "2, 2", which was ignored, and the
+    # retry came after the 0.1 s backoff instead of the 2 s the upstream asked for.
+    def busy(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, headers=[("Retry-After", "2"), ("Retry-After", "2")])
+
+    handler = Upstream(busy, OK)
+
+    assert driver.send(make_guard(clock), handler).status_code == 200
+
+    assert handler.calls == 2
+    assert sleeps.waits == [2.0]
+
+
+@pytest.mark.implementation
 def test_retry_after_is_waited_before_every_retry(
     driver: Driver, clock: FakeClock, sleeps: SleepRecorder
 ) -> None:
