@@ -236,6 +236,30 @@ def test_retry_after_beyond_the_deadline_fails_at_once(clock: FakeClock, log: Lo
     assert (info.value.attempts, info.value.retry_after) == (1, 9.0)
 
 
+def test_retry_after_that_leaves_no_time_to_connect_fails_at_once(
+    clock: FakeClock, log: Log
+) -> None:
+    # #15: 5 s of the 6 s deadline would leave the retry less than its 1 s connect timeout;
+    # rather than wait 5 s for an attempt that cannot succeed, hand the Retry-After on.
+    rt = runtime(clock)
+    call = call_to(rt)
+
+    with pytest.raises(gg.UpstreamStatusError) as info:
+        drive(call, [Answer(503, Headers(Retry_After="5")), Answer(200)], clock, log)
+    assert (info.value.attempts, info.value.retry_after, log.waits) == (1, 5.0, [])
+
+
+def test_retry_after_inside_an_inbound_request_must_fit_its_deadline(
+    clock: FakeClock, log: Log, context: Any
+) -> None:
+    rt = runtime(clock)
+    context(rt, deadline_at=clock() + 2.5)  # the visitor's deadline, before the call's 6 s
+
+    with pytest.raises(gg.UpstreamStatusError) as info:
+        drive(call_to(rt), [Answer(503, Headers(Retry_After="2")), Answer(200)], clock, log)
+    assert (info.value.attempts, info.value.retry_after, log.waits) == (1, 2.0, [])
+
+
 def test_a_pool_wait_that_timed_out_is_retried_and_not_held_against_the_upstream(
     clock: FakeClock, log: Log
 ) -> None:

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import threading
+import time
 import warnings
 
 import http_sf
@@ -440,6 +441,46 @@ def test_parse_retry_after_defaults_now_to_the_clock() -> None:
 )
 def test_parse_retry_after_garbage(value: str) -> None:
     assert parse_retry_after(value, now=RFC_DATE) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("2, 2", 2.0),  # two fields, joined by the client (defect 7 of #15)
+        ("2,5", 5.0),  # the largest wins: never come back sooner than any field asked
+        ("5, 2", 5.0),
+        ("soon, 3", 3.0),  # garbage elements are ignored
+        ("3, , -1, 1.5,", 3.0),
+        ("Sun, 06 Nov 1994 08:49:37 GMT, 60", 90.0),  # a date holds a comma of its own
+        ("60, Sun, 06 Nov 1994 08:49:37 GMT", 90.0),
+        ("Sun, 06 Nov 1994 08:49:37 GMT, Sun, 06 Nov 1994 08:49:37 GMT", 90.0),
+        ("Sunday, 06-Nov-94 08:49:37 GMT, 1", 90.0),
+    ],
+)
+def test_parse_retry_after_joined_fields(value: str, seconds: float) -> None:
+    assert parse_retry_after(value, now=RFC_DATE - 90) == seconds
+
+
+@pytest.mark.parametrize("value", [",", ", ,", "soon, later", "Sun, 32 Nov 1994 08:49:37 GMT, x"])
+def test_parse_retry_after_joined_garbage(value: str) -> None:
+    assert parse_retry_after(value, now=RFC_DATE) is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "1," * 200_000,
+        ", " * 200_000 + "5",
+        "Sun," * 100_000,
+        "9" * 100_000 + "," + "x" * 100_000,
+    ],
+)
+def test_parse_retry_after_hostile_lists_cost_little(value: str) -> None:
+    # Only the first few elements are parsed; the rest is one overlong element, refused.
+    started = time.perf_counter()
+    seconds = parse_retry_after(value, now=RFC_DATE)
+    assert time.perf_counter() - started < 0.05
+    assert seconds is None or 0.0 <= seconds <= 1e9
 
 
 @given(any_text, st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)))

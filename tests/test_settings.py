@@ -126,7 +126,7 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     (
         {"upstreams": {"search": {"deadline": 2.5}}},
         "upstreams.search.deadline",
-        "read_timeout 10 s",
+        "read_timeout 3 s",
     ),
     (
         {"upstreams": {"s": {"breaker": {"window_size": 5}}}},
@@ -177,9 +177,9 @@ def test_defaults_match_design() -> None:
     s = load_settings({}, environ={})
     assert s.service == "gateway-guard"
     assert s.debug is False
-    assert s.defaults.connect_timeout == 2.0
-    assert s.defaults.read_timeout == 10.0
-    assert s.defaults.deadline == 15.0
+    assert s.defaults.connect_timeout == 1.0
+    assert s.defaults.read_timeout == 3.0
+    assert s.defaults.deadline == 4.0
     assert s.defaults.retry.attempts == 3
     assert s.defaults.retry.methods == ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
     assert s.defaults.retry.budget_ratio == 0.2
@@ -324,7 +324,11 @@ def test_real_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_layering_defaults_upstream_route_per_key() -> None:
     s = load_settings(
         {
-            "defaults": {"read_timeout": 8, "retry": {"attempts": 4, "backoff_max": 3}},
+            "defaults": {
+                "read_timeout": 8,
+                "deadline": 10,
+                "retry": {"attempts": 4, "backoff_max": 3},
+            },
             "upstreams": {
                 "payments": {"read_timeout": 3, "retry": {"backoff_max": 1}},
                 "search": {},
@@ -354,15 +358,15 @@ def test_route_deadline_caps_but_never_loosens() -> None:
     s = load_settings(
         {
             "upstreams": {"fast": {"deadline": 2.0, "read_timeout": 1}, "slow": {}},
-            "routes": [{"path": "/a", "deadline": 5.0}],
+            "routes": [{"path": "/a", "deadline": 3.0}],
         },
         environ={},
     )
     route = compile_policies(s).routes.resolve("GET", "/a")[1]
     assert route is not None
-    assert route.deadline == 5.0
+    assert route.deadline == 3.0
     assert route.calls["fast"].deadline == 2.0
-    assert route.calls["slow"].deadline == 5.0
+    assert route.calls["slow"].deadline == 3.0
 
 
 def test_unchanged_route_policies_are_shared() -> None:

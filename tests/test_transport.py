@@ -33,7 +33,7 @@ from gateway_guard.testing import FakeClock
 BASE_URL = "http://up.test"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 # Default policy timeouts (DESIGN §2), as the httpx timeout extension carries them.
-DEFAULT_TIMEOUTS = {"connect": 2.0, "read": 10.0, "write": 10.0, "pool": 2.0}
+DEFAULT_TIMEOUTS = {"connect": 1.0, "read": 3.0, "write": 3.0, "pool": 1.0}
 # Bounds every wait for another thread or task, so a bug fails the test instead of hanging.
 WAIT = 5.0
 
@@ -669,6 +669,23 @@ def test_retry_after_is_waited(driver: Driver, clock: FakeClock, sleeps: SleepRe
 
 
 @pytest.mark.implementation
+def test_repeated_retry_after_headers_are_honoured(
+    driver: Driver, clock: FakeClock, sleeps: SleepRecorder
+) -> None:
+    # Defect 7 of #15: httpx joins the two fields into "2, 2", which was ignored, and the
+    # retry came after the 0.1 s backoff instead of the 2 s the upstream asked for.
+    def busy(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, headers=[("Retry-After", "2"), ("Retry-After", "2")])
+
+    handler = Upstream(busy, OK)
+
+    assert driver.send(make_guard(clock), handler).status_code == 200
+
+    assert handler.calls == 2
+    assert sleeps.waits == [2.0]
+
+
+@pytest.mark.implementation
 def test_retry_after_is_waited_before_every_retry(
     driver: Driver, clock: FakeClock, sleeps: SleepRecorder
 ) -> None:
@@ -736,7 +753,7 @@ def test_testing_mode_does_not_wait_for_retry_after(
     monkeypatch.setattr("gateway_guard.transport.time.sleep", recorder.sleep)
     monkeypatch.setattr("gateway_guard.transport.asyncio.sleep", recorder.async_sleep)
     guard = make_guard(clock)
-    handler = Upstream(status(503, headers={"Retry-After": "5"}), OK)
+    handler = Upstream(status(503, headers={"Retry-After": "2"}), OK)
 
     assert driver.send(guard, handler).status_code == 200
     assert handler.calls == 2
@@ -756,20 +773,20 @@ def test_attempt_timeouts_are_the_policys(driver: Driver, clock: FakeClock) -> N
 
 
 def test_attempt_timeouts_are_clipped_to_the_deadline(driver: Driver, clock: FakeClock) -> None:
-    guard = make_guard(clock)  # deadline 15 s, connect 2 s, read 10 s
-    handler = Upstream(after(clock, 12.0, status(503)), OK)
+    guard = make_guard(clock)  # deadline 4 s, connect 1 s, read 3 s
+    handler = Upstream(after(clock, 2.5, status(503)), OK)
 
     assert driver.send(guard, handler).status_code == 200
 
     assert handler.timeouts[0] == DEFAULT_TIMEOUTS
     assert handler.timeouts[1] == pytest.approx(
-        {"connect": 2.0, "read": 3.0, "write": 3.0, "pool": 2.0}
+        {"connect": 1.0, "read": 1.5, "write": 1.5, "pool": 1.0}
     )
 
 
 def test_deadline_stops_retries(driver: Driver, clock: FakeClock) -> None:
-    guard = make_guard(clock)  # deadline 15 s
-    handler = Upstream(after(clock, 10.0, status(503)))
+    guard = make_guard(clock)  # deadline 4 s
+    handler = Upstream(after(clock, 2.5, status(503)))
 
     with pytest.raises(gg.UpstreamStatusError) as info:
         driver.send(guard, handler)
@@ -778,7 +795,7 @@ def test_deadline_stops_retries(driver: Driver, clock: FakeClock) -> None:
     assert handler.calls == 2
     assert info.value.attempts == 2
     assert handler.timeouts[1] == pytest.approx(
-        {"connect": 2.0, "read": 5.0, "write": 5.0, "pool": 2.0}
+        {"connect": 1.0, "read": 1.5, "write": 1.5, "pool": 1.0}
     )
 
 
@@ -804,13 +821,13 @@ def test_inbound_deadline_clips_attempt_timeouts(
     driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
 ) -> None:
     guard = make_guard(clock)
-    context(guard, deadline_at=clock.now + 1.5)
+    context(guard, deadline_at=clock.now + 0.5)
     handler = Upstream()
 
     driver.send(guard, handler)
 
     assert handler.timeouts == [
-        pytest.approx({"connect": 1.5, "read": 1.5, "write": 1.5, "pool": 1.5})
+        pytest.approx({"connect": 0.5, "read": 0.5, "write": 0.5, "pool": 0.5})
     ]
 
 
@@ -835,7 +852,7 @@ def test_inbound_deadline_already_passed(
 def test_deadline_follows_the_guards_clock(driver: Driver) -> None:
     clock = FakeClock()  # deliberately not patched into the transport
     guard = make_guard(clock)
-    handler = Upstream(after(clock, 10.0, status(503)))
+    handler = Upstream(after(clock, 2.5, status(503)))
 
     with pytest.raises(gg.UpstreamStatusError):
         driver.send(guard, handler)
@@ -848,7 +865,7 @@ def test_deadline_follows_the_guards_clock(driver: Driver) -> None:
 
 ROUTES = [
     {"path": "/orders/{id}", "retry": {"attempts": 1}},
-    {"path": "/reports/{rest:path}", "deadline": 5.0},
+    {"path": "/reports/{rest:path}", "deadline": 2.0},
 ]
 
 
@@ -882,7 +899,7 @@ def test_route_deadline_caps_the_call(
 
     driver.send(guard, handler)
 
-    assert handler.timeouts == [{"connect": 2.0, "read": 5.0, "write": 5.0, "pool": 2.0}]
+    assert handler.timeouts == [{"connect": 1.0, "read": 2.0, "write": 2.0, "pool": 1.0}]
 
 
 def test_route_for_another_path_changes_nothing(

@@ -311,6 +311,10 @@ class Call:
             remaining=self.deadline_at - now,
             replayable=request_is_replayable(policy.retry, self.method, self.headers),
             streaming_body=self.streaming,
+            # A Retry-After is waited out only when the attempt after it can at least
+            # connect before the deadline; otherwise the caller (and the visitor) gets the
+            # upstream's Retry-After at once.
+            next_attempt=policy.connect_timeout,
         )
         return decision.wait if decision.retry else RAISE
 

@@ -142,9 +142,12 @@ class ShedSettings(SettingsModel):
 class CallSettings(SettingsModel):
     """``[defaults]``: applies to every upstream call."""
 
-    connect_timeout: PositiveSeconds = Field(2.0, description="Seconds to connect.")
-    read_timeout: PositiveSeconds = Field(10.0, description="Seconds between bytes read.")
-    deadline: PositiveSeconds = Field(15.0, description="One call, all retries included.")
+    # Visitor-first (#15): a hung upstream costs a visitor at most the 4 s deadline (one 3 s
+    # attempt and a clipped retry), not the 9-15 s the old 2/10/15 s defaults allowed; a
+    # slow-but-healthy upstream needs its own, longer settings (docs/settings.md).
+    connect_timeout: PositiveSeconds = Field(1.0, description="Seconds to connect.")
+    read_timeout: PositiveSeconds = Field(3.0, description="Seconds between bytes read.")
+    deadline: PositiveSeconds = Field(4.0, description="One call, all retries included.")
     raise_on_failure_status: bool = Field(
         True, description="Retries spent and still a failure status: raise UpstreamStatusError."
     )

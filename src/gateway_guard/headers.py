@@ -247,7 +247,50 @@ def parse_retry_after(value: str, *, now: float | None = None) -> float | None:
     clamped). Dates are matched strictly (GMT only, exact layout): an upstream's text is
     hostile until proven otherwise. Returns None for anything else (negative or fractional
     numbers, malformed or overlong values) and never raises.
+
+    Several ``Retry-After`` fields arrive joined into one comma-separated list (httpx
+    joins repeated headers with ``", "``): the largest valid element wins and invalid
+    ones are ignored, so ``"2, 2"`` is 2 s and ``"soon, 3"`` is 3 s. Only the first
+    :data:`_MAX_RETRY_AFTER_ELEMENTS` elements are looked at.
     """
+    seconds = _parse_retry_after_value(value, now)
+    if seconds is None and "," in value:
+        return _parse_retry_after_list(value, now)
+    return seconds
+
+
+# A real upstream repeats the header a few times at most; a list longer than this is
+# hostile, and only its first elements are parsed (each one bounded by the checks above).
+_MAX_RETRY_AFTER_ELEMENTS = 8
+
+
+def _parse_retry_after_list(value: str, now: float | None) -> float | None:
+    """The largest valid element of a joined list; None when no element is valid.
+
+    An IMF-fixdate or rfc850-date holds a comma of its own ("Sun, 06 Nov ..."), so an
+    element that is not valid alone is tried again joined with the next one. The split
+    is bounded (``maxsplit``), so the work is linear in the header's length whatever it
+    holds; the unsplit rest becomes one last element, which is refused as overlong.
+    """
+    parts = value.split(",", _MAX_RETRY_AFTER_ELEMENTS)
+    if now is None:
+        now = time.time()  # once, so that every date in the list is judged at one instant
+    best: float | None = None
+    index = 0
+    while index < len(parts):
+        seconds = _parse_retry_after_value(parts[index], now)
+        step = 1
+        if seconds is None and index + 1 < len(parts):
+            seconds = _parse_retry_after_value(f"{parts[index]},{parts[index + 1]}", now)
+            step = 2 if seconds is not None else 1
+        if seconds is not None and (best is None or seconds > best):
+            best = seconds
+        index += step
+    return best
+
+
+def _parse_retry_after_value(value: str, now: float | None) -> float | None:
+    """One ``Retry-After`` value (see :func:`parse_retry_after`)."""
     text = value.strip(" \t")
     if text.isascii() and text.isdigit():
         # An absurdly long delay is clamped, not ignored: ignoring it would retry at once,

@@ -32,7 +32,10 @@ reason                   retry when
 ``non_idempotent``       no    the request may have reached the upstream and is not
                                replayable (method / Idempotency-Key / opt-in)
 ``retry_after_too_long`` no    the upstream's Retry-After exceeds ``max_retry_after``
-``deadline``             no    the wait would use up the remaining deadline
+``deadline``             no    the wait would use up the remaining deadline, or the
+                               upstream's Retry-After would not leave the next attempt
+                               ``next_attempt`` seconds of it (fail fast: the caller
+                               passes the Retry-After on instead of waiting it out)
 ``budget``               no    the upstream's retry budget is spent
 ``error``                yes   retrying a retryable transport error
 ``status``               yes   retrying a retryable status
@@ -556,6 +559,7 @@ class RetryState:
         streaming_body: bool,
         error: UpstreamError | None = None,
         reached: bool = True,
+        next_attempt: float = 0.0,
     ) -> RetryDecision:
         """Whether to try again after attempt number ``attempt`` (1-based) failed, and when.
 
@@ -563,7 +567,9 @@ class RetryState:
         ``Retry-After`` header. A driver that classifies its client's exceptions itself
         gives ``error`` (the classified :class:`UpstreamError`) and ``reached`` (False when
         the request provably never left, see :func:`never_sent`) instead of ``exc``.
-        ``remaining`` is the seconds left of the call's deadline (None: no deadline).
+        ``remaining`` is the seconds left of the call's deadline (None: no deadline), and
+        ``next_attempt`` the least of it an attempt needs: an upstream's Retry-After is
+        waited out only when it leaves that much.
         ``replayable`` is :func:`request_is_replayable`'s answer; ``streaming_body`` says
         the request body was a stream that was not buffered. The rules and reasons are
         listed in the module docstring; the budget is consulted last, so a retry denied
@@ -610,6 +616,12 @@ class RetryState:
             if retry_after is not None:
                 if retry_after > policy.max_retry_after:
                     return RetryDecision(False, 0.0, "retry_after_too_long", retry_after)
+                # Judged on the upstream's own value, in testing mode too: waiting out a
+                # Retry-After only to find no time left for the attempt after it makes the
+                # visitor wait for nothing, when they could have been told "try again in
+                # N seconds" at once.
+                if remaining is not None and not retry_after + next_attempt < remaining:
+                    return RetryDecision(False, 0.0, "deadline", retry_after)
                 # Never come back sooner than the upstream asked.
                 wait = max(wait, retry_after)
 
