@@ -33,7 +33,6 @@ NOT_IMPORTED_ON_PURPOSE = {
     "ruff",
     # run as servers in subprocesses by the end-to-end tests and benchmarks.
     "uvicorn",
-    "gunicorn",
 }
 
 
