@@ -5,8 +5,8 @@ wrapped, so that the call's breaker outcome is settled when the body ends (the c
 ``WRAP``). A failure response is either drained before a retry (so its connection can be
 reused) or read, capped, into the :class:`UpstreamStatusError` raised for it.
 
-Every read of a body, by the caller or by us, happens with the call
-:data:`~gateway_guard._httpx_deadlines.active`, so that it stops at the call's deadline.
+Every read of a body, by the caller or by us, stops at the call's deadline by itself: the
+request's read timeout carries the call (:class:`~gateway_guard._httpx_deadlines.Bound`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from ._httpx_deadlines import active, classified
+from ._httpx_deadlines import classified
 from .errors import UpstreamError
 
 if TYPE_CHECKING:
@@ -102,21 +102,12 @@ class GuardedStream(_Settling, httpx.SyncByteStream):
         self._open = True
 
     def __iter__(self) -> Iterator[bytes]:
-        call = self._call
-        chunks = iter(self._inner)
-        while True:
-            # Active only while a chunk is read: the caller's own code between chunks
-            # (another guarded call, say) must not run under this call's deadline.
-            token = active.set(call)
-            try:
-                chunk = next(chunks, None)
-            except httpx.TransportError as exc:
-                raise self._failed(exc) from exc
-            finally:
-                active.reset(token)
-            if chunk is None:
-                break
-            yield chunk
+        # Each read stops at the call's deadline by itself: the request's timeouts carry
+        # the call (_httpx_deadlines.Bound).
+        try:
+            yield from self._inner
+        except httpx.TransportError as exc:
+            raise self._failed(exc) from exc
         self._done()
 
     def close(self) -> None:
@@ -133,19 +124,11 @@ class AsyncGuardedStream(_Settling, httpx.AsyncByteStream):
         self._open = True
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        call = self._call
-        chunks = aiter(self._inner)
-        while True:
-            token = active.set(call)
-            try:
-                chunk = await anext(chunks, None)
-            except httpx.TransportError as exc:
-                raise self._failed(exc) from exc
-            finally:
-                active.reset(token)
-            if chunk is None:
-                break
-            yield chunk
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        except httpx.TransportError as exc:
+            raise self._failed(exc) from exc
         self._done()
 
     async def aclose(self) -> None:
@@ -158,16 +141,16 @@ class AsyncGuardedStream(_Settling, httpx.AsyncByteStream):
 # --- failure bodies ------------------------------------------------------------------------
 
 
-def read_capped(response: httpx.Response, call: Call) -> None:
+def read_capped(response: httpx.Response) -> None:
     """Keep up to _MAX_ERROR_BODY of a failure response (decoded) for logs, then close.
 
-    Reading stops at ``call``'s deadline: what arrived by then is kept.
+    Reading stops at the call's deadline (its request's timeouts carry it): what arrived
+    by then is kept.
     """
     if response.is_stream_consumed:  # built from bytes: already in memory
         response.close()
         return
     chunks: list[bytes] = []
-    token = active.set(call)
     try:
         size = 0
         for chunk in response.iter_bytes():
@@ -178,17 +161,15 @@ def read_capped(response: httpx.Response, call: Call) -> None:
     except httpx.HTTPError:
         pass  # what arrived is kept; a failure body is evidence, not data
     finally:
-        active.reset(token)
         response._content = b"".join(chunks)[:_MAX_ERROR_BODY]
         response.close()
 
 
-async def aread_capped(response: httpx.Response, call: Call) -> None:
+async def aread_capped(response: httpx.Response) -> None:
     if response.is_stream_consumed:
         await response.aclose()
         return
     chunks: list[bytes] = []
-    token = active.set(call)
     try:
         size = 0
         async for chunk in response.aiter_bytes():
@@ -199,7 +180,6 @@ async def aread_capped(response: httpx.Response, call: Call) -> None:
     except httpx.HTTPError:
         pass
     finally:
-        active.reset(token)
         response._content = b"".join(chunks)[:_MAX_ERROR_BODY]
         await response.aclose()
 

@@ -8,8 +8,9 @@ in how they wait for a bulkhead slot, send, sleep and drain.
 
 Each attempt, each read of a failure body and each read of a body handed to the caller
 ends at the call's deadline (the tighter of its own and the inbound request's), whatever
-the upstream's pacing: the drivers make the call :data:`~gateway_guard._httpx_deadlines.active`
-while they read, and :mod:`gateway_guard._httpx_deadlines` bounds the socket I/O by it.
+the upstream's pacing: each attempt's read and write timeouts carry the call
+(:class:`~gateway_guard._httpx_deadlines.Bound`), and :mod:`gateway_guard._httpx_deadlines`
+bounds every socket operation by its deadline.
 
 A body held in memory (``httpx.ByteStream``) can be sent again; a stream is consumed by
 the first attempt (and may be replaced by a ByteStream once read, so the drivers look
@@ -34,7 +35,7 @@ from ._httpx_bodies import (
     drain,
     read_capped,
 )
-from ._httpx_deadlines import active, classified, install
+from ._httpx_deadlines import classified, install, timeouts
 from .errors import LoadShedError, UpstreamError
 from .retry import never_sent
 
@@ -70,7 +71,8 @@ class GuardedTransport(httpx.BaseTransport):
     def __init__(self, runtime: UpstreamRuntime, inner: httpx.BaseTransport) -> None:
         self._rt = runtime
         self._inner = inner
-        install(inner)
+        # Only a transport with sockets to bound needs the call carried in its timeouts.
+        self._bounded = install(inner)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         rt = self._rt
@@ -97,35 +99,34 @@ class GuardedTransport(httpx.BaseTransport):
                 request.headers,
                 not isinstance(request.stream, httpx.ByteStream),
             )
-            token = active.set(call)
-            try:
-                while True:
-                    request.extensions["timeout"] = (
-                        call.policy.timeouts if not call.clipped else _clipped(call)
-                    )
-                    try:
-                        response = self._inner.handle_request(request)
-                    except httpx.TransportError as exc:
-                        error, reached = _classified(call, exc)
-                        wait = call.failed(error, reached)
-                        if wait < 0.0:
-                            raise error from exc
-                        _sleep(wait)
-                        call.admit()
-                        continue
-                    except BaseException:
-                        call.cancelled()
-                        raise
-                    outcome = call.answered(
-                        response.status_code, response.headers, response.is_stream_consumed
-                    )
-                    if outcome < 0.0:
-                        break
-                    drain(response)
-                    _sleep(outcome)
+            while True:
+                if self._bounded:
+                    request.extensions["timeout"] = timeouts(call)
+                elif call.clipped:
+                    request.extensions["timeout"] = _clipped(call)
+                else:
+                    request.extensions["timeout"] = call.policy.timeouts
+                try:
+                    response = self._inner.handle_request(request)
+                except httpx.TransportError as exc:
+                    error, reached = _classified(call, exc)
+                    wait = call.failed(error, reached)
+                    if wait < 0.0:
+                        raise error from exc
+                    _sleep(wait)
                     call.admit()
-            finally:
-                active.reset(token)
+                    continue
+                except BaseException:
+                    call.cancelled()
+                    raise
+                outcome = call.answered(
+                    response.status_code, response.headers, response.is_stream_consumed
+                )
+                if outcome < 0.0:
+                    break
+                drain(response)
+                _sleep(outcome)
+                call.admit()
         finally:
             if fast is not None:
                 fast.tokens.append(None)
@@ -139,7 +140,7 @@ class GuardedTransport(httpx.BaseTransport):
             # httpx attaches the request after the transport returns; we raise before that.
             response.request = request
             error.response = response
-            read_capped(response, call)
+            read_capped(response)
             raise error
         return response
 
@@ -153,7 +154,8 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
     def __init__(self, runtime: UpstreamRuntime, inner: httpx.AsyncBaseTransport) -> None:
         self._rt = runtime
         self._inner = inner
-        install(inner)
+        # Only a transport with sockets to bound needs the call carried in its timeouts.
+        self._bounded = install(inner)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         rt = self._rt
@@ -178,37 +180,36 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 request.headers,
                 not isinstance(request.stream, httpx.ByteStream),
             )
-            token = active.set(call)
-            try:
-                while True:
-                    request.extensions["timeout"] = (
-                        call.policy.timeouts if not call.clipped else _clipped(call)
-                    )
-                    try:
-                        response = await self._inner.handle_async_request(request)
-                    except httpx.TransportError as exc:
-                        error, reached = _classified(call, exc)
-                        wait = call.failed(error, reached)
-                        if wait < 0.0:
-                            raise error from exc
-                        if wait > 0.0:
-                            await asyncio.sleep(wait)
-                        call.admit()
-                        continue
-                    except BaseException:
-                        call.cancelled()
-                        raise
-                    outcome = call.answered(
-                        response.status_code, response.headers, response.is_stream_consumed
-                    )
-                    if outcome < 0.0:
-                        break
-                    await adrain(response)
-                    if outcome > 0.0:
-                        await asyncio.sleep(outcome)
+            while True:
+                if self._bounded:
+                    request.extensions["timeout"] = timeouts(call)
+                elif call.clipped:
+                    request.extensions["timeout"] = _clipped(call)
+                else:
+                    request.extensions["timeout"] = call.policy.timeouts
+                try:
+                    response = await self._inner.handle_async_request(request)
+                except httpx.TransportError as exc:
+                    error, reached = _classified(call, exc)
+                    wait = call.failed(error, reached)
+                    if wait < 0.0:
+                        raise error from exc
+                    if wait > 0.0:
+                        await asyncio.sleep(wait)
                     call.admit()
-            finally:
-                active.reset(token)
+                    continue
+                except BaseException:
+                    call.cancelled()
+                    raise
+                outcome = call.answered(
+                    response.status_code, response.headers, response.is_stream_consumed
+                )
+                if outcome < 0.0:
+                    break
+                await adrain(response)
+                if outcome > 0.0:
+                    await asyncio.sleep(outcome)
+                call.admit()
         finally:
             if fast is not None:
                 fast.tokens.append(None)
@@ -221,7 +222,7 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
             error = call.status_error()
             response.request = request
             error.response = response
-            await aread_capped(response, call)
+            await aread_capped(response)
             raise error
         return response
 
