@@ -1101,6 +1101,19 @@ def failing_elsewhere(guard: gg.Guard, step: Step) -> Step:
     return opened
 
 
+def test_a_half_open_probe_is_not_retried(driver: Driver, clock: FakeClock) -> None:
+    guard = make_guard(clock, **{**TRIPPY, "retry": {"attempts": 3}})
+    trip(driver, guard)  # four calls of three attempts each
+    clock.advance(30.0)
+    handler = Upstream(status(503))
+
+    with pytest.raises(gg.UpstreamStatusError) as info:
+        driver.send(guard, handler)
+
+    assert (handler.calls, info.value.attempts) == (1, 1)
+    assert guard.breaker("up").snapshot().probes_in_flight == 0
+
+
 def test_breaker_opening_mid_call_stops_the_retries(driver: Driver, clock: FakeClock) -> None:
     guard = make_guard(clock, breaker={"min_calls": 2, "window_size": 2})
     handler = Upstream(failing_elsewhere(guard, status(503)))

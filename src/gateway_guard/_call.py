@@ -311,7 +311,10 @@ class Call:
     ) -> float:
         """The wait before the next attempt, or RAISE when there is none."""
         policy = self.policy
-        if policy.retry.attempts <= self.attempt:
+        if policy.retry.attempts <= self.attempt or self.probe:
+            # A half-open probe is one attempt: it asks whether the upstream is back, and
+            # retrying it would hold the spell open while the slot it gives back lets yet
+            # another caller into a hung upstream (bench/outage scenario 1, threaded).
             return RAISE
         state = self.state
         if state is None:
