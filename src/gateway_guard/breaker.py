@@ -428,7 +428,7 @@ class CircuitBreaker:
         changed: tuple[BreakerState, BreakerState] | None = None
         retry_after: float | None = None
         with self._lock:
-            owed = self._drain()
+            owed = self._drain() if self._dropped else 0
             state = self._state
             if state is _CLOSED or state is _DISABLED:
                 # It was not when admit() looked, but it is now.
@@ -447,7 +447,8 @@ class CircuitBreaker:
                 elif state is _HALF_OPEN:
                     retry_after = HALF_OPEN_RETRY_AFTER
             token = self._spell
-        self._pay(owed)
+        if owed:
+            self._pay(owed)
         if changed is not None:
             self._notify_state(*changed)
         if state is _CLOSED or state is _DISABLED:
@@ -520,7 +521,7 @@ class CircuitBreaker:
         """
         changed: tuple[BreakerState, BreakerState] | None = None
         with self._lock:
-            owed = self._drain()
+            owed = self._drain() if self._dropped else 0
             state = self._state
             if state is _CLOSED:
                 if timeout:
@@ -530,7 +531,8 @@ class CircuitBreaker:
                     self._end_streak()
             elif state is _HALF_OPEN:
                 self._give_back(probe)
-        self._pay(owed)
+        if owed:
+            self._pay(owed)
         if changed is not None:
             self._notify_state(*changed)
         if self._call_listeners and state is not _DISABLED:
@@ -544,9 +546,10 @@ class CircuitBreaker:
         owed = 0
         if probe or self._dropped:
             with self._lock:
-                owed = self._drain()
+                owed = self._drain() if self._dropped else 0
                 self._give_back(probe)
-        self._pay(owed)
+        if owed:
+            self._pay(owed)
         if self._call_listeners and self._state is not _DISABLED:
             self._notify_call(CallOutcome.IGNORED, 0.0)
 
@@ -564,7 +567,7 @@ class CircuitBreaker:
     def _record(self, code: int, duration: float, probe: int, timeout: bool) -> None:
         changed: tuple[BreakerState, BreakerState] | None = None
         with self._lock:
-            owed = self._drain()
+            owed = self._drain() if self._dropped else 0
             state = self._state
             if state is _DISABLED:
                 return
@@ -584,7 +587,8 @@ class CircuitBreaker:
                 changed = self._judge_probes()
             # Otherwise a call admitted before the breaker opened (or a probe of an earlier
             # half-open spell) finished late: it says nothing about the upstream now.
-        self._pay(owed)
+        if owed:
+            self._pay(owed)
         if changed is not None:
             self._notify_state(*changed)
         if self._call_listeners:
@@ -606,7 +610,10 @@ class CircuitBreaker:
             self._probes -= 1
 
     def _drain(self) -> int:
-        """Settle what finalisers queued; the number of call listeners' IGNORED owed."""
+        """Settle what finalisers queued; the number of call listeners' IGNORED owed.
+
+        Callers test ``self._dropped`` first, so the common case (nothing queued) is one
+        truth test on each locked operation."""
         dropped = self._dropped
         owed = 0
         while dropped:
@@ -616,7 +623,7 @@ class CircuitBreaker:
 
     def _pay(self, owed: int) -> None:
         # Without the lock: the IGNORED notifications of bodies dropped unread.
-        if owed and self._call_listeners and self._state is not _DISABLED:
+        if self._call_listeners and self._state is not _DISABLED:
             for _ in range(owed):
                 self._notify_call(CallOutcome.IGNORED, 0.0)
 
@@ -748,12 +755,13 @@ class CircuitBreaker:
 
     def _manual(self, new: BreakerState, *, fresh: bool = False) -> None:
         with self._lock:
-            owed = self._drain()
+            owed = self._drain() if self._dropped else 0
             if fresh or new is _CLOSED:
                 self._window.clear()
                 self._consecutive_opens = 0
             old, _ = self._set_state(new)
-        self._pay(owed)
+        if owed:
+            self._pay(owed)
         if old is not new:
             self._notify_state(old, new)
 
@@ -775,7 +783,7 @@ class CircuitBreaker:
         """
         answer: float | None = None
         with self._lock:
-            owed = self._drain()
+            owed = self._drain() if self._dropped else 0
             state = self._state
             if state is _OPEN:
                 remaining = self._open_until - self._clock()
@@ -783,12 +791,13 @@ class CircuitBreaker:
                 answer = remaining if remaining > 0 else None
             elif state is _HALF_OPEN and self._probes >= self._half_open_calls:
                 answer = HALF_OPEN_RETRY_AFTER
-        self._pay(owed)
+        if owed:
+            self._pay(owed)
         return answer
 
     def snapshot(self) -> BreakerSnapshot:
         with self._lock:
-            owed = self._drain()
+            owed = self._drain() if self._dropped else 0
             window = self._window
             window.refresh()
             state = self._state
@@ -817,7 +826,8 @@ class CircuitBreaker:
                     self._probes - self._probe_results if self._state is _HALF_OPEN else 0
                 ),
             )
-        self._pay(owed)
+        if owed:
+            self._pay(owed)
         return snapshot
 
     # --- listeners -----------------------------------------------------------------------
