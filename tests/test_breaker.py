@@ -393,6 +393,21 @@ def test_a_late_cancelled_probe_cannot_free_a_slot_of_a_later_spell() -> None:
     assert breaker.snapshot().probes_in_flight == 2
 
 
+def test_a_dropped_probe_gives_its_slot_back_and_is_heard_on_the_next_locked_call() -> None:
+    breaker, clock = make(min_calls=2, window_size=2, open_seconds=10.0, half_open_calls=1)
+    seen: list[CallOutcome] = []
+    breaker.add_call_listener(lambda _b, outcome, _d: seen.append(outcome))
+    trip(breaker)
+    clock.advance(10.0)
+    probe = breaker.admit()
+    seen.clear()
+    breaker.record_dropped(probe)  # as a finaliser would: no lock, no listener
+    assert seen == []
+    assert breaker.snapshot().probes_in_flight == 0
+    assert seen == [CallOutcome.IGNORED]
+    assert breaker.admit() == probe  # the slot is free again, in the same spell
+
+
 def test_a_slow_probe_reopens_only_when_slowness_can_trip() -> None:
     kwargs: dict[str, Any] = {
         "min_calls": 2,
@@ -1021,6 +1036,18 @@ class BreakerMachine(RuleBasedStateMachine):
     def ignore(self, probe: int) -> None:
         self.model.ignore(probe)
         self.breaker.record_ignored(probe)
+
+    # An attempt followed by a retry counts in no rate and gives a probe slot back; a body
+    # dropped unread (a finaliser) is an ignored call settled by the next locked operation.
+    @rule(probe=consumes(admitted))
+    def retried(self, probe: int) -> None:
+        self.model.ignore(probe)
+        self.breaker.record_retried(0.1, probe)
+
+    @rule(probe=consumes(admitted))
+    def dropped(self, probe: int) -> None:
+        self.model.ignore(probe)
+        self.breaker.record_dropped(probe)
 
     @rule(seconds=st.sampled_from([5.0, 1.0, 0.25, 12.0, 0.75, 2.5]))
     def tick(self, seconds: float) -> None:
