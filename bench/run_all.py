@@ -187,8 +187,15 @@ GOALS: tuple[Goal, ...] = (
     Goal(
         "outage.503",
         "outage",
-        "upstream answers 50% / 100% 503: ≤ 1.1 upstream calls per inbound request plus the "
+        "upstream answers 100% 503: ≤ 1.1 upstream calls per inbound request plus the "
         "retry-budget floor (tenacity: 3.0)",
+    ),
+    Goal(
+        "outage.partial",
+        "outage",
+        "upstream answers 10% / 30% / 50% 503: success ≥ plain httpx's at every rate; at 50% "
+        "≥ 60% success with ≤ 1.1 upstream calls per request plus the floor (≈ 1.2); at 10% "
+        "no breaker trip and ≥ 99% success",
     ),
     Goal(
         "outage.overload",
@@ -204,6 +211,7 @@ OUTAGE_KEYWORDS: tuple[tuple[str, str], ...] = (
     ("recover", "outage.recovery"),
     ("hang", "outage.hang"),
     ("refus", "outage.refuse"),
+    ("partly", "outage.partial"),
     ("503", "outage.503"),
     ("overload", "outage.overload"),
 )
@@ -701,7 +709,14 @@ SECTIONS: list[Section] = [
         (60.0, 330.0),
         run_outage,
         outage_blocks,
-        ("outage.hang", "outage.refuse", "outage.503", "outage.overload", "outage.recovery"),
+        (
+            "outage.hang",
+            "outage.refuse",
+            "outage.503",
+            "outage.partial",
+            "outage.overload",
+            "outage.recovery",
+        ),
         "bench/outage/. Real servers on 127.0.0.1: the project's misbehaving upstream in "
         "one process, the app under uvicorn (async) or cheroot (threaded, 8 threads) in "
         "another, and bounded load from this process. Each scenario runs three variants "

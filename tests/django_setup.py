@@ -16,7 +16,7 @@ from django.conf import settings
 
 MIDDLEWARE = "gateway_guard.django.GatewayGuardMiddleware"
 BRAND = {"name": "Acme Shop", "status_url": "https://status.acme.example"}
-QUIET_BREAKER = {"window_size": 1000, "min_calls": 1000}
+QUIET_BREAKER = {"window_size": 1000, "min_calls": 1000, "consecutive_timeouts": 0}
 SHORT_READ = 0.3
 
 

@@ -50,6 +50,8 @@ def make(
     **policy: Any,
 ) -> tuple[CircuitBreaker, FakeClock]:
     clock = clock or FakeClock()
+    # The rules below were written against a 50% threshold; the default's own tests say so.
+    policy.setdefault("failure_rate", 0.5)
     breaker = CircuitBreaker("payments", BreakerPolicy(**policy), clock=clock, random=random)
     return breaker, clock
 
@@ -290,7 +292,7 @@ def test_open_lasts_exactly_open_seconds_then_half_opens_lazily() -> None:
     assert breaker.state is HALF_OPEN
     assert breaker.retry_after() is None
     assert changes == [(CLOSED, OPEN)]
-    assert breaker.admit() is True
+    assert breaker.admit() == 1  # a probe of the first half-open spell
     assert changes == [(CLOSED, OPEN), (OPEN, HALF_OPEN)]
 
 
@@ -314,7 +316,7 @@ def test_an_ignored_probe_gives_its_slot_back() -> None:
     rejection(breaker)
     breaker.record_ignored(first)
     assert breaker.state is HALF_OPEN
-    assert breaker.admit() is True
+    assert breaker.admit() == 1  # a probe of the first half-open spell
     rejection(breaker)
     # More ignores than probes outstanding (a confused driver) never creates extra slots.
     breaker.record_success(0.1, True)
@@ -322,7 +324,7 @@ def test_an_ignored_probe_gives_its_slot_back() -> None:
     breaker.record_ignored(True)
     breaker.record_ignored(True)
     assert breaker.snapshot().probes_in_flight == 0
-    assert breaker.admit() is True
+    assert breaker.admit() == 1  # a probe of the first half-open spell
     rejection(breaker)
 
 
@@ -340,16 +342,70 @@ def test_probe_successes_close_with_a_fresh_window() -> None:
     assert breaker.admit() is False
 
 
-def test_a_probe_failure_reopens_even_after_some_successes() -> None:
+def test_half_open_is_judged_by_the_probes_failure_rate() -> None:
     breaker, clock = make(min_calls=2, window_size=2, open_seconds=10.0, half_open_calls=3)
     trip(breaker)
     clock.advance(10.0)
     probes = [breaker.admit() for _ in range(3)]
     breaker.record_success(0.1, probes[0])
-    breaker.record_success(0.1, probes[1])
-    breaker.record_status(502, 0.1, probes[2])
+    breaker.record_status(502, 0.1, probes[1])
+    assert breaker.state is HALF_OPEN  # 1 of 3 failed: under 50% whatever the last says
+    breaker.record_success(0.1, probes[2])
+    assert breaker.state is CLOSED
+
+    trip(breaker)
+    clock.advance(10.0)
+    probes = [breaker.admit() for _ in range(3)]
+    breaker.record_status(502, 0.1, probes[0])
+    breaker.record_failure(0.1, probes[1])
+    # 2 of 3 failed reaches 50% whatever the third does: re-open at once.
     assert breaker.state is OPEN
     assert breaker.snapshot().consecutive_opens == 2
+
+
+def test_a_late_success_of_an_earlier_spell_cannot_close_the_breaker() -> None:
+    # Issue #15, defect 3: the late success counted as a probe of the current spell.
+    breaker, clock = make(min_calls=2, window_size=2, open_seconds=10.0, half_open_calls=2)
+    trip(breaker)
+    clock.advance(10.0)
+    late, failed = breaker.admit(), breaker.admit()
+    breaker.record_failure(0.1, failed)  # 1 of 2: re-opens, `late` still in flight
+    assert breaker.state is OPEN
+    clock.advance(20.0)
+    current = breaker.admit()
+    breaker.record_success(0.1, late)  # spell 1 reporting during spell 2: ignored
+    breaker.record_success(0.1, breaker.admit())
+    assert breaker.state is HALF_OPEN  # `current` has not reported yet
+    breaker.record_failure(0.1, current)
+    assert breaker.state is OPEN
+
+
+def test_a_late_cancelled_probe_cannot_free_a_slot_of_a_later_spell() -> None:
+    breaker, clock = make(min_calls=2, window_size=2, open_seconds=10.0, half_open_calls=2)
+    trip(breaker)
+    clock.advance(10.0)
+    late, failed = breaker.admit(), breaker.admit()
+    breaker.record_failure(0.1, failed)
+    clock.advance(20.0)
+    assert breaker.admit() and breaker.admit()
+    breaker.record_ignored(late)
+    rejection(breaker)  # never three probes in flight with half_open_calls = 2
+    assert breaker.snapshot().probes_in_flight == 2
+
+
+def test_a_dropped_probe_gives_its_slot_back_and_is_heard_on_the_next_locked_call() -> None:
+    breaker, clock = make(min_calls=2, window_size=2, open_seconds=10.0, half_open_calls=1)
+    seen: list[CallOutcome] = []
+    breaker.add_call_listener(lambda _b, outcome, _d: seen.append(outcome))
+    trip(breaker)
+    clock.advance(10.0)
+    probe = breaker.admit()
+    seen.clear()
+    breaker.record_dropped(probe)  # as a finaliser would: no lock, no listener
+    assert seen == []
+    assert breaker.snapshot().probes_in_flight == 0
+    assert seen == [CallOutcome.IGNORED]
+    assert breaker.admit() == probe  # the slot is free again, in the same spell
 
 
 def test_a_slow_probe_reopens_only_when_slowness_can_trip() -> None:
@@ -468,10 +524,74 @@ def test_failure_statuses_are_failures(status: int) -> None:
 
 
 def test_failure_status_comes_from_the_policy() -> None:
-    breaker, _ = make(failure_status=frozenset({429}))
-    breaker.record_status(429, 0.1, breaker.admit())
+    breaker, _ = make(failure_status=frozenset({501}))
+    breaker.record_status(501, 0.1, breaker.admit())
     breaker.record_status(503, 0.1, breaker.admit())
     assert breaker.snapshot().failures == 1
+
+
+def test_consecutive_timeouts_open_without_waiting_for_min_calls() -> None:
+    breaker, clock = make(min_calls=10, window_size=50, consecutive_timeouts=3)
+    succeed(breaker, 20)
+    for _ in range(3):  # one worker, one attempt after another: 2 s each
+        probe = breaker.admit()
+        clock.advance(2.0)
+        breaker.record_retried(2.0, probe, timeout=True)
+    assert breaker.state is OPEN
+    assert breaker.snapshot().failures == 0  # retried attempts count in no rate
+
+
+def test_an_answer_ends_the_timeout_streak() -> None:
+    breaker, clock = make(consecutive_timeouts=3)
+    succeed(breaker, 50)  # a full window of successes: the quiet, lock-free path
+    for outcome in ["timeout", "timeout", "ok", "timeout", "timeout", "503", "timeout"]:
+        probe = breaker.admit()
+        clock.advance(2.0)
+        if outcome == "ok":
+            breaker.record_success(0.0, probe)
+        elif outcome == "503":
+            breaker.record_retried(2.0, probe)
+        else:
+            breaker.record_failure(2.0, probe, timeout=True)
+    assert breaker.state is CLOSED
+
+
+def test_overlapping_timeouts_of_concurrent_calls_need_one_more_attempt() -> None:
+    # Calls in flight together that time out together are not a streak by chance: an
+    # attempt that started after the first timeout must time out too.
+    breaker, clock = make(consecutive_timeouts=3)
+    probes = [breaker.admit() for _ in range(5)]
+    clock.advance(2.0)
+    for probe in probes:
+        breaker.record_failure(2.0, probe, timeout=True)
+    assert breaker.state is CLOSED
+    probe = breaker.admit()
+    clock.advance(2.0)
+    breaker.record_failure(2.0, probe, timeout=True)
+    assert breaker.state is OPEN
+
+
+def test_consecutive_timeouts_zero_is_off() -> None:
+    breaker, clock = make(consecutive_timeouts=0)
+    for _ in range(9):
+        probe = breaker.admit()
+        clock.advance(2.0)
+        breaker.record_retried(2.0, probe, timeout=True)
+    assert breaker.state is CLOSED
+
+
+def test_retried_attempts_count_in_no_rate() -> None:
+    breaker, _ = make(min_calls=2, window_size=2)
+    for _ in range(5):
+        breaker.record_retried(0.1, breaker.admit())
+    assert (breaker.state, breaker.snapshot().calls) == (CLOSED, 0)
+
+
+def test_a_429_is_never_a_failure_even_when_listed() -> None:
+    # The upstream pacing one client must not cut every caller off.
+    breaker, _ = make(failure_status=frozenset({429, 503}), min_calls=1, window_size=1)
+    breaker.record_status(429, 0.1, breaker.admit())
+    assert (breaker.state, breaker.snapshot().failures) == (CLOSED, 0)
 
 
 def test_ignored_calls_do_not_count() -> None:
@@ -679,7 +799,7 @@ def test_a_raising_listener_is_logged_and_never_breaks_the_call(
     with caplog.at_level(logging.ERROR, logger="gateway_guard"):
         fail(breaker)
         clock.advance(1.0)
-        assert breaker.admit() is True
+        assert breaker.admit() == 1  # a probe of the first half-open spell
     assert after == [OPEN, HALF_OPEN]
     errors = [r for r in caplog.records if r.name == "gateway_guard"]
     assert len(errors) == 3  # two state changes, one call outcome
@@ -749,8 +869,11 @@ class Model:
     calls: list[tuple[int, bool, bool]] = field(default_factory=list)  # (second, failed, slow)
     open_until: float = 0.0
     opens: int = 0
+    spell: int = 0
     probes: int = 0
-    probe_successes: int = 0
+    probe_results: int = 0
+    probe_failures: int = 0
+    probe_slow: int = 0
 
     def window(self, now: float) -> list[tuple[int, bool, bool]]:
         if self.policy.window == "count":
@@ -759,7 +882,9 @@ class Model:
 
     def go(self, state: BreakerState) -> None:
         self.state = state
-        self.probes = self.probe_successes = 0
+        if state is HALF_OPEN:
+            self.spell += 1
+        self.probes = self.probe_results = self.probe_failures = self.probe_slow = 0
 
     def open(self, now: float) -> None:
         p = self.policy
@@ -780,8 +905,9 @@ class Model:
             return HALF_OPEN
         return self.state
 
-    def admit(self, now: float) -> bool | float | None:
-        """True/False for admitted (probe or not); else the rejection's retry_after."""
+    def admit(self, now: float) -> int | float | None:
+        """An int for admitted (the probe token, False if none); else the rejection's
+        retry_after (a float, or None)."""
         if self.state in (CLOSED, DISABLED):
             return False
         if self.state is FORCED_OPEN:
@@ -792,10 +918,10 @@ class Model:
             self.go(HALF_OPEN)
         if self.probes < self.policy.half_open_calls:
             self.probes += 1
-            return True
+            return self.spell
         return HALF_OPEN_RETRY_AFTER
 
-    def record(self, now: float, failed: bool, duration: float, probe: bool) -> None:
+    def record(self, now: float, failed: bool, duration: float, probe: int) -> None:
         p = self.policy
         slow = duration >= p.slow_call_seconds
         if self.state is CLOSED:
@@ -809,16 +935,26 @@ class Model:
                 or (p.slow_call_rate < 1.0 and s > 0 and s / n >= p.slow_call_rate)
             ):
                 self.open(now)
-        elif self.state is HALF_OPEN and probe:
-            if failed or (slow and p.slow_call_rate < 1.0):
+        elif self.state is HALF_OPEN and probe == self.spell:
+            self.probe_results += 1
+            self.probe_failures += failed
+            self.probe_slow += slow
+            n = p.half_open_calls
+            f, s = self.probe_failures, self.probe_slow
+            if (f > 0 and f / n >= p.failure_rate) or (
+                p.slow_call_rate < 1.0 and s > 0 and s / n >= p.slow_call_rate
+            ):
                 self.open(now)
-            else:
-                self.probe_successes += 1
-                if self.probe_successes == p.half_open_calls:
-                    self.close()
+            elif self.probe_results == n:
+                self.close()
 
-    def ignore(self, probe: bool) -> None:
-        if probe and self.state is HALF_OPEN and self.probes > self.probe_successes:
+    def ignore(self, probe: int) -> None:
+        if (
+            probe
+            and probe == self.spell
+            and self.state is HALF_OPEN
+            and self.probes > self.probe_results
+        ):
             self.probes -= 1
 
 
@@ -856,15 +992,15 @@ class BreakerMachine(RuleBasedStateMachine):
     @rule(target=admitted)
     def admit(self) -> Any:
         expected = self.model.admit(self.clock.now)
-        outcome: bool | CircuitOpenError
+        outcome: int | CircuitOpenError
         try:
             outcome = self.breaker.admit()
         except CircuitOpenError as error:
             outcome = error
-        if isinstance(outcome, bool):
+        if isinstance(outcome, int):
             assert outcome == expected
             return outcome
-        assert not isinstance(expected, bool), f"model admitted ({expected})"
+        assert not isinstance(expected, int), f"model admitted ({expected})"
         assert outcome.retry_after == (pytest.approx(expected) if expected else expected)
         return multiple()
 
@@ -872,7 +1008,7 @@ class BreakerMachine(RuleBasedStateMachine):
     # split admit / report rules interleave calls that are in flight together.
     @rule(outcome=st.sampled_from(["fail", "ok", "slow", "slow fail", "ignore"]))
     def call(self, outcome: str) -> None:
-        if not isinstance(probe := self.admit(), bool):
+        if not isinstance(probe := self.admit(), int):
             return
         if outcome == "ignore":
             self.ignore(probe)
@@ -882,24 +1018,36 @@ class BreakerMachine(RuleBasedStateMachine):
             self.succeed(probe, 4.0 if outcome == "slow" else 0.0)
 
     @rule(probe=consumes(admitted), duration=st.sampled_from([0.0, 0.5, 1.0, 4.0]))
-    def succeed(self, probe: bool, duration: float) -> None:
+    def succeed(self, probe: int, duration: float) -> None:
         self.model.record(self.clock.now, False, duration, probe)
         self.breaker.record_success(duration, probe)
 
     @rule(probe=consumes(admitted), duration=st.sampled_from([0.0, 2.0]))
-    def fail(self, probe: bool, duration: float) -> None:
+    def fail(self, probe: int, duration: float) -> None:
         self.model.record(self.clock.now, True, duration, probe)
         self.breaker.record_failure(duration, probe)
 
     @rule(probe=consumes(admitted), status=st.sampled_from([200, 404, 500, 503]))
-    def answer(self, probe: bool, status: int) -> None:
+    def answer(self, probe: int, status: int) -> None:
         self.model.record(self.clock.now, status >= 500, 0.1, probe)
         self.breaker.record_status(status, 0.1, probe)
 
     @rule(probe=consumes(admitted))
-    def ignore(self, probe: bool) -> None:
+    def ignore(self, probe: int) -> None:
         self.model.ignore(probe)
         self.breaker.record_ignored(probe)
+
+    # An attempt followed by a retry counts in no rate and gives a probe slot back; a body
+    # dropped unread (a finaliser) is an ignored call settled by the next locked operation.
+    @rule(probe=consumes(admitted))
+    def retried(self, probe: int) -> None:
+        self.model.ignore(probe)
+        self.breaker.record_retried(0.1, probe)
+
+    @rule(probe=consumes(admitted))
+    def dropped(self, probe: int) -> None:
+        self.model.ignore(probe)
+        self.breaker.record_dropped(probe)
 
     @rule(seconds=st.sampled_from([5.0, 1.0, 0.25, 12.0, 0.75, 2.5]))
     def tick(self, seconds: float) -> None:
@@ -944,7 +1092,7 @@ class BreakerMachine(RuleBasedStateMachine):
         if state is OPEN:
             assert snap.open_until == pytest.approx(model.open_until)
         if model.state is HALF_OPEN:
-            assert snap.probes_in_flight == model.probes - model.probe_successes
+            assert snap.probes_in_flight == model.probes - model.probe_results
 
 
 TestBreakerAgainstModel = BreakerMachine.TestCase

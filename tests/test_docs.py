@@ -255,8 +255,8 @@ def test_retry_budget_arithmetic_uses_the_real_defaults() -> None:
     """The retry-budget arithmetic in the text uses the real defaults."""
     retry = RetrySettings()
     window = 10
-    assert retry.budget_ratio * 1000 + retry.budget_min_per_second * window == 300
-    assert "0.2 \N{MULTIPLICATION SIGN} 1,000 + 10 \N{MULTIPLICATION SIGN} 10 = 300" in _doc()
+    assert retry.budget_ratio * 1000 + retry.budget_min_per_second * window == 200
+    assert "0.1 \N{MULTIPLICATION SIGN} 1,000 + 10 \N{MULTIPLICATION SIGN} 10 = 200" in _doc()
 
 
 def test_sections_are_unique() -> None:

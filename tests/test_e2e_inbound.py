@@ -54,7 +54,7 @@ DEFAULTS = {
     "read_timeout": 0.3,
     "deadline": 1.0,
     "retry": {"attempts": 2},
-    "breaker": {"min_calls": 1000, "window_size": 1000},
+    "breaker": {"min_calls": 1000, "window_size": 1000, "consecutive_timeouts": 0},
 }
 LEAKY = "leaky-backend"
 

@@ -43,7 +43,7 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 # A read timeout meant to expire against `hang`: short, so the tests stay quick.
 SHORT_READ = 0.2
 # A breaker that never opens in these tests, so it can count calls without interfering.
-QUIET_BREAKER = {"window_size": 1000, "min_calls": 1000}
+QUIET_BREAKER = {"window_size": 1000, "min_calls": 1000, "consecutive_timeouts": 0}
 
 
 def make_guard(upstream: MisbehavingUpstream, **settings: Any) -> gg.Guard:
@@ -286,7 +286,7 @@ def test_refused_post_is_retried_because_it_was_never_sent(
     assert upstream.stats() == UpstreamStats(connections=0, requests=0, methods={})
     assert (error.status, error.proxy_error, error.attempts) == (502, "connection_refused", 3)
     assert isinstance(error.__cause__, httpx.ConnectError)
-    assert guard.breaker(UP).snapshot().failures == 3
+    assert guard.breaker(UP).snapshot().failures == 1  # one call, judged by its last attempt
 
 
 @pytest.mark.parametrize(("req", "attempts"), [(POST, 1), (GET, 3)], ids=["POST", "GET"])
@@ -307,9 +307,9 @@ def test_read_timeout_retried_only_when_idempotent(
     assert error.attempts == attempts
     assert isinstance(error.__cause__, httpx.ReadTimeout)
     assert outcome.elapsed >= SHORT_READ * attempts
-    # One failure per attempt (the `hang` row of the failure-mode table below).
+    # One failure per call (the `hang` row of the failure-mode table below).
     snapshot = guard.breaker(UP).snapshot()
-    assert (snapshot.calls, snapshot.failures) == (attempts, attempts)
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
 
 
 # --- 5: the retry budget ----------------------------------------------------------------------
@@ -674,7 +674,7 @@ FAILURES = [
 @pytest.mark.parametrize(
     "case", FAILURES, ids=[f"{f.mode}{f.options.get('status', '')}" for f in FAILURES]
 )
-def test_failure_modes_are_classified_and_counted_once_per_attempt(
+def test_failure_modes_are_classified_and_counted_once_per_call(
     driver: Driver, upstream: MisbehavingUpstream, no_backoff: None, case: Failure
 ) -> None:
     upstream.set_mode(case.mode, **case.options)
@@ -696,7 +696,7 @@ def test_failure_modes_are_classified_and_counted_once_per_attempt(
         assert error.response.is_closed
     assert upstream.stats().requests == case.requests
     snapshot = guard.breaker(UP).snapshot()
-    assert (snapshot.calls, snapshot.failures) == (case.attempts, case.attempts)
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
     assert guard.bulkhead(UP).in_flight == 0
 
 

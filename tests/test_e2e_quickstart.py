@@ -226,11 +226,6 @@ def test_gunicorn_sync_worker_gives_the_visitor_a_504_within_5_s(
     assert elapsed < VISITOR_WAIT, f"the visitor waited {elapsed:.1f} s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the breaker's consecutive-timeouts trigger (#15, breaker part): "
-    "min_calls makes one sync worker sit through ~5 hung requests first",
-)
 def test_gunicorn_sync_worker_breaker_opens_within_10_s(
     upstream: MisbehavingUpstream, tmp_path: Path
 ) -> None:

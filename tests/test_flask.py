@@ -782,7 +782,7 @@ def test_doc_quickstart_and_testing_tip_work(
 # --- end to end: cheroot + the misbehaving upstream ---------------------------------------------
 
 SHORT_READ = 0.25
-QUIET_BREAKER = {"window_size": 1000, "min_calls": 1000}
+QUIET_BREAKER = {"window_size": 1000, "min_calls": 1000, "consecutive_timeouts": 0}
 
 
 def e2e_app(upstream: MisbehavingUpstream, **up_settings: Any) -> tuple[Flask, GatewayGuard]:

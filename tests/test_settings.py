@@ -182,8 +182,8 @@ def test_defaults_match_design() -> None:
     assert s.defaults.deadline == 4.0
     assert s.defaults.retry.attempts == 3
     assert s.defaults.retry.methods == ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
-    assert s.defaults.retry.budget_ratio == 0.2
-    assert s.defaults.breaker.failure_rate == 0.5
+    assert s.defaults.retry.budget_ratio == 0.1
+    assert s.defaults.breaker.failure_rate == 0.8
     assert s.defaults.breaker.half_open_calls == 3
     assert s.defaults.bulkhead.max_concurrent == 100
     assert s.shed.exempt == ["/healthz", "/metrics"]

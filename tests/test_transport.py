@@ -9,6 +9,7 @@ sleep where the wait itself is under test), and time moves on a fake clock.
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
@@ -40,7 +41,13 @@ WAIT = 5.0
 # A breaker that trips on the 4th failure in a row, and no retries to muddle the counts.
 TRIPPY = {
     "retry": {"attempts": 1},
-    "breaker": {"min_calls": 4, "window_size": 4, "open_seconds": 30.0, "half_open_calls": 2},
+    "breaker": {
+        "min_calls": 4,
+        "window_size": 4,
+        "open_seconds": 30.0,
+        "half_open_calls": 2,
+        "failure_rate": 0.5,  # so one failed probe of two re-opens it
+    },
 }
 # A breaker that never trips and whose window holds every call of a stress test.
 NEVER_TRIPS = {"breaker": {"window_size": 10_000, "min_calls": 10_000, "failure_rate": 1.0}}
@@ -373,6 +380,46 @@ def test_retry_stops_at_the_first_success(driver: Driver, clock: FakeClock) -> N
     assert handler.calls == 2
 
 
+def test_the_breaker_counts_a_call_once_by_its_last_attempt(
+    driver: Driver, clock: FakeClock
+) -> None:
+    # Issue #15: counting every attempt made a 50%-failing upstream look 50% failed to the
+    # breaker, when retries left the callers ~12% failed.
+    guard = make_guard(clock)
+    driver.send(guard, Upstream(status(503), status(200)))
+    with pytest.raises(gg.UpstreamStatusError):
+        driver.send(guard, Upstream(status(503)))
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (2, 1)
+
+
+def test_an_upstream_429_is_no_breaker_failure_even_when_listed(
+    driver: Driver, clock: FakeClock
+) -> None:
+    guard = make_guard(
+        clock,
+        retry={"attempts": 1},
+        breaker={"failure_status": [429, 503], "min_calls": 1, "window_size": 1},
+    )
+    with pytest.raises(gg.UpstreamStatusError):
+        driver.send(guard, Upstream(status(429)))
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.state, snapshot.failures) == (BreakerState.CLOSED, 0)
+
+
+def test_consecutive_timeouts_open_the_breaker_of_one_hung_caller(
+    driver: Driver, clock: FakeClock
+) -> None:
+    # One worker, one call at a time: three timed-out attempts in a row open it, long
+    # before min_calls (10) calls could.
+    guard = make_guard(clock, read_timeout=2.0, deadline=30.0)
+    handler = Upstream(after(clock, 2.0, fail(httpx.ReadTimeout, "timed out")))
+    with pytest.raises(gg.UpstreamTimeout):
+        driver.send(guard, handler)
+    assert handler.calls == 3
+    assert guard.breaker("up").state is BreakerState.OPEN
+
+
 def test_attempts_setting_is_respected(driver: Driver, clock: FakeClock) -> None:
     guard = make_guard(clock, retry={"attempts": 5})
     handler = Upstream(status(503))
@@ -625,8 +672,9 @@ def test_transport_errors_are_classified_retried_and_chained(
     assert error.attempts == calls
     assert error.elapsed == pytest.approx(0.25 * calls)
     assert type(error.__cause__) is exc_type
-    # Our own exhausted connection pool is no evidence against the upstream.
-    expected_failures = 0 if error_type is gg.LoadShedError else calls
+    # Our own exhausted connection pool is no evidence against the upstream; the breaker
+    # counts the call once, by its last attempt, however many attempts it took.
+    expected_failures = 0 if error_type is gg.LoadShedError else 1
     assert guard.breaker("up").snapshot().failures == expected_failures
 
 
@@ -1057,14 +1105,40 @@ def test_breaker_failed_probe_reopens_it(driver: Driver, clock: FakeClock) -> No
     assert handler.calls == 1
 
 
+def failing_elsewhere(guard: gg.Guard, step: Step) -> Step:
+    """``step``, after other calls' failures opened the breaker while this one ran (a
+    call's own retried attempts do not count: the breaker judges calls)."""
+
+    def opened(request: httpx.Request) -> httpx.Response:
+        breaker = guard.breaker("up")
+        while breaker.state is BreakerState.CLOSED:
+            breaker.record_failure(0.1, breaker.admit())
+        return step(request)
+
+    return opened
+
+
+def test_a_half_open_probe_is_not_retried(driver: Driver, clock: FakeClock) -> None:
+    guard = make_guard(clock, **{**TRIPPY, "retry": {"attempts": 3}})
+    trip(driver, guard)  # four calls of three attempts each
+    clock.advance(30.0)
+    handler = Upstream(status(503))
+
+    with pytest.raises(gg.UpstreamStatusError) as info:
+        driver.send(guard, handler)
+
+    assert (handler.calls, info.value.attempts) == (1, 1)
+    assert guard.breaker("up").snapshot().probes_in_flight == 0
+
+
 def test_breaker_opening_mid_call_stops_the_retries(driver: Driver, clock: FakeClock) -> None:
     guard = make_guard(clock, breaker={"min_calls": 2, "window_size": 2})
-    handler = Upstream(status(503))
+    handler = Upstream(failing_elsewhere(guard, status(503)))
 
     with pytest.raises(gg.CircuitOpenError):
         driver.send(guard, handler)
 
-    assert handler.calls == 2
+    assert handler.calls == 1
     assert guard.bulkhead("up").in_flight == 0
 
 
@@ -1074,9 +1148,9 @@ def test_breaker_opening_mid_call_reports_the_attempts_made(
     guard = make_guard(clock, breaker={"min_calls": 2, "window_size": 2})
 
     with pytest.raises(gg.CircuitOpenError) as info:
-        driver.send(guard, Upstream(status(503)))
+        driver.send(guard, Upstream(failing_elsewhere(guard, status(503))))
 
-    assert info.value.attempts == 2
+    assert info.value.attempts == 1
 
 
 def test_breaker_admits_exactly_half_open_calls_probes_async(clock: FakeClock) -> None:
@@ -1506,13 +1580,13 @@ class Flaky:
         return httpx.Response(code, content=b"ok" if code == 200 else b"")
 
 
-def check_consistent(guard: gg.Guard, flaky: Flaky, calls: int) -> None:
+def check_consistent(guard: gg.Guard, flaky: Flaky, calls: int, failed: int) -> None:
     bulkhead = guard.bulkhead("up")
     assert (bulkhead.in_flight, bulkhead.queued) == (0, 0)
     snapshot = guard.breaker("up").snapshot()
-    # Every attempt that reached the upstream is in the window exactly once.
+    # Every call is in the window exactly once, by the outcome of its last attempt.
     assert snapshot.state is BreakerState.CLOSED
-    assert (snapshot.calls, snapshot.failures) == (flaky.calls, flaky.failures)
+    assert (snapshot.calls, snapshot.failures) == (calls, failed)
     # Every retry was paid for from the budget, and led to exactly one more attempt.
     assert guard.runtime("up").budget.counts() == (calls, flaky.calls - calls)
 
@@ -1548,7 +1622,7 @@ def test_many_threads_share_one_client(clock: FakeClock) -> None:
     assert unexpected == []
     assert len(outcomes) == threads * per_thread
     assert outcomes.count(200) > threads * per_thread // 2
-    check_consistent(guard, flaky, threads * per_thread)
+    check_consistent(guard, flaky, threads * per_thread, len(outcomes) - outcomes.count(200))
 
 
 def test_many_tasks_share_one_async_client(clock: FakeClock) -> None:
@@ -1576,7 +1650,43 @@ def test_many_tasks_share_one_async_client(clock: FakeClock) -> None:
     assert unexpected == []
     assert sum(isinstance(r, httpx.Response) and r.status_code == 200 for r in results) > tasks // 2
     assert guard.bulkhead("up").snapshot().admitted == tasks
-    check_consistent(guard, flaky, tasks)
+    failed = sum(isinstance(r, BaseException) for r in results)
+    check_consistent(guard, flaky, tasks, failed)
+
+
+def test_a_dropped_probe_body_finalised_under_the_breaker_lock_does_not_deadlock(
+    clock: FakeClock,
+) -> None:
+    # Issue #15, defect 4: the garbage collector can finalise a streamed probe response on
+    # a thread that holds the breaker's (non-reentrant) lock; the finaliser took it again.
+    guard = make_guard(clock, **TRIPPY)
+    trip(SyncDriver(), guard)
+    clock.advance(30.0)
+    breaker = guard.breaker("up")
+    handler = Upstream(lambda request: httpx.Response(200, stream=ChunkStream([b"x"])))
+    gc.disable()
+    try:
+        with guard.client("up", transport=httpx.MockTransport(handler)) as client:
+            response = client.send(client.build_request("GET", "/x"), stream=True)
+        assert breaker.snapshot().probes_in_flight == 1
+        cycle: list[Any] = [response]
+        cycle.append(cycle)  # only the cycle collector can free it now
+        del response, cycle
+
+        def collect_holding_the_lock() -> None:
+            with breaker._lock:
+                gc.collect()
+
+        worker = threading.Thread(target=collect_holding_the_lock, daemon=True)
+        worker.start()
+        worker.join(WAIT)
+        assert not worker.is_alive(), "the finaliser deadlocked on the breaker's lock"
+    finally:
+        gc.enable()
+    # The slot came back: the next probe is admitted, the spell still judged by it.
+    assert breaker.snapshot().probes_in_flight == 0
+    driver_response = SyncDriver().send(guard, Upstream())
+    assert driver_response.status_code == 200
 
 
 # --- timing successes ------------------------------------------------------------------------

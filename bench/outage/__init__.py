@@ -26,10 +26,13 @@ raw asyncio HTTP/1.1 client; the variants are described in apps.py):
    window pairs of app / twin, so the machine's noise hits both sides alike.
 2. upstream refuses connections: the same, plus outbound attempts per inbound request
    (counted in the app: a refused connection never reaches the upstream's /stats).
-3. upstream answers 503 to 100%, then 50% of requests (async): upstream calls per
-   inbound request (the upstream's /stats over the app's inbound count) and the success
-   rate clients see. Full runs add tenacity alone and gateway_guard without a breaker
-   (default budget_ratio 0.2, and 0.1): the retry budget on its own.
+3. upstream answers 503 to 100% of requests, then (after recovering) to 10%, 30% and 50%
+   of them at random, one phase after the other (async): upstream calls per inbound
+   request (the upstream's /stats over the app's inbound count), the success rate clients
+   see, and how often gateway_guard's breaker opened; a partly failing upstream must never
+   do worse through the guard than through plain httpx. Full runs add tenacity alone and
+   gateway_guard without a breaker (default budget_ratio, and 0.2) at 100%: the retry
+   budget on its own.
 4. overload (async): capacity = /dep throughput with 8 concurrent clients against a
    20 ms upstream (the httpx-based app's throughput falls above ~16 concurrent calls,
    with or without gateway_guard); then 3x that rate offered open loop: goodput, served

@@ -8,7 +8,8 @@
 - ``GET /dep``: calls the upstream's ``/dep`` and answers its JSON (200), or an error.
 - ``GET /healthy``: no upstream; ``await asyncio.sleep(0)`` (ASGI) and a constant body.
 - ``GET /_bench/stats``: inbound /dep and /healthy requests and outbound attempts so far,
-  counted by bench-only wrappers that are the same in every variant.
+  counted by bench-only wrappers that are the same in every variant; and
+  ``breaker_opens``, how often gateway_guard's breaker opened (a state listener).
 - ``GET /_bench/breaker``: the breaker's state (``"none"`` for the plain variant).
 
 Variants (``variant``):
@@ -74,16 +75,23 @@ class AppConfig:
     open_seconds: float = 3.0
     threads: int = 8  # wsgi only
     breaker: bool = True  # false: no breaker (tenacity alone / gateway_guard breaker off)
-    budget_ratio: float = 0.2
-    budget_min_per_second: float = 10.0
+    # None: gateway_guard's own default (the bench judges the defaults).
+    budget_ratio: float | None = None
+    budget_min_per_second: float | None = None
     shed: dict[str, Any] | None = None  # gateway_guard [shed]; None: the defaults
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def guard_settings(cfg: AppConfig) -> dict[str, Any]:
-    """gateway_guard's settings for the bench: comparable to the hand-built variant."""
+    """gateway_guard's settings for the bench: its defaults, but for the timeouts and the
+    open time the bench sets for every variant alike (and what a run overrides)."""
     shed: dict[str, Any] = dict(cfg.shed or {})
     shed.setdefault("exempt", ["/_bench/stats", "/_bench/breaker"])
+    retry: dict[str, Any] = {"attempts": 3}
+    if cfg.budget_ratio is not None:
+        retry["budget_ratio"] = cfg.budget_ratio
+    if cfg.budget_min_per_second is not None:
+        retry["budget_min_per_second"] = cfg.budget_min_per_second
     return {
         "service": "bench",
         "upstreams": {
@@ -94,19 +102,8 @@ def guard_settings(cfg: AppConfig) -> dict[str, Any]:
                 # The deadline of the defaults before #15 (4 s since): a full run's 5 s read
                 # timeout must fit, and the figures stay comparable with earlier runs.
                 "deadline": 15.0,
-                "retry": {
-                    "attempts": 3,
-                    "budget_ratio": cfg.budget_ratio,
-                    "budget_min_per_second": cfg.budget_min_per_second,
-                },
-                "breaker": {
-                    "enabled": cfg.breaker,
-                    "failure_rate": 0.5,
-                    "window": "count",
-                    "window_size": 20,
-                    "min_calls": 10,
-                    "open_seconds": cfg.open_seconds,
-                },
+                "retry": retry,
+                "breaker": {"enabled": cfg.breaker, "open_seconds": cfg.open_seconds},
             }
         },
         "shed": shed,
@@ -128,7 +125,17 @@ class Counters:
             "attempts": 0,
             "attempt_errors": 0,
             "attempt_failure_status": 0,
+            "breaker_opens": 0,
         }
+
+    def count_opens(self, guard: Any) -> None:
+        """Count every time gateway_guard's breaker opens (scenario 3: "no trip")."""
+
+        def listener(_breaker: Any, _old: Any, new: Any) -> None:
+            if new == "open":
+                self.add("breaker_opens")
+
+        guard.breaker(UPSTREAM).add_listener(listener)
 
     def add(self, key: str) -> None:
         with self._lock:
@@ -258,6 +265,8 @@ def build_asgi(cfg: AppConfig) -> ASGIApp:
     counters = Counters()
     holder: dict[str, httpx.AsyncClient] = {}
     guard = gg.Guard(guard_settings(cfg)) if cfg.variant == GUARD else None
+    if guard is not None:
+        counters.count_opens(guard)
     breaker = _pybreaker(cfg) if cfg.variant == HAND_BUILT else None
 
     def make_client() -> httpx.AsyncClient:
@@ -402,6 +411,8 @@ def build_wsgi(cfg: AppConfig) -> WSGIApp:
 
     counters = Counters()
     guard = gg.Guard(guard_settings(cfg)) if cfg.variant == GUARD else None
+    if guard is not None:
+        counters.count_opens(guard)
     breaker = _pybreaker(cfg) if cfg.variant == HAND_BUILT else None
     transport = CountingTransport(httpx.HTTPTransport(), counters)
     if guard is not None:

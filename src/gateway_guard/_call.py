@@ -25,10 +25,13 @@ to plain values. The protocol, in the manner of tenacity's ``iter()``::
     WRAP: return it with its body guarded: body_done() at its end, body_failed(error) if it
           breaks off (raise that error), cancelled() if it is closed or dropped before.
 
-Every admitted attempt is reported to the breaker exactly once, with its probe flag, by
-``failed`` / ``answered`` / ``cancelled`` / ``body_*``. Creating the Call (the first
-attempt) and ``admit`` (each retry) raise :class:`CircuitOpenError` when the breaker says
-no and :class:`UpstreamTimeout` when the deadline has run out, with what was tried so far.
+Every admitted attempt is reported to the breaker exactly once, with its probe token, by
+``failed`` / ``answered`` / ``cancelled`` / ``body_*`` (``dropped`` from a finaliser: it
+takes no lock). An attempt that is retried is reported as retried, which counts in no
+rate: the breaker judges the call by its last attempt, the outcome the caller sees.
+Creating the Call (the first attempt) and ``admit`` (each retry) raise
+:class:`CircuitOpenError` when the breaker says no and :class:`UpstreamTimeout` when the
+deadline has run out, with what was tried so far.
 A streamed request body (``body_is_a_stream``) is never sent twice. Waits are seconds
 (>= 0); the negative constants below say what to do instead. The sync and async httpx
 drivers (``transport.py``) are this loop plus the httpx glue.
@@ -138,6 +141,7 @@ class Call:
         if remaining <= 0.0:
             raise self._deadline_error()
         breaker = rt.breaker
+        self.probe: int
         if breaker.passing:
             self.probe = False
         else:
@@ -201,13 +205,17 @@ class Call:
             # The attempt's timeout was cut to fit the deadline, and the deadline is what
             # ran out: say so, rather than blame a connect or read timeout it never reached.
             error.proxy_error = "http_response_timeout"
+        wait = self._decide(error, reached, None, now)
         breaker = self.rt.breaker
         if error.status in (502, 504):
-            breaker.record_failure(now - self.t0, self.probe)
+            timeout = isinstance(error, UpstreamTimeout)
+            if wait < 0.0:
+                breaker.record_failure(now - self.t0, self.probe, timeout=timeout)
+            else:
+                breaker.record_retried(now - self.t0, self.probe, timeout=timeout)
         else:
             # Our own pool (503) or configuration (500): nothing to hold against the upstream.
             breaker.record_ignored(self.probe)
-        wait = self._decide(error, reached, None, now)
         if wait < 0.0:
             self._record(None, error.proxy_error)
         return wait
@@ -238,11 +246,13 @@ class Call:
         now = self.rt.clock()
         self.last_status = status
         self.retry_after = headers.get("retry-after")
-        self.rt.breaker.record_status(status, now - self.t0, self.probe)
+        breaker = self.rt.breaker
         if status in policy.retry.on_status:
             wait = self._decide(None, True, status, now)
             if wait >= 0.0:
+                breaker.record_retried(now - self.t0, self.probe)
                 return wait
+        breaker.record_status(status, now - self.t0, self.probe)
         self._record(status, None)
         return RAISE if policy.raise_on_failure_status else RETURN
 
@@ -265,6 +275,10 @@ class Call:
         """The attempt ended without an upstream answer we can judge (cancelled, or a bug
         on our side): it says nothing about the upstream, but a probe slot is given back."""
         self.rt.breaker.record_ignored(self.probe)
+
+    def dropped(self) -> None:
+        """:meth:`cancelled` for a finaliser (a response dropped unread): takes no lock."""
+        self.rt.breaker.record_dropped(self.probe)
 
     # --- the body of a WRAPped response ----------------------------------------------------
 
@@ -297,7 +311,10 @@ class Call:
     ) -> float:
         """The wait before the next attempt, or RAISE when there is none."""
         policy = self.policy
-        if policy.retry.attempts <= self.attempt:
+        if policy.retry.attempts <= self.attempt or self.probe:
+            # A half-open probe is one attempt: it asks whether the upstream is back, and
+            # retrying it would hold the spell open while the slot it gives back lets yet
+            # another caller into a hung upstream (bench/outage scenario 1, threaded).
             return RAISE
         state = self.state
         if state is None:

@@ -87,10 +87,12 @@ class _Settling:
             self._call.cancelled()
 
     def __del__(self) -> None:
-        # A response dropped without close() must not keep a probe slot forever.
-        # Known defect (issue #15): for a half-open probe, cancelled() reaches
-        # CircuitBreaker.record_ignored, which takes the breaker's lock in this finaliser.
-        self._settle()
+        # A response dropped without close() must not keep a probe slot forever. The
+        # garbage collector may run this on a thread that holds the breaker's lock, so
+        # it reports through dropped(), which takes none.
+        if self._open:
+            self._open = False
+            self._call.dropped()
 
 
 class GuardedStream(_Settling, httpx.SyncByteStream):

@@ -75,7 +75,7 @@ class RetrySettings(SettingsModel):
         False, description="Retry POST/PATCH even without an Idempotency-Key (dangerous)."
     )
     budget_ratio: Rate = Field(
-        0.2, description="Retries may add at most this fraction of calls (sliding 10 s window)."
+        0.1, description="Retries may add at most this fraction of calls (sliding 10 s window)."
     )
     budget_min_per_second: float = Field(
         10.0,
@@ -93,11 +93,13 @@ class BreakerSettings(SettingsModel):
     """``[defaults.breaker]``, ``[upstreams.NAME.breaker]``."""
 
     enabled: bool = Field(True, description="false: the breaker never opens.")
-    failure_rate: Rate = Field(0.5, description="Open at this failure rate (0-1).")
+    failure_rate: Rate = Field(
+        0.8, description="Open at this rate of calls failed after their retries (0-1)."
+    )
     window: WindowKind = Field(
         "count", description='"count": the last window_size calls; "time": the last seconds.'
     )
-    window_size: int = Field(20, ge=1, le=10_000, description="Calls, or seconds.")
+    window_size: int = Field(50, ge=1, le=10_000, description="Calls, or seconds.")
     min_calls: int = Field(10, ge=1, description="Calls in the window before it may open.")
     open_seconds: PositiveSeconds = Field(30.0, description="Time open before probing.")
     max_open_seconds: PositiveSeconds | None = Field(
@@ -108,12 +110,22 @@ class BreakerSettings(SettingsModel):
         ),
     )
     half_open_calls: int = Field(
-        3, ge=1, le=1000, description="Probes admitted in half-open; this many successes close it."
+        3,
+        ge=1,
+        le=1000,
+        description="Probes admitted in half-open; their failure rate decides: close or re-open.",
     )
     slow_call_seconds: PositiveSeconds = Field(5.0, description="A call this long is slow.")
     slow_call_rate: Rate = Field(1.0, description="Open at this slow-call rate (1 = never).")
     failure_status: list[HttpStatus] = Field(
-        [500, 502, 503, 504], description="Statuses counted as failures."
+        [500, 502, 503, 504], description="Statuses counted as failures (never 429)."
+    )
+    consecutive_timeouts: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description="Open after this many timed-out attempts in a row, without waiting for "
+        "min_calls (0 = off).",
     )
 
 

@@ -2,12 +2,14 @@
 
 ::
 
-                 trip (rates over the window)
+            trip (rates over the window, or consecutive timeouts)
       CLOSED ─────────────────────────────────► OPEN
         ▲                                        │ open time elapsed (on the next admit)
-        │ half_open_calls probe successes        ▼
-        └──────────────────────────────────── HALF_OPEN ──► OPEN (a probe failed;
-                                                             the open time doubles)
+        │ half_open_calls probes reported,       ▼
+        │ their failure rate under the threshold
+        └──────────────────────────────────── HALF_OPEN ──► OPEN (the probes' failure rate
+                                                             reached the threshold; the
+                                                             open time doubles)
 
       FORCED_OPEN and DISABLED are entered and left only by hand
       (force_open / disable / force_closed / reset).
@@ -21,14 +23,30 @@ A driver (transport, decorator) asks and then reports::
         if it_was_our_own_cancellation(exc):
             breaker.record_ignored(probe)
         else:
-            breaker.record_failure(elapsed, probe)
+            breaker.record_failure(elapsed, probe, timeout=it_timed_out(exc))
         raise
     breaker.record_status(response.status_code, elapsed, probe)
 
 Every admitted call must be reported exactly once, or a half-open probe slot leaks and the
-breaker stays half-open until it is reset. The breaker never holds its lock across the
-call, only for the few operations of one state update, so the same object serves threads
-and thousands of asyncio tasks alike.
+breaker stays half-open until it is reset. ``probe`` is a token: False (0) for a call
+admitted while closed, else the number of the half-open spell the probe belongs to, so a probe
+that reports after its spell ended (late, or cancelled late) cannot close the breaker or
+free a slot of a later spell. The breaker never holds its lock across the call, only for
+the few operations of one state update, so the same object serves threads and thousands
+of asyncio tasks alike.
+
+Health is judged by *calls*, not attempts: a driver that retries reports each attempt
+that is retried with :meth:`CircuitBreaker.record_retried` (it counts in no rate) and the
+call's last attempt as above. A 50%-failing upstream behind three attempts fails ~40% of
+calls, not 50%: the breaker sees what the callers see. Timeouts are the exception: every
+attempt that timed out feeds the consecutive-timeouts trigger, which opens the breaker
+of a hung upstream without waiting for ``min_calls`` (one sync worker would otherwise sit
+through ``min_calls`` hung calls first).
+
+Nothing a finaliser runs may take a lock (the garbage collector can run one on a thread
+that holds this breaker's lock): a response body dropped unread reports through
+:meth:`CircuitBreaker.record_dropped`, which only appends to a queue that the next
+locked operation drains.
 """
 
 from __future__ import annotations
@@ -39,6 +57,7 @@ import math
 import random as _random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
@@ -283,7 +302,9 @@ class CircuitBreaker:
         "_call_listeners",
         "_clock",
         "_consecutive_opens",
+        "_consecutive_timeouts",
         "_counts",
+        "_dropped",
         "_failure_rate",
         "_failure_status",
         "_fast",
@@ -293,14 +314,19 @@ class CircuitBreaker:
         "_min_calls",
         "_open_seconds",
         "_open_until",
-        "_probe_successes",
+        "_probe_failures",
+        "_probe_results",
+        "_probe_slow",
         "_probes",
         "_random",
         "_slow_call_rate",
         "_slow_seconds",
         "_slow_trips",
+        "_spell",
         "_state",
         "_state_listeners",
+        "_streak",
+        "_streak_since",
         "_window",
         "name",
         "passing",
@@ -326,7 +352,10 @@ class CircuitBreaker:
         # Policy values are copied into slots so the hot path reads one attribute each, and
         # clamped so a policy that slipped past validation cannot wedge the state machine.
         self._failure_rate = policy.failure_rate
-        self._failure_status = policy.failure_status
+        # A 429 is the upstream pacing us, answered on purpose by a working upstream: never a
+        # failure, even when listed, or one client's burst would cut off every caller.
+        self._failure_status = policy.failure_status - {429}
+        self._consecutive_timeouts = max(0, policy.consecutive_timeouts)
         self._min_calls = max(1, policy.min_calls)
         self._slow_seconds = policy.slow_call_seconds
         self._slow_call_rate = policy.slow_call_rate
@@ -347,8 +376,19 @@ class CircuitBreaker:
         self._call_listeners: tuple[CallListener, ...] = ()
         self._open_until = 0.0
         self._consecutive_opens = 0
-        self._probes = 0  # probes admitted in this half-open spell, minus ignored ones
-        self._probe_successes = 0
+        # The half-open spell: its number (the token its probes carry), the probe slots
+        # taken (admitted, minus those given back), and what the probes reported.
+        self._spell = 0
+        self._probes = 0
+        self._probe_results = 0
+        self._probe_failures = 0
+        self._probe_slow = 0
+        # Consecutive timed-out attempts while closed, and when the first was reported.
+        self._streak = 0
+        self._streak_since = 0.0
+        # Probe tokens of bodies dropped unread, reported by finalisers without the lock.
+        # Bounded: only admitted calls are ever queued, and every locked operation drains it.
+        self._dropped: deque[int] = deque()
         self._state = _CLOSED if policy.enabled else _DISABLED
         # The hot-path flags, kept in step with _state by _set_state (the public ones are
         # the lock-free hints documented on the class):
@@ -367,45 +407,54 @@ class CircuitBreaker:
         # In a forked child (see gateway_guard._fork): the lock may be held by a thread
         # that did not follow, and so may half-open probes that will never report back.
         self._lock = threading.Lock()
-        self._probes = self._probe_successes
+        self._probes = self._probe_results
 
     # --- the decision API ----------------------------------------------------------------
 
-    def admit(self) -> bool:
-        """May a call go ahead? Returns True when it is a half-open probe.
+    def admit(self) -> int:
+        """May a call go ahead? Returns its probe token: ``False`` (0) when it is not a
+        probe, else the number of the half-open spell it probes (truthy exactly for probes).
 
         Raises :class:`CircuitOpenError` when the call must not be made. Every admitted
         call must then be reported once through ``record_success`` / ``record_failure`` /
-        ``record_status`` / ``record_ignored`` with the probe flag returned here.
+        ``record_status`` / ``record_ignored`` / ``record_dropped`` with the token returned
+        here (``record_retried`` for an attempt that is followed by a retry).
         """
         if self.passing:
             return False
         return self._admit_slow()
 
-    def _admit_slow(self) -> bool:
+    def _admit_slow(self) -> int:
         changed: tuple[BreakerState, BreakerState] | None = None
         retry_after: float | None = None
         with self._lock:
+            owed = self._drain() if self._dropped else 0
             state = self._state
             if state is _CLOSED or state is _DISABLED:
                 # It was not when admit() looked, but it is now.
-                return False
-            now = self._clock()
-            if state is _OPEN and now >= self._open_until:
-                # Half-open is entered lazily, by the first caller after the open time.
-                changed = self._set_state(_HALF_OPEN)
-                state = _HALF_OPEN
-            admitted = state is _HALF_OPEN and self._probes < self._half_open_calls
-            if admitted:
-                self._probes += 1
-            elif state is _OPEN:
-                retry_after = self._open_until - now
-            elif state is _HALF_OPEN:
-                retry_after = HALF_OPEN_RETRY_AFTER
+                admitted = False
+            else:
+                now = self._clock()
+                if state is _OPEN and now >= self._open_until:
+                    # Half-open is entered lazily, by the first caller after the open time.
+                    changed = self._set_state(_HALF_OPEN)
+                    state = _HALF_OPEN
+                admitted = state is _HALF_OPEN and self._probes < self._half_open_calls
+                if admitted:
+                    self._probes += 1
+                elif state is _OPEN:
+                    retry_after = self._open_until - now
+                elif state is _HALF_OPEN:
+                    retry_after = HALF_OPEN_RETRY_AFTER
+            token = self._spell
+        if owed:
+            self._pay(owed)
         if changed is not None:
             self._notify_state(*changed)
+        if state is _CLOSED or state is _DISABLED:
+            return False
         if admitted:
-            return True
+            return token
         if self._call_listeners:
             self._notify_call(CallOutcome.REJECTED, 0.0)
         raise CircuitOpenError(
@@ -414,7 +463,7 @@ class CircuitBreaker:
             retry_after=retry_after,
         )
 
-    def record_success(self, duration: float, probe: bool) -> None:
+    def record_success(self, duration: float, probe: int) -> None:
         """Report an admitted call that succeeded after ``duration`` seconds."""
         if self.quiet and duration < self._slow_seconds:
             # Every slot of a full count window holds a success: one more replaces one,
@@ -439,68 +488,187 @@ class CircuitBreaker:
             if changed is not None:
                 self._notify_state(*changed)
             return
-        self._record(_SLOW if duration >= self._slow_seconds else _OK, duration, probe)
+        self._record(_SLOW if duration >= self._slow_seconds else _OK, duration, probe, False)
 
-    def record_failure(self, duration: float, probe: bool) -> None:
-        """Report an admitted call that failed after ``duration`` seconds."""
-        self._record((_FAIL | _SLOW) if duration >= self._slow_seconds else _FAIL, duration, probe)
+    def record_failure(self, duration: float, probe: int, *, timeout: bool = False) -> None:
+        """Report an admitted call that failed after ``duration`` seconds.
 
-    def record_status(self, status: int, duration: float, probe: bool) -> None:
+        ``timeout``: it failed by timing out (it then also feeds the consecutive-timeouts
+        trigger).
+        """
+        code = (_FAIL | _SLOW) if duration >= self._slow_seconds else _FAIL
+        self._record(code, duration, probe, timeout)
+
+    def record_status(self, status: int, duration: float, probe: int) -> None:
         """Report an admitted call by the status it answered.
 
         A status in the policy's ``failure_status`` is a failure; anything else, 4xx
         included, is a success: the upstream answered as designed, the client asked wrong.
+        429 is never a failure, even when listed: the upstream is pacing us, on purpose.
         """
         if status in self._failure_status:
             self.record_failure(duration, probe)
         else:
             self.record_success(duration, probe)
 
-    def record_ignored(self, probe: bool) -> None:
+    def record_retried(self, duration: float, probe: int, *, timeout: bool = False) -> None:
+        """Report an admitted attempt that failed and is followed by a retry of the call.
+
+        It counts in no rate: the breaker judges calls by their last attempt, the outcome
+        the caller sees, so retries that rescue a call do not trip it. A timed-out attempt
+        still feeds the consecutive-timeouts trigger. A probe gives its slot back (the
+        retry is admitted afresh). Call listeners hear a failure, as for any failed attempt.
+        """
+        changed: tuple[BreakerState, BreakerState] | None = None
+        with self._lock:
+            owed = self._drain() if self._dropped else 0
+            state = self._state
+            if state is _CLOSED:
+                if timeout:
+                    if self._timed_out(duration):
+                        changed = self._trip()
+                elif self._streak:
+                    self._end_streak()
+            elif state is _HALF_OPEN:
+                self._give_back(probe)
+        if owed:
+            self._pay(owed)
+        if changed is not None:
+            self._notify_state(*changed)
+        if self._call_listeners and state is not _DISABLED:
+            self._notify_call(CallOutcome.FAILURE, duration)
+
+    def record_ignored(self, probe: int) -> None:
         """Report an admitted call whose outcome must not count (e.g. the caller cancelled).
 
         A half-open probe gives its slot back, so another caller can probe instead.
         """
-        if probe:
+        owed = 0
+        if probe or self._dropped:
             with self._lock:
-                # More ignored than outstanding can only be a report from an earlier
-                # half-open spell; it must not hand out extra slots in this one.
-                if self._state is _HALF_OPEN and self._probes > self._probe_successes:
-                    self._probes -= 1
+                owed = self._drain() if self._dropped else 0
+                self._give_back(probe)
+        if owed:
+            self._pay(owed)
         if self._call_listeners and self._state is not _DISABLED:
             self._notify_call(CallOutcome.IGNORED, 0.0)
 
-    def _record(self, code: int, duration: float, probe: bool) -> None:
+    def record_dropped(self, probe: int) -> None:
+        """:meth:`record_ignored` for finalisers: takes no lock, calls no listener.
+
+        A finaliser can run on a thread that already holds this breaker's lock (the garbage
+        collector runs whenever an allocation asks it to), so it must not wait for one.
+        The token is queued (``deque.append`` is atomic) and the next locked operation
+        gives the slot back and tells the call listeners.
+        """
+        if probe or self._call_listeners:
+            self._dropped.append(probe)
+
+    def _record(self, code: int, duration: float, probe: int, timeout: bool) -> None:
         changed: tuple[BreakerState, BreakerState] | None = None
         with self._lock:
+            owed = self._drain() if self._dropped else 0
             state = self._state
             if state is _DISABLED:
                 return
             if state is _CLOSED:
                 # A probe reported after a manual close is just a call made while closed.
-                if self._window.add(code) and self._over_threshold():
+                over = self._window.add(code) and self._over_threshold()
+                if over or (timeout and self._timed_out(duration)):
                     changed = self._trip()
                 else:
+                    if self._streak and not timeout:
+                        self._end_streak()  # an answer, or another kind of failure
                     self._check_quiet()
-            elif state is _HALF_OPEN and probe:
-                if code & _FAIL or (code & _SLOW and self._slow_trips):
-                    # One bad probe is enough: the upstream is not back. A slow probe is bad
-                    # only when slowness can trip the breaker; closing would re-trip anyway.
-                    changed = self._open()
-                else:
-                    self._probe_successes += 1
-                    if self._probe_successes >= self._half_open_calls:
-                        self._window.clear()
-                        self._consecutive_opens = 0
-                        changed = self._set_state(_CLOSED)
+            elif state is _HALF_OPEN and probe == self._spell:
+                self._probe_results += 1
+                self._probe_failures += code & _FAIL
+                self._probe_slow += code >> 1
+                changed = self._judge_probes()
             # Otherwise a call admitted before the breaker opened (or a probe of an earlier
             # half-open spell) finished late: it says nothing about the upstream now.
+        if owed:
+            self._pay(owed)
         if changed is not None:
             self._notify_state(*changed)
         if self._call_listeners:
             self._notify_call(
                 CallOutcome.FAILURE if code & _FAIL else CallOutcome.SUCCESS, duration
             )
+
+    # --- bookkeeping (all called with the lock held) -------------------------------------
+
+    def _give_back(self, probe: int) -> None:
+        # Only a probe of the current spell holds a slot of it: a report from an earlier
+        # spell must not hand out extra slots in this one.
+        if (
+            probe
+            and probe == self._spell
+            and self._state is _HALF_OPEN
+            and self._probes > self._probe_results
+        ):
+            self._probes -= 1
+
+    def _drain(self) -> int:
+        """Settle what finalisers queued; the number of call listeners' IGNORED owed.
+
+        Callers test ``self._dropped`` first, so the common case (nothing queued) is one
+        truth test on each locked operation."""
+        dropped = self._dropped
+        owed = 0
+        while dropped:
+            self._give_back(dropped.popleft())
+            owed += 1
+        return owed
+
+    def _pay(self, owed: int) -> None:
+        # Without the lock: the IGNORED notifications of bodies dropped unread.
+        if self._call_listeners and self._state is not _DISABLED:
+            for _ in range(owed):
+                self._notify_call(CallOutcome.IGNORED, 0.0)
+
+    def _timed_out(self, duration: float) -> bool:
+        """Count one timed-out attempt while closed; True when the streak must open it.
+
+        The streak opens the breaker once it is ``consecutive_timeouts`` long and its last
+        attempt began after its first one was reported: a whole attempt went by in which
+        nothing answered. Without that, concurrent calls to a partly slow upstream would
+        line timeouts up by chance; any answer in between ends the streak.
+        """
+        limit = self._consecutive_timeouts
+        if not limit:
+            return False
+        now = self._clock()
+        if not self._streak:
+            self._streak_since = now
+            # Successes must now take the locked path, which ends the streak.
+            self._fast = False
+            self._check_quiet()
+        self._streak += 1
+        return self._streak >= limit and (limit == 1 or now - duration >= self._streak_since)
+
+    def _end_streak(self) -> None:
+        self._streak = 0
+        self._fast = self._state is _CLOSED and not self._call_listeners
+        self._check_quiet()
+
+    def _judge_probes(self) -> tuple[BreakerState, BreakerState] | None:
+        # The spell is judged by its probes' rates against the thresholds, as the window
+        # is: one failed probe of three no longer re-opens a breaker whose upstream answers
+        # most calls. Rates are over all half_open_calls probes, so a re-open is decided
+        # as soon as it is certain, a close once every probe has reported.
+        n = self._half_open_calls
+        failures = self._probe_failures
+        slow = self._probe_slow
+        if (failures and failures / n >= self._failure_rate) or (
+            self._slow_trips and slow and slow / n >= self._slow_call_rate
+        ):
+            return self._open()
+        if self._probe_results >= n:
+            self._window.clear()
+            self._consecutive_opens = 0
+            return self._set_state(_CLOSED)
+        return None
 
     # --- transitions (all called with the lock held) -------------------------------------
 
@@ -541,9 +709,12 @@ class CircuitBreaker:
         old = self._state
         self._state = new
         self.passing = new is _CLOSED or new is _DISABLED
+        self._streak = 0
         self._fast = new is _CLOSED and not self._call_listeners
         self._check_quiet()
-        self._probes = self._probe_successes = 0
+        if new is _HALF_OPEN:
+            self._spell += 1
+        self._probes = self._probe_results = self._probe_failures = self._probe_slow = 0
         return old, new
 
     def _check_quiet(self) -> None:
@@ -584,10 +755,13 @@ class CircuitBreaker:
 
     def _manual(self, new: BreakerState, *, fresh: bool = False) -> None:
         with self._lock:
+            owed = self._drain() if self._dropped else 0
             if fresh or new is _CLOSED:
                 self._window.clear()
                 self._consecutive_opens = 0
             old, _ = self._set_state(new)
+        if owed:
+            self._pay(owed)
         if old is not new:
             self._notify_state(old, new)
 
@@ -607,19 +781,23 @@ class CircuitBreaker:
         ``None`` when a call would be admitted now, or when no time can be promised
         (FORCED_OPEN: it opens when an operator says so).
         """
+        answer: float | None = None
         with self._lock:
+            owed = self._drain() if self._dropped else 0
             state = self._state
             if state is _OPEN:
                 remaining = self._open_until - self._clock()
-                if remaining > 0:
-                    return remaining
-                return None  # the next admit becomes the first probe
-            if state is _HALF_OPEN and self._probes >= self._half_open_calls:
-                return HALF_OPEN_RETRY_AFTER
-            return None
+                # Not positive: the next admit becomes the first probe.
+                answer = remaining if remaining > 0 else None
+            elif state is _HALF_OPEN and self._probes >= self._half_open_calls:
+                answer = HALF_OPEN_RETRY_AFTER
+        if owed:
+            self._pay(owed)
+        return answer
 
     def snapshot(self) -> BreakerSnapshot:
         with self._lock:
+            owed = self._drain() if self._dropped else 0
             window = self._window
             window.refresh()
             state = self._state
@@ -633,7 +811,7 @@ class CircuitBreaker:
                     open_until = self._open_until
                     open_remaining = open_until - now
             calls, failures, slow = window.calls, window.failures, window.slow
-            return BreakerSnapshot(
+            snapshot = BreakerSnapshot(
                 name=self.name,
                 state=state,
                 calls=calls,
@@ -645,9 +823,12 @@ class CircuitBreaker:
                 open_remaining=open_remaining,
                 consecutive_opens=self._consecutive_opens,
                 probes_in_flight=(
-                    self._probes - self._probe_successes if self._state is _HALF_OPEN else 0
+                    self._probes - self._probe_results if self._state is _HALF_OPEN else 0
                 ),
             )
+        if owed:
+            self._pay(owed)
+        return snapshot
 
     # --- listeners -----------------------------------------------------------------------
 
@@ -683,7 +864,7 @@ class CircuitBreaker:
 
     def _listeners_changed(self) -> None:
         # With the lock held: the hot-path flags that depend on having call listeners.
-        self._fast = self._state is _CLOSED and not self._call_listeners
+        self._fast = self._state is _CLOSED and not self._call_listeners and not self._streak
         self.times_successes = self._slow_trips or bool(self._call_listeners)
         self._check_quiet()
 

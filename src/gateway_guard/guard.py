@@ -250,7 +250,7 @@ class Guard:
 def _outcome(
     rt: UpstreamRuntime,
     exc: BaseException,
-    probe: bool,
+    probe: int,
     t0: float,
     failure: type[BaseException] | tuple[type[BaseException], ...],
     ignore: type[BaseException] | tuple[type[BaseException], ...],

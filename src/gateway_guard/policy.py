@@ -84,6 +84,7 @@ class BreakerPolicy:
     slow_call_seconds: float = _BREAKER.slow_call_seconds
     slow_call_rate: float = _BREAKER.slow_call_rate
     failure_status: frozenset[int] = frozenset(_BREAKER.failure_status)
+    consecutive_timeouts: int = _BREAKER.consecutive_timeouts
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +195,7 @@ def _call_policy(name: str, base_url: str | None, call: CallSettings) -> CallPol
             slow_call_seconds=b.slow_call_seconds,
             slow_call_rate=b.slow_call_rate,
             failure_status=frozenset(b.failure_status),
+            consecutive_timeouts=b.consecutive_timeouts,
         ),
         bulkhead=BulkheadPolicy(max_concurrent=h.max_concurrent, max_wait=h.max_wait),
     )
