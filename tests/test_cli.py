@@ -19,7 +19,7 @@ def test_check_prints_effective_policies(capsys: pytest.CaptureFixture[str]) -> 
     # every route x upstream appears, with layered values
     assert "/checkout/{rest:path}  POST     payments" in out
     assert "1 (no retry)" in out
-    assert "0.3 of 20 (min 10), open 15s" in out
+    assert "0.8 of 50 (min 10), open 15s" in out
     assert "critical" in out and "sheddable" in out
 
 
