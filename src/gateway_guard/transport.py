@@ -45,12 +45,18 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 
-def _clipped(call: Call) -> Mapping[str, float]:
-    """An attempt's timeouts, cut to the deadline, as httpx's ``timeout`` extension.
+def _timeouts(call: Call, bounded: bool) -> Mapping[str, float]:
+    """An attempt's timeouts, as httpx's ``timeout`` extension.
 
-    An attempt with time to spare uses ``call.policy.timeouts``, built once per policy and
-    shared by every request (httpx and httpcore only read it).
+    On a transport whose sockets are bounded (``install``), timeouts that carry the call,
+    so every read and write stops at its deadline. Otherwise an attempt with time to spare
+    uses ``call.policy.timeouts``, built once per policy and shared by every request (httpx
+    and httpcore only read it), and one with less time left gets them cut to the deadline.
     """
+    if bounded:
+        return timeouts(call)
+    if not call.clipped:
+        return call.policy.timeouts
     connect, read = call.connect_timeout, call.read_timeout
     return {"connect": connect, "read": read, "write": read, "pool": connect}
 
@@ -100,12 +106,7 @@ class GuardedTransport(httpx.BaseTransport):
                 not isinstance(request.stream, httpx.ByteStream),
             )
             while True:
-                if self._bounded:
-                    request.extensions["timeout"] = timeouts(call)
-                elif call.clipped:
-                    request.extensions["timeout"] = _clipped(call)
-                else:
-                    request.extensions["timeout"] = call.policy.timeouts
+                request.extensions["timeout"] = _timeouts(call, self._bounded)
                 try:
                     response = self._inner.handle_request(request)
                 except httpx.TransportError as exc:
@@ -181,12 +182,7 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 not isinstance(request.stream, httpx.ByteStream),
             )
             while True:
-                if self._bounded:
-                    request.extensions["timeout"] = timeouts(call)
-                elif call.clipped:
-                    request.extensions["timeout"] = _clipped(call)
-                else:
-                    request.extensions["timeout"] = call.policy.timeouts
+                request.extensions["timeout"] = _timeouts(call, self._bounded)
                 try:
                     response = await self._inner.handle_async_request(request)
                 except httpx.TransportError as exc:
