@@ -67,7 +67,7 @@ PAGES = ("/shop",)
 MODES = (
     ("ok", "answers at once", "200"),
     ("slow", "answers after delay_ms (over the 2 s read timeout: a timeout)", "200 or 504"),
-    ("hang", "never answers", "504 connection_read_timeout"),
+    ("hang", "never answers", "504 (see hang_answer)"),
     ("refuse", "is down: connections are refused", "502 connection_refused"),
     ("reset", "resets the connection", "502 connection_terminated"),
     ("garbage", "answers bytes that are not HTTP", "502 http_protocol_error"),
@@ -159,16 +159,51 @@ async def _call_catalog(catalog: httpx.AsyncClient) -> tuple[dict[str, Any], flo
     return (data if isinstance(data, dict) else {}), elapsed
 
 
+def breaker_rule(guard: gg.Guard) -> str:
+    """The catalog breaker's rule in words, from the policy it runs with: the page cannot
+    promise one rule while the settings apply another."""
+    b = guard.policy(UPSTREAM).breaker
+    if not b.enabled:
+        return "It is turned off here: it never opens."
+    unit = "calls" if b.window == "count" else "seconds"
+    rule = (
+        f"It opens when at least {b.failure_rate:.0%} of the calls in the last "
+        f"{b.window_size} {unit} failed, once at least {b.min_calls} calls were made. A call "
+        "is judged after its retries, so one failed visit counts once"
+    )
+    if b.consecutive_timeouts:
+        rule += (
+            f"; and at once after {b.consecutive_timeouts} timed-out attempts in a row "
+            "(a hung catalog)"
+        )
+    return (
+        f"{rule}. Then <code>/shop</code> and <code>/api/items</code> answer 503 at once, "
+        f"without calling the catalog, for {b.open_seconds:g} seconds, and "
+        f"{b.half_open_calls} probe calls decide whether it closes again."
+    )
+
+
+def hang_answer(guard: gg.Guard) -> str:
+    """What a visitor gets from a hung catalog: the deadline ends the call first when the
+    attempts' read timeouts add up to it."""
+    policy = guard.policy(UPSTREAM)
+    if policy.retry.attempts * policy.read_timeout >= policy.deadline:
+        return "504 http_response_timeout (the call's deadline)"
+    return "504 connection_read_timeout"
+
+
 def _landing_page(control_url: str) -> str:
     # current_guard() reaches the Guard serving this request from anywhere in it, without
     # passing it around (LookupError outside a request).
-    breaker = gg.current_guard().breaker(UPSTREAM)
+    guard = gg.current_guard()
+    breaker = guard.breaker(UPSTREAM)
     state = breaker.state.value
     retry_after = breaker.retry_after()
     if retry_after is not None:
         state += f" (half-open in {retry_after:.0f} s)"
     modes = "".join(
-        f"<tr><td><code>{esc(name)}</code></td><td>{esc(does)}</td><td>{esc(sees)}</td></tr>"
+        f"<tr><td><code>{esc(name)}</code></td><td>{esc(does)}</td>"
+        f"<td>{esc(hang_answer(guard) if name == 'hang' else sees)}</td></tr>"
         for name, does, sees in MODES
     )
     port = urlsplit(control_url).port
@@ -188,9 +223,7 @@ problem+json, with <code>Proxy-Status</code>, <code>Retry-After</code> and
 
 <h2>Circuit breaker</h2>
 <p>The catalog's breaker is <span class="state">{esc(state)}</span>. Reload this page to
-see it change. After 5 failed calls in the last 10 it opens: <code>/shop</code> and
-<code>/api/items</code> then answer 503 at once, without calling the catalog, for 10
-seconds; then a few probe calls decide whether it closes again.</p>
+see it change. {breaker_rule(guard)}</p>
 
 <h2>Upstream modes</h2>
 <table><tr><th>mode</th><th>the catalog…</th><th>visitors get</th></tr>{modes}</table>

@@ -173,6 +173,29 @@ def test_inbound_request_id_is_echoed_on_errors(upstream: MisbehavingUpstream) -
 # --- every failure mode, as an API client and as a browser ----------------------------------
 
 
+@pytest.mark.e2e
+def test_landing_page_states_the_breaker_rule_its_settings_apply(
+    upstream: MisbehavingUpstream,
+) -> None:
+    # The page's words come from the policy the app runs with, never written by hand.
+    with serve(upstream) as served:
+        demo = served.get("/", HTML).text
+    assert "at least 50% of the calls in the last 10 calls failed" in demo
+    assert "once at least 5 calls were made" in demo
+    assert "after 3 timed-out attempts in a row" in demo
+    assert "for 10 seconds" in demo
+    # 3 attempts x 2 s reads outlast the 5 s deadline: the deadline ends a hung call.
+    assert "504 http_response_timeout" in demo
+    breaker = {"failure_rate": 0.6, "window_size": 12, "min_calls": 4, "consecutive_timeouts": 0}
+    overrides = {"upstreams": {"catalog": {"breaker": breaker, "deadline": 9.0}}}
+    with serve(upstream, **overrides) as served:
+        tuned = served.get("/", HTML).text
+    assert "at least 60% of the calls in the last 12 calls failed" in tuned
+    assert "once at least 4 calls were made" in tuned
+    assert "timed-out attempts" not in tuned
+    assert "504 connection_read_timeout" in tuned
+
+
 @dataclass(frozen=True)
 class Failure:
     mode: str
