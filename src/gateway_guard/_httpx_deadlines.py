@@ -86,6 +86,18 @@ def _remaining(call: Call) -> float:
     return remaining
 
 
+def _limit(timeout: float | None) -> tuple[float | None, bool]:
+    """One socket operation's timeout, and whether the call's deadline is what set it (a
+    timeout then means the deadline, not the per-read timeout). Shared by the sync and
+    async streams' reads and writes: one decision, four call sites."""
+    if type(timeout) is not Bound:
+        return timeout, False
+    remaining = _remaining(timeout.call)
+    if timeout <= remaining:
+        return timeout, False
+    return remaining, True
+
+
 def install(inner: object) -> bool:
     """Bound ``inner``'s socket I/O by each guarded call's deadline, if it is one of httpx's
     HTTP transports (anything with an httpcore pool); otherwise leave it alone.
@@ -116,28 +128,22 @@ class _Stream(httpcore.NetworkStream):
         self._inner = inner
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if type(timeout) is not Bound:
-            return self._inner.read(max_bytes, timeout)
-        remaining = _remaining(timeout.call)
-        if timeout is not None and timeout <= remaining:
-            return self._inner.read(max_bytes, timeout)
+        limit, deadline = _limit(timeout)
         try:
-            return self._inner.read(max_bytes, remaining)
+            return self._inner.read(max_bytes, limit)
         except httpcore.ReadTimeout as exc:
-            raise DeadlineExceeded(str(exc)) from exc
+            if deadline:
+                raise DeadlineExceeded(str(exc)) from exc
+            raise
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if type(timeout) is not Bound:
-            self._inner.write(buffer, timeout)
-            return
-        remaining = _remaining(timeout.call)
-        if timeout is not None and timeout <= remaining:
-            self._inner.write(buffer, timeout)
-            return
+        limit, deadline = _limit(timeout)
         try:
-            self._inner.write(buffer, remaining)
+            self._inner.write(buffer, limit)
         except httpcore.WriteTimeout as exc:
-            raise DeadlineExceeded(str(exc)) from exc
+            if deadline:
+                raise DeadlineExceeded(str(exc)) from exc
+            raise
 
     def close(self) -> None:
         self._inner.close()
@@ -193,28 +199,22 @@ class _AsyncStream(httpcore.AsyncNetworkStream):
         self._inner = inner
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        if type(timeout) is not Bound:
-            return await self._inner.read(max_bytes, timeout)
-        remaining = _remaining(timeout.call)
-        if timeout is not None and timeout <= remaining:
-            return await self._inner.read(max_bytes, timeout)
+        limit, deadline = _limit(timeout)
         try:
-            return await self._inner.read(max_bytes, remaining)
+            return await self._inner.read(max_bytes, limit)
         except httpcore.ReadTimeout as exc:
-            raise DeadlineExceeded(str(exc)) from exc
+            if deadline:
+                raise DeadlineExceeded(str(exc)) from exc
+            raise
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if type(timeout) is not Bound:
-            await self._inner.write(buffer, timeout)
-            return
-        remaining = _remaining(timeout.call)
-        if timeout is not None and timeout <= remaining:
-            await self._inner.write(buffer, timeout)
-            return
+        limit, deadline = _limit(timeout)
         try:
-            await self._inner.write(buffer, remaining)
+            await self._inner.write(buffer, limit)
         except httpcore.WriteTimeout as exc:
-            raise DeadlineExceeded(str(exc)) from exc
+            if deadline:
+                raise DeadlineExceeded(str(exc)) from exc
+            raise
 
     async def aclose(self) -> None:
         await self._inner.aclose()
