@@ -45,8 +45,6 @@ import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final, ParamSpec, TypeVar, cast
 
-import httpx
-
 try:
     from flask import Flask, current_app, has_app_context, has_request_context, request
     from flask.typing import ResponseReturnValue
@@ -68,7 +66,14 @@ from .context import RequestContext, current_context
 from .errors import SettingsError, SettingsProblem, UpstreamError
 from .guard import Guard
 from .headers import format_retry_after
-from .inbound import as_upstream_error, handler_headers, respond, start, view_policy
+from .inbound import (
+    GATEWAY_EXCEPTIONS,
+    as_upstream_error,
+    handler_headers,
+    respond,
+    start,
+    view_policy,
+)
 from .render import RenderedError
 from .routing import Route
 from .settings import Settings, SettingsSource
@@ -329,7 +334,7 @@ class GatewayGuard:
         )
         # A handler the user registered for these classes already is theirs: keep it.
         app_handlers = app.error_handler_spec[None][None]
-        for exc_class in (UpstreamError, httpx.TransportError, httpx.DecodingError):
+        for exc_class in GATEWAY_EXCEPTIONS:
             if exc_class not in app_handlers:
                 app.register_error_handler(exc_class, _handle_gateway_error)
         app.extensions[EXTENSION_KEY] = state

@@ -46,6 +46,7 @@ from ._admission import admit_async as admit_async
 from ._admission import inbound_shed as inbound_shed
 from ._admission import release as release
 from ._admission import try_admit as try_admit
+from ._errors import GATEWAY_EXCEPTIONS as GATEWAY_EXCEPTIONS
 from ._errors import as_upstream_error as as_upstream_error
 from ._errors import log_gateway_error as log_gateway_error
 from ._errors import render_error as render_error

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("gateway_guard")
 
+# An unguarded httpx client's failures that are still the upstream's: a transport error,
+# or a corrupt Content-Encoding (raised above the transport, where no guard sees it).
+_CLIENT_FAILURES = (httpx.TransportError, httpx.DecodingError)
+#: Everything answered as a gateway error when the app lets it escape: one list for the
+#: core and for adapters that register handlers by class (Flask).
+GATEWAY_EXCEPTIONS: tuple[type[Exception], ...] = (UpstreamError, *_CLIENT_FAILURES)
+
 
 def as_upstream_error(exc: BaseException) -> UpstreamError | None:
     """The gateway error to render for ``exc``, or None when it is not ours to answer.
@@ -32,7 +39,7 @@ def as_upstream_error(exc: BaseException) -> UpstreamError | None:
     """
     if isinstance(exc, UpstreamError):
         return exc
-    if isinstance(exc, httpx.TransportError | httpx.DecodingError) or (
+    if isinstance(exc, _CLIENT_FAILURES) or (
         isinstance(exc, BaseExceptionGroup) and _holds_upstream_failure(exc)
     ):
         error = from_exception(exc)
@@ -44,9 +51,7 @@ def as_upstream_error(exc: BaseException) -> UpstreamError | None:
 
 def _holds_upstream_failure(group: BaseExceptionGroup[BaseException]) -> bool:
     """A task group whose failure was an upstream's (anyio/asyncio wrap errors in groups)."""
-    matched, _ = group.split(
-        lambda e: isinstance(e, UpstreamError | httpx.TransportError | httpx.DecodingError)
-    )
+    matched, _ = group.split(lambda e: isinstance(e, GATEWAY_EXCEPTIONS))
     return matched is not None
 
 
