@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo bench clean venv
+.PHONY: test lint typecheck pytest demo bench clean venv sysdeps
 
 venv: $(STAMP)
 
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
-test: $(STAMP) lint typecheck pytest
+test: $(STAMP) sysdeps lint typecheck pytest
+
+# Chromium + chromedriver, redis-server and CJK fonts (apt, when missing) and axe-core (npm):
+# the real servers and browser the end-to-end tests drive.
+sysdeps: $(STAMP)
+	bash tools/sysdeps.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
