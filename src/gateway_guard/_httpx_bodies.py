@@ -27,8 +27,10 @@ __all__ = [
     "AsyncGuardedStream",
     "GuardedStream",
     "adrain",
+    "aread_ahead",
     "aread_capped",
     "drain",
+    "read_ahead",
     "read_capped",
 ]
 
@@ -138,6 +140,34 @@ class AsyncGuardedStream(_Settling, httpx.AsyncByteStream):
             await self._inner.aclose()
         finally:
             self._closed()
+
+
+# --- bodies read within the attempt ---------------------------------------------------------
+
+
+def read_ahead(response: httpx.Response) -> None:
+    """Read a success's body within its attempt (the call core's ``reads_ahead``).
+
+    A body that breaks off or stalls raises its transport error here, where the driver
+    handles it as the attempt's failure; one that arrives whole is handed on from memory,
+    still encoded (httpx decodes it for the caller as before, and a corrupt encoding is
+    still the guarded stream's to count).
+    """
+    stream: httpx.SyncByteStream = response.stream  # type: ignore[assignment]
+    try:
+        body = b"".join(stream)
+    finally:
+        stream.close()  # the connection goes back to the pool, or away after a failure
+    response.stream = httpx.ByteStream(body)
+
+
+async def aread_ahead(response: httpx.Response) -> None:
+    stream: httpx.AsyncByteStream = response.stream  # type: ignore[assignment]
+    try:
+        body = b"".join([chunk async for chunk in stream])
+    finally:
+        await stream.aclose()
+    response.stream = httpx.ByteStream(body)
 
 
 # --- failure bodies ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from .render import ErrorRenderer
 from .retry import RetryBudget
 from .routing import Route
 from .settings import Settings, SettingsSource, load_settings
-from .transport import AsyncGuardedTransport, GuardedTransport
+from .transport import AsyncGuardedClient, AsyncGuardedTransport, GuardedClient, GuardedTransport
 
 __all__ = ["Guard"]
 
@@ -205,13 +205,13 @@ class Guard:
         """
         inner = kwargs.pop("transport", None) or self._inner(kwargs, httpx.HTTPTransport)
         kwargs = self._client_kwargs(upstream, kwargs)
-        return httpx.Client(transport=self.transport(upstream, inner), **kwargs)
+        return GuardedClient(transport=self.transport(upstream, inner), **kwargs)
 
     def async_client(self, upstream: str, **kwargs: Any) -> httpx.AsyncClient:
         """A new guarded ``httpx.AsyncClient`` for ``upstream``, owned by the caller."""
         inner = kwargs.pop("transport", None) or self._inner(kwargs, httpx.AsyncHTTPTransport)
         kwargs = self._client_kwargs(upstream, kwargs)
-        return httpx.AsyncClient(transport=self.async_transport(upstream, inner), **kwargs)
+        return AsyncGuardedClient(transport=self.async_transport(upstream, inner), **kwargs)
 
     # --- any callable ------------------------------------------------------------------
 

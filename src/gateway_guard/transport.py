@@ -12,6 +12,11 @@ the upstream's pacing: each attempt's read and write timeouts carry the call
 (:class:`~gateway_guard._httpx_deadlines.Bound`), and :mod:`gateway_guard._httpx_deadlines`
 bounds every socket operation by its deadline.
 
+A success whose body the caller reads whole (the guarded clients mark such requests) may
+be read within the attempt when the call core says so (``Call.reads_ahead``), so that a
+body breaking off is a failed attempt, retried like any other; ``client.stream()`` and
+bodies of unknown length stream to the caller as they arrive.
+
 A body held in memory (``httpx.ByteStream``) can be sent again; a stream is consumed by
 the first attempt (and may be replaced by a ByteStream once read, so the drivers look
 before sending): a streaming request, multipart uploads included, is never retried.
@@ -22,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -31,8 +36,10 @@ from ._httpx_bodies import (
     AsyncGuardedStream,
     GuardedStream,
     adrain,
+    aread_ahead,
     aread_capped,
     drain,
+    read_ahead,
     read_capped,
 )
 from ._httpx_deadlines import classified, install, timeouts
@@ -43,6 +50,12 @@ if TYPE_CHECKING:
     from .guard import UpstreamRuntime
 
 __all__: list[str] = []
+
+# The request extension by which a guarded client tells its transport that the caller
+# reads the whole body (``client.get()``, not ``client.stream()``): only then may the
+# transport read it within the attempt (the call core's ``reads_ahead``). A transport on
+# a client of the caller's own never sees it, and leaves every body to the caller.
+READS_WHOLE_BODY = "gateway_guard.reads_whole_body"
 
 
 def _timeouts(call: Call, bounded: bool) -> Mapping[str, float]:
@@ -105,10 +118,19 @@ class GuardedTransport(httpx.BaseTransport):
                 request.headers,
                 not isinstance(request.stream, httpx.ByteStream),
             )
+            reads_whole = READS_WHOLE_BODY in request.extensions
             while True:
                 request.extensions["timeout"] = _timeouts(call, self._bounded)
                 try:
                     response = self._inner.handle_request(request)
+                    if (
+                        reads_whole
+                        and not response.is_stream_consumed
+                        and call.reads_ahead(response.status_code, response.headers)
+                    ):
+                        # A body that breaks off now fails this attempt, like any other
+                        # transport error below.
+                        read_ahead(response)
                 except httpx.TransportError as exc:
                     error, reached = _classified(call, exc)
                     wait = call.failed(error, reached)
@@ -181,10 +203,17 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 request.headers,
                 not isinstance(request.stream, httpx.ByteStream),
             )
+            reads_whole = READS_WHOLE_BODY in request.extensions
             while True:
                 request.extensions["timeout"] = _timeouts(call, self._bounded)
                 try:
                     response = await self._inner.handle_async_request(request)
+                    if (
+                        reads_whole
+                        and not response.is_stream_consumed
+                        and call.reads_ahead(response.status_code, response.headers)
+                    ):
+                        await aread_ahead(response)
                 except httpx.TransportError as exc:
                     error, reached = _classified(call, exc)
                     wait = call.failed(error, reached)
@@ -224,3 +253,29 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+# --- clients -------------------------------------------------------------------------------
+
+
+class GuardedClient(httpx.Client):
+    """The ``httpx.Client`` of ``Guard.client()``: tells its transport which requests the
+    caller reads whole, so that their bodies may be read, and retried, within the call."""
+
+    def send(
+        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        if not stream:
+            request.extensions[READS_WHOLE_BODY] = True
+        return super().send(request, stream=stream, **kwargs)
+
+
+class AsyncGuardedClient(httpx.AsyncClient):
+    """The ``httpx.AsyncClient`` of ``Guard.async_client()``, as :class:`GuardedClient`."""
+
+    async def send(
+        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+    ) -> httpx.Response:
+        if not stream:
+            request.extensions[READS_WHOLE_BODY] = True
+        return await super().send(request, stream=stream, **kwargs)
