@@ -168,14 +168,21 @@ class SyncDriver:
         guard: gg.Guard,
         handler: Callable[[httpx.Request], httpx.Response],
         method: str = "GET",
+        *,
+        send: bool = False,
         **kwargs: Any,
     ) -> list[bytes]:
-        """``client.stream()``: the raw body chunks as the caller receives them."""
-        with (
-            guard.client("up", transport=httpx.MockTransport(handler)) as client,
-            client.stream(method, "/x", **kwargs) as response,
-        ):
-            return list(response.iter_raw())
+        """``client.stream()``: the raw body chunks as the caller receives them (with
+        ``send=True``, ``client.send(request, stream=True)``)."""
+        with guard.client("up", transport=httpx.MockTransport(handler)) as client:
+            if send:
+                response = client.send(client.build_request(method, "/x"), stream=True)
+                try:
+                    return list(response.iter_raw())
+                finally:
+                    response.close()
+            with client.stream(method, "/x", **kwargs) as response:
+                return list(response.iter_raw())
 
     def send_many(
         self, guard: gg.Guard, handler: Callable[[httpx.Request], httpx.Response], n: int
@@ -228,15 +235,22 @@ class AsyncDriver:
         guard: gg.Guard,
         handler: Callable[[httpx.Request], httpx.Response],
         method: str = "GET",
+        *,
+        send: bool = False,
         **kwargs: Any,
     ) -> list[bytes]:
         async def main() -> list[bytes]:
             mock = httpx.MockTransport(self._async(handler))
-            async with (
-                guard.async_client("up", transport=mock) as client,
-                client.stream(method, "/x", **kwargs) as response,
-            ):
-                return [chunk async for chunk in response.aiter_raw()]
+            async with guard.async_client("up", transport=mock) as client:
+                if send:
+                    request = client.build_request(method, "/x")
+                    response = await client.send(request, stream=True)
+                    try:
+                        return [chunk async for chunk in response.aiter_raw()]
+                    finally:
+                        await response.aclose()
+                async with client.stream(method, "/x", **kwargs) as response:
+                    return [chunk async for chunk in response.aiter_raw()]
 
         return asyncio.run(main())
 
@@ -1653,8 +1667,12 @@ def test_buffer_body_bytes_caps_the_bodies_read_within_the_attempt(
     assert handler.calls == calls
 
 
-def test_a_streaming_caller_gets_the_body_as_it_comes(driver: Driver, clock: FakeClock) -> None:
-    # client.stream() is not read ahead, however small the body: the chunks arrive one by one.
+@pytest.mark.parametrize("send", [False, True], ids=["stream", "send-stream"])
+def test_a_streaming_caller_gets_the_body_as_it_comes(
+    driver: Driver, clock: FakeClock, send: bool
+) -> None:
+    # client.stream() and send(stream=True) are not read within the attempt, however small
+    # the body: the chunks arrive one by one.
     chunks = [b"a" * 10, b"b" * 10, b"c"]
 
     def step(request: httpx.Request) -> httpx.Response:
@@ -1662,7 +1680,7 @@ def test_a_streaming_caller_gets_the_body_as_it_comes(driver: Driver, clock: Fak
 
     guard = make_guard(clock)
 
-    assert driver.stream(guard, Upstream(step)) == chunks
+    assert driver.stream(guard, Upstream(step), send=send) == chunks
     assert guard.breaker("up").snapshot().calls == 1
 
 

@@ -118,14 +118,13 @@ class GuardedTransport(httpx.BaseTransport):
                 request.headers,
                 not isinstance(request.stream, httpx.ByteStream),
             )
-            reads_whole = READS_WHOLE_BODY in request.extensions
             while True:
                 request.extensions["timeout"] = _timeouts(call, self._bounded)
                 try:
                     response = self._inner.handle_request(request)
                     if (
-                        reads_whole
-                        and not response.is_stream_consumed
+                        not response.is_stream_consumed
+                        and READS_WHOLE_BODY in request.extensions
                         and call.reads_ahead(response.status_code, response.headers)
                     ):
                         # A body that breaks off now fails this attempt, like any other
@@ -203,14 +202,13 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 request.headers,
                 not isinstance(request.stream, httpx.ByteStream),
             )
-            reads_whole = READS_WHOLE_BODY in request.extensions
             while True:
                 request.extensions["timeout"] = _timeouts(call, self._bounded)
                 try:
                     response = await self._inner.handle_async_request(request)
                     if (
-                        reads_whole
-                        and not response.is_stream_consumed
+                        not response.is_stream_consumed
+                        and READS_WHOLE_BODY in request.extensions
                         and call.reads_ahead(response.status_code, response.headers)
                     ):
                         await aread_ahead(response)
@@ -258,24 +256,41 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
 # --- clients -------------------------------------------------------------------------------
 
 
+# Called directly rather than through super() and **kwargs: the override is on every call.
+_send = httpx.Client.send
+_asend = httpx.AsyncClient.send
+
+
 class GuardedClient(httpx.Client):
     """The ``httpx.Client`` of ``Guard.client()``: tells its transport which requests the
     caller reads whole, so that their bodies may be read, and retried, within the call."""
 
     def send(
-        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
         if not stream:
             request.extensions[READS_WHOLE_BODY] = True
-        return super().send(request, stream=stream, **kwargs)
+        return _send(self, request, stream=stream, auth=auth, follow_redirects=follow_redirects)
 
 
 class AsyncGuardedClient(httpx.AsyncClient):
     """The ``httpx.AsyncClient`` of ``Guard.async_client()``, as :class:`GuardedClient`."""
 
     async def send(
-        self, request: httpx.Request, *, stream: bool = False, **kwargs: Any
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
     ) -> httpx.Response:
         if not stream:
             request.extensions[READS_WHOLE_BODY] = True
-        return await super().send(request, stream=stream, **kwargs)
+        return await _asend(
+            self, request, stream=stream, auth=auth, follow_redirects=follow_redirects
+        )
