@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -58,18 +58,10 @@ __all__: list[str] = []
 READS_WHOLE_BODY = "gateway_guard.reads_whole_body"
 
 
-def _timeouts(call: Call, bounded: bool) -> Mapping[str, float]:
-    """An attempt's timeouts, as httpx's ``timeout`` extension.
-
-    On a transport whose sockets are bounded (``install``), timeouts that carry the call,
-    so every read and write stops at its deadline. Otherwise an attempt with time to spare
-    uses ``call.policy.timeouts``, built once per policy and shared by every request (httpx
-    and httpcore only read it), and one with less time left gets them cut to the deadline.
-    """
-    if bounded:
-        return timeouts(call)
-    if not call.clipped:
-        return call.policy.timeouts
+def _clipped(call: Call) -> Mapping[str, float]:
+    """An attempt's timeouts cut to the deadline, on a transport with no sockets to bound
+    (one with time to spare uses ``call.policy.timeouts``, built once per policy and shared
+    by every request: httpx and httpcore only read it)."""
     connect, read = call.connect_timeout, call.read_timeout
     return {"connect": connect, "read": read, "write": read, "pool": connect}
 
@@ -119,7 +111,15 @@ class GuardedTransport(httpx.BaseTransport):
                 not isinstance(request.stream, httpx.ByteStream),
             )
             while True:
-                request.extensions["timeout"] = _timeouts(call, self._bounded)
+                # The attempt's timeouts: on a transport whose sockets are bounded
+                # (install), ones that carry the call, so every read and write stops at its
+                # deadline. Chosen here, not by a helper: -1 call an attempt.
+                if self._bounded:
+                    request.extensions["timeout"] = timeouts(call)
+                elif call.clipped:
+                    request.extensions["timeout"] = _clipped(call)
+                else:
+                    request.extensions["timeout"] = call.policy.timeouts
                 try:
                     response = self._inner.handle_request(request)
                     if (
@@ -203,7 +203,12 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 not isinstance(request.stream, httpx.ByteStream),
             )
             while True:
-                request.extensions["timeout"] = _timeouts(call, self._bounded)
+                if self._bounded:  # as in GuardedTransport
+                    request.extensions["timeout"] = timeouts(call)
+                elif call.clipped:
+                    request.extensions["timeout"] = _clipped(call)
+                else:
+                    request.extensions["timeout"] = call.policy.timeouts
                 try:
                     response = await self._inner.handle_async_request(request)
                     if (
@@ -256,11 +261,6 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
 # --- clients -------------------------------------------------------------------------------
 
 
-# Called directly rather than through super() and **kwargs: the override is on every call.
-_send = httpx.Client.send
-_asend = httpx.AsyncClient.send
-
-
 class GuardedClient(httpx.Client):
     """The ``httpx.Client`` of ``Guard.client()``: tells its transport which requests the
     caller reads whole, so that their bodies may be read, and retried, within the call."""
@@ -275,22 +275,28 @@ class GuardedClient(httpx.Client):
     ) -> httpx.Response:
         if not stream:
             request.extensions[READS_WHOLE_BODY] = True
-        return _send(self, request, stream=stream, auth=auth, follow_redirects=follow_redirects)
+        # Not super() with **kwargs (this is on every call), and looked up now rather than
+        # bound once: instrumentation such as Sentry's patches httpx.Client.send later.
+        return httpx.Client.send(
+            self, request, stream=stream, auth=auth, follow_redirects=follow_redirects
+        )
 
 
 class AsyncGuardedClient(httpx.AsyncClient):
     """The ``httpx.AsyncClient`` of ``Guard.async_client()``, as :class:`GuardedClient`."""
 
-    async def send(
+    def send(
         self,
         request: httpx.Request,
         *,
         stream: bool = False,
         auth: Any = httpx.USE_CLIENT_DEFAULT,
         follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
-    ) -> httpx.Response:
+    ) -> Coroutine[Any, Any, httpx.Response]:
+        # A plain function returning httpx's own coroutine: awaited the same, without a
+        # coroutine of ours around it on every call.
         if not stream:
             request.extensions[READS_WHOLE_BODY] = True
-        return await _asend(
+        return httpx.AsyncClient.send(
             self, request, stream=stream, auth=auth, follow_redirects=follow_redirects
         )
