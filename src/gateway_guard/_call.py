@@ -10,7 +10,7 @@ to plain values. The protocol, in the manner of tenacity's ``iter()``::
         set the attempt's timeouts from call.connect_timeout / call.read_timeout
         try:
             response = send()
-            if the caller reads the whole body and call.reads_ahead(status, headers):
+            if the caller reads the whole body and call.reads_ahead(status, content_length):
                 read the body now  # one that breaks off fails this attempt, just below
         except <the client's transport errors> as exc:
             error = classify(exc)          # the driver's own classifier: an UpstreamError
@@ -222,16 +222,16 @@ class Call:
             self._record(None, error.proxy_error)
         return wait
 
-    def reads_ahead(self, status: int, headers: HeaderLookup) -> bool:
+    def reads_ahead(self, status: int, length: bytes | None) -> bool:
         """Whether the driver should read this answer's body within the attempt, before
         :meth:`answered`, for a caller that reads the whole body anyway.
 
         Then a body that breaks off or stalls is this attempt's failure (:meth:`failed`),
         retried like any other, instead of the caller's after the call has ended. Only
         for a success that a retry could replace (a replayable request, attempts left, not
-        a probe) and whose ``Content-Length`` is at most ``retry.buffer_body_bytes``: a
-        body of unknown length (a server-sent event stream, a chunked download) keeps
-        streaming to the caller.
+        a probe) and whose ``Content-Length`` (``length``, as sent; None if there is none)
+        is at most ``retry.buffer_body_bytes``: a body of unknown length (a server-sent
+        event stream, a chunked download) keeps streaming to the caller.
         """
         policy = self.policy
         retry = policy.retry
@@ -244,10 +244,9 @@ class Call:
             or status in policy.failure_statuses
         ):
             return False
-        length = headers.get("content-length")
-        # Digits only, and few enough for int() (which refuses over 4,300 of them); a
-        # malformed length is httpcore's to refuse, as the failure it is.
-        if length is None or len(length) > 18 or not length.isdecimal() or int(length) > limit:
+        # ASCII digits only (bytes.isdigit), and few enough for int(); a malformed length
+        # is httpcore's to refuse, as the failure it is.
+        if length is None or len(length) > 18 or not length.isdigit() or int(length) > limit:
             return False
         return request_is_replayable(retry, self.method, self.headers)
 
