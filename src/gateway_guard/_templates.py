@@ -42,6 +42,7 @@ _SAMPLE_DETAILS: Final[Mapping[str, Any]] = {
     "elapsed_ms": 1.0,
     "exception": "LoadShedError: sample",
 }
+_NO_SPACE_LANGUAGES = frozenset({"ja", "zh", "th", "lo", "km", "my"})
 _CSP_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
 # What a Settings built directly may carry instead of a colour: the schema's default.
 _DEFAULT_ACCENT: Final[str] = BrandSettings.model_fields["accent_color"].default
@@ -113,6 +114,8 @@ def page_context(
             words.duration(page.retry_after) if page.retry_after is not None else None
         ),
         "reference_parts": _parts(words["reference"]),
+        # Japanese and Chinese put no space between sentences.
+        "sentence_gap": "" if words.tag.split("-")[0].lower() in _NO_SPACE_LANGUAGES else " ",
         "retry_link": page.retry_link,
         "proxy_error": page.proxy_error,
         "received_status": page.received_status,
