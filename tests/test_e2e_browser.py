@@ -8,8 +8,10 @@ opened at desktop and phone widths; screenshots land in test-artifacts/browser/.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from starlette.applications import Starlette
@@ -18,7 +20,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 import gateway_guard as gg
-from browser import Browser, chromium
+from browser import Browser, artifacts_dir, chromium
 from gateway_guard.testing.upstream import MisbehavingUpstream
 from servers import serve_asgi
 
@@ -184,3 +186,65 @@ def test_error_page_in_the_visitors_language(
     # The way back to the site.
     home = driver.find_element("css selector", '.actions a[href="/"]')
     assert home.is_displayed()
+
+
+def test_each_client_gets_the_body_it_can_read(
+    browser: Browser, branded_site: str, upstream: MisbehavingUpstream
+) -> None:
+    """fetch() and XHR from a real page, a real navigation, and curl's requests: the media
+    type each is answered with, written to test-artifacts/browser/media-types.md."""
+    upstream.set_mode("refuse")
+    driver = browser.driver
+    url = f"{branded_site}/items"
+    browser.open(f"{branded_site}/static/logo.svg")  # a page of the same origin to script from
+    fetched = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0]).then(r => done([r.status, r.headers.get('content-type')]))"
+        ".catch(e => done(['error', String(e)]));",
+        url,
+    )
+    xhr = driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "const x = new XMLHttpRequest(); x.open('GET', arguments[0]);"
+        "x.onload = () => done([x.status, x.getResponseHeader('content-type')]);"
+        "x.onerror = () => done(['error', 'xhr']); x.send();",
+        url,
+    )
+    browser.open(url)
+    navigated = driver.execute_script(
+        "return [performance.getEntriesByType('navigation')[0].responseStatus,"
+        " document.contentType]"
+    )
+
+    def curl(*args: str) -> list[Any]:
+        out = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{content_type}", *args, url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        status, _, content_type = out.partition(" ")
+        return [int(status), content_type]
+
+    rows = {
+        "fetch() (Chromium)": fetched,
+        "XMLHttpRequest (Chromium)": xhr,
+        "browser navigation (Chromium)": navigated,
+        "curl": curl(),
+        "Accept: application/vnd.api+json": curl("-H", "Accept: application/vnd.api+json"),
+        "Accept: application/xml": curl("-H", "Accept: application/xml"),
+        "HEAD (curl -I)": curl("-I"),
+        "HEAD, Accept: application/json": curl("-I", "-H", "Accept: application/json"),
+    }
+    table = ["| client | status | Content-Type |", "|---|---|---|"]
+    table += [f"| {client} | {status} | `{ctype}` |" for client, (status, ctype) in rows.items()]
+    (artifacts_dir() / "media-types.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+    problem, page, text = "application/problem+json", "text/html", "text/plain; charset=utf-8"
+    assert fetched == [502, problem] and xhr == [502, problem], table
+    assert navigated == [502, page], table
+    assert rows["curl"] == [502, text]
+    assert rows["Accept: application/vnd.api+json"] == [502, problem]
+    assert rows["Accept: application/xml"] == [502, text]
+    assert rows["HEAD (curl -I)"] == [502, text]
+    assert rows["HEAD, Accept: application/json"] == [502, problem]
