@@ -1049,7 +1049,8 @@ def test_doc_toml_examples_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert blocks
     for block in blocks:
         raw = tomllib.loads(block)
-        (tmp_path / raw["brand"]["template_dir"]).mkdir(parents=True, exist_ok=True)
+        if "template_dir" in raw["brand"]:
+            (tmp_path / raw["brand"]["template_dir"]).mkdir(parents=True, exist_ok=True)
         load_settings(raw, environ={})
 
 
