@@ -202,14 +202,15 @@ def _first(*weights: float | None, wildcard: float | None) -> tuple[float, bool]
     return (wildcard, False) if wildcard is not None else (0.0, False)
 
 
-def negotiate_cached(accept: str | bytes | None, cache: dict[str, Media], kind: Kind = "") -> Media:
+def negotiate_cached(
+    accept: str | bytes | None, cache: dict[tuple[Kind, str], Media], kind: Kind = ""
+) -> Media:
     """:func:`negotiate`, remembering short ``Accept`` values in ``cache`` (bounded)."""
     if not accept:
         return negotiate(None, kind)
     if isinstance(accept, bytes):
         accept = accept.decode("latin-1")
-    # A field value never holds a line feed: no key can be mistaken for another.
-    key = f"{kind}\n{accept}" if kind else accept
+    key = (kind, accept)
     media = cache.get(key)
     if media is None:
         media = negotiate(accept, kind)

@@ -48,7 +48,7 @@ from ._hygiene import (
     safe_str,
 )
 from ._languages import Languages
-from ._negotiate import Media, Wants, negotiate_cached
+from ._negotiate import Kind, Media, Wants, negotiate_cached
 from ._negotiate import negotiate as negotiate
 from ._schema import Settings
 from ._templates import content_security_policy, load_template, page_context, static_context
@@ -108,7 +108,7 @@ class ErrorRenderer:
         self._debug = settings.debug
         self._clock = clock
         self._cache: dict[_Key, Entry] = {}
-        self._negotiated: dict[str, Media] = {}
+        self._negotiated: dict[tuple[Kind, str], Media] = {}
         self._stamp: tuple[int, bytes, bytes, str, str] = (-1, b"", b"", "", "")
         self._last_failure_log = -math.inf
         self._failures_since_log = 0
