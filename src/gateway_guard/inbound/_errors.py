@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 import httpx
 
 from gateway_guard import _fork
+from gateway_guard._negotiate import Wants
 from gateway_guard.errors import UpstreamError, from_exception
 
 from ._response import AppError
 
 if TYPE_CHECKING:
-    from gateway_guard._negotiate import Wants
     from gateway_guard.context import RequestContext
     from gateway_guard.guard import Guard
     from gateway_guard.render import RenderedError
@@ -155,13 +155,19 @@ def render_error(
 
 
 def respond(
-    ctx: RequestContext, failure: UpstreamError | AppError, wants: Wants, method: str
+    ctx: RequestContext,
+    failure: UpstreamError | AppError,
+    wants: Wants | str | bytes | None,
+    method: str,
 ) -> RenderedError:
     """Our page for a refusal, a gateway error or the app's own 502/503/504; never raises.
 
     A gateway error is logged here (:func:`log_gateway_error`), once, by whichever
-    adapter answers it.
+    adapter answers it. ``wants`` is what the request asks for (an ``Accept`` value alone
+    is taken as such).
     """
+    if not isinstance(wants, Wants):
+        wants = Wants(accept=wants.decode("latin-1") if isinstance(wants, bytes) else wants)
     if isinstance(failure, AppError):
         return ctx.guard.renderer.render_status(
             failure.status,
