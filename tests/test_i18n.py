@@ -329,3 +329,60 @@ def test_repeated_header_lines_form_one_list() -> None:
     )
     assert wants.accept == "text/plain;q=0.1, application/json"
     assert wants.language == "de"
+
+
+# --- the page, for the visitor ---------------------------------------------------------------
+
+
+def test_countdown_follows_retry_after_without_script_or_refresh() -> None:
+    r = renderer()
+    wants = Wants(CHROME, "de", "navigate")
+    page = r.render(CircuitOpenError(retry_after=30), request_id=RID, wants=wants).body.decode()
+    assert 'style="--wait: 30s; --from: 30"' in page
+    # Where CSS cannot count, the wait stays in words; the sentence is for screen readers.
+    assert '<span class="countdown-words">30 Sekunden</span>' in page
+    assert '<p class="visually-hidden">Bitte versuchen Sie es in 30 Sekunden erneut.</p>' in page
+    assert "<script" not in page and "http-equiv" not in page
+    no_wait = r.render(UpstreamTimeout(), request_id=RID, wants=wants).body.decode()
+    assert 'class="countdown"' not in no_wait
+    assert "<p>Bitte versuchen Sie es in wenigen Augenblicken erneut.</p>" in no_wait
+
+
+@pytest.mark.parametrize(
+    ("method", "try_again", "resubmit", "caution"),
+    [
+        ("GET", True, False, False),
+        ("PUT", False, True, False),
+        ("DELETE", False, True, False),
+        ("POST", False, True, True),
+        ("PATCH", False, True, True),
+    ],
+)
+def test_try_again_only_repeats_a_get(
+    method: str, try_again: bool, resubmit: bool, caution: bool
+) -> None:
+    r = renderer(home_url="https://acme.example/")
+    text = r.render(UpstreamTimeout(), request_id=RID, accept=CHROME, method=method).body.decode()
+    # href="" reloads the address with GET: right after a GET, wrong after a form's POST.
+    assert ('<a class="button" href="">Try again</a>' in text) is try_again
+    assert ("go back to the previous page and send the form again" in text) is resubmit
+    assert ("check whether it went through" in text) is caution
+    assert '<a href="https://acme.example/">Go to the home page</a>' in text
+
+
+def test_head_gets_the_get_headers_without_a_body() -> None:
+    r = renderer()
+    for wants in (Wants(CHROME, "ja", "navigate"), Wants("*/*", "de", "program"), Wants()):
+        get = r.render(UpstreamTimeout(), request_id=RID, wants=wants, method="GET")
+        head = r.render(UpstreamTimeout(), request_id=RID, wants=wants, method="HEAD")
+        assert head.body == b"" and head.headers == get.headers
+
+
+def test_strings_from_code_cannot_forge_lines_or_markup() -> None:
+    """A Settings built in code skips the settings check: the bodies still hold."""
+    strings = {"de": {"timeout_message": "Zeile\r\nX-Forged: 1 <script>alert(1)</script>"}}
+    r = renderer(strings=strings)
+    text = r.render(UpstreamTimeout(), request_id=RID, wants=Wants("*/*", "de")).body.decode()
+    assert "\r" not in text and "\nX-Forged" not in text
+    page = r.render(UpstreamTimeout(), request_id=RID, wants=Wants(CHROME, "de")).body.decode()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page

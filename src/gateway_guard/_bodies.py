@@ -70,16 +70,19 @@ def problem_json(page: Page, rid: str, base: str | None = None) -> bytes:
 
 def plain_text(page: Page, brand: Mapping[str, Any], rid: str, ts: str) -> bytes:
     """``page`` as a ``text/plain`` body; ``brand`` is the template's static context."""
+    # The words may come from settings ([brand.strings]): one line each, whatever they hold
+    # (the settings check refuses line breaks, but a Settings built in code skips it).
     words = page.words
     name = brand["brand_name"]
-    status_line = f"{page.status} {page.status_phrase}"
+    status_line = f"{page.status} {one_line(page.status_phrase)}"
     lines = [f"{one_line(name)}: {status_line}" if name else status_line, ""]
-    lines += [page.message, page.advice, ""]
+    lines += [one_line(page.message), one_line(page.advice), ""]
     if brand["status_url"]:
-        lines.append(f"{words['status_page_label']}: {one_line(brand['status_url'])}")
+        label = one_line(words["status_page_label"])
+        lines.append(f"{label}: {one_line(brand['status_url'])}")
     if brand["support_url"]:
-        lines.append(f"{words['support_label']}: {one_line(brand['support_url'])}")
-    lines.append(f"{words['reference_label']}: {rid} ({ts})")
+        lines.append(f"{one_line(words['support_label'])}: {one_line(brand['support_url'])}")
+    lines.append(f"{one_line(words['reference_label'])}: {rid} ({ts})")
     if page.details is not None:
         lines += ["", "Debug details (debug mode is on; turn it off in production):"]
         for label, field in (
