@@ -204,8 +204,9 @@ class FleetUpstream:
     gen: int = 0
     last_entry: str = ""
     peers: tuple[int, int, int] = (0, 0, 0)
-    # A transition this process decided while Redis was away: published on return.
-    dirty: bool = False
+    # A transition this process decided while Redis was away, published on return:
+    # "manual" (an operator's, which wins), "auto" (the breaker's own), or "".
+    dirty: str = ""
     unsubscribe: Any = None
     active: bool = field(default=False)
 
@@ -259,7 +260,7 @@ class FleetStore:
         self._scripts: dict[str, Any] = {}
         for member in self._members.values():
             member.epoch, member.gen, member.last_entry = "", 0, ""
-            member.peers, member.dirty, member.active = (0, 0, 0), False, False
+            member.peers, member.dirty, member.active = (0, 0, 0), "", False
 
     def _after_fork(self) -> None:
         # A forked child shares the parent's sockets and has none of its threads.
@@ -367,7 +368,7 @@ class FleetStore:
         if member is None:
             return
         if not self._up:
-            member.dirty = True
+            _mark_dirty(member, transition.reason)
             return
         self._task("transition", member, transition)
 
@@ -431,11 +432,11 @@ class FleetStore:
         # Transitions still queued could not be published: publish them on return.
         while self._tasks:
             try:
-                kind, member, _ = self._tasks.popleft()
+                kind, member, payload = self._tasks.popleft()
             except IndexError:
                 break
             if kind == "transition":
-                member.dirty = True
+                _mark_dirty(member, payload.reason)
         for member in self._members.values():
             member.peers = (0, 0, 0)
             member.breaker.set_peer_counts(0, 0, 0)
@@ -456,7 +457,7 @@ class FleetStore:
                 return
             if kind == "transition":
                 # Dirty until published: if Redis fails now, the resync publishes it.
-                member.dirty = True
+                _mark_dirty(member, payload.reason)
                 self._publish(member, payload.reason)
             elif kind == "report":
                 gen, failed, slow = payload
@@ -493,8 +494,13 @@ class FleetStore:
             ],
         )
         record = _record(flat)
+        if not int(applied) and reason == "rebuild" and member.dirty and record:
+            # Another process wrote the record back first, from its own state; a decision
+            # this process made while Redis was away still goes on top of it.
+            self._publish(member, "resync", expected=record.get("gen", "0"))
+            return
         with self._lock:
-            member.dirty = False
+            member.dirty = ""
             if int(applied):
                 member.epoch, member.gen = record["epoch"], int(record["gen"])
                 member.peers = (0, 0, 0)
@@ -533,12 +539,15 @@ class FleetStore:
             counts = _record(reply[2 + 2 * i])
             if not record:
                 # Never written, or flushed: this process's state becomes the fleet's.
-                self._publish(member, "rebuild", expected="*" if member.dirty else "new")
+                manual = member.dirty == "manual"
+                self._publish(member, "rebuild", expected="*" if manual else "new")
                 continue
             if member.dirty:
-                # Decided here while Redis was away (or while it was failing): the
-                # fleet takes it on. Several such decisions: the last one published wins.
-                self._publish(member, "resync", expected="*")
+                # Decided here while Redis was away (or while it was failing): the fleet
+                # takes it on, unless another process published a decision since we read
+                # the record; an operator's action wins over the breakers' own.
+                manual = member.dirty == "manual"
+                self._publish(member, "resync", expected="*" if manual else record["gen"])
             else:
                 with self._lock:
                     if _newer(record, member):
@@ -624,6 +633,11 @@ class FleetStore:
             # Not our own publication, nor one adopted already or overtaken since.
             if _newer(record, member):
                 self._adopt(member, record, int(event["now"]))
+
+
+def _mark_dirty(member: FleetUpstream, reason: str) -> None:
+    if member.dirty != "manual":
+        member.dirty = "manual" if reason in MANUAL else "auto"
 
 
 def _newer(record: dict[str, str], member: FleetUpstream) -> bool:
