@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -364,3 +365,33 @@ def test_a_failing_callback_is_logged_once(caplog: pytest.LogCaptureFixture) -> 
         breaker.force_open()
     assert len([r for r in caplog.records if "transition callback" in r.getMessage()]) == 1
     assert breaker.state is BreakerState.FORCED_OPEN
+
+
+# --- fork safety -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_worker_gets_its_own_store(fleet: Callable[..., gg.Guard]) -> None:
+    """gunicorn --preload: the Guard (and its store) exist before the workers fork."""
+    parent, other = fleet(), fleet()
+    connected(parent, other)
+    assert parent._store is not None
+    parent_id = parent._store._me
+    pid = os.fork()
+    if pid == 0:  # the child: new connections, threads and identity, then act for the fleet
+        code = 1
+        try:
+            store = parent._store
+            deadline = time.monotonic() + 5.0
+            while not store.connected and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if store.connected and store._me != parent_id:
+                parent.breaker("pay").force_open()
+                time.sleep(0.3)
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    until(lambda: other.breaker("pay").state is BreakerState.FORCED_OPEN, 1.0)
+    until(lambda: parent.breaker("pay").state is BreakerState.FORCED_OPEN, 1.0)

@@ -306,10 +306,10 @@ class FleetStore:
         """Whether the store is sharing now (False: every process on its own)."""
         return self._up
 
-    def _make_client(self, timeout: float) -> redis.Redis:
+    def _make_client(self, timeout: float, connect_timeout: float | None = None) -> redis.Redis:
         return redis.Redis.from_url(
             self._settings.redis_url,
-            socket_connect_timeout=self._settings.connect_timeout,
+            socket_connect_timeout=connect_timeout or self._settings.connect_timeout,
             socket_timeout=timeout,
             retry_on_timeout=False,
             health_check_interval=0,
@@ -319,9 +319,9 @@ class FleetStore:
         client = self._client
         if client is None:
             client = self._client = self._make_client(self._settings.command_timeout)
-            self._probe_client = self._make_client(
-                min(self._settings.command_timeout, PROBE_TIMEOUT_CAP)
-            )
+            # A probe waits on this one: connecting is bounded as tightly as a command.
+            cap = min(self._settings.command_timeout, PROBE_TIMEOUT_CAP)
+            self._probe_client = self._make_client(cap, min(self._settings.connect_timeout, cap))
             for name, lua in (
                 ("sync", SYNC),
                 ("transition", TRANSITION),
