@@ -359,6 +359,10 @@ class FleetStore:
         member = self._members[upstream]
         self._task("return", member, member.gen)
 
+    def manual(self, upstream: str, reason: str) -> None:
+        state = self._members[upstream].breaker.state
+        self._on_transition(Transition(upstream, state, state, reason, time.time()))
+
     def _on_transition(self, transition: Transition) -> None:
         # On the thread that made the change, after the breaker let go of its lock: only
         # queue it. Adopted changes ("fleet") are the fleet's already.

@@ -156,6 +156,9 @@ class FleetHook(Protocol):
     def probe_returned(self, upstream: str) -> None:
         """A probe slot given back unused (must not block: called under the lock)."""
 
+    def manual(self, upstream: str, reason: str) -> None:
+        """An operator's action that changed nothing here, for the rest of the fleet."""
+
 
 @dataclass(frozen=True, slots=True)
 class BreakerSnapshot:
@@ -848,10 +851,10 @@ class CircuitBreaker:
             self._pay(owed)
         if old is not new:
             self._notify_state(old, new, reason)
-        elif self._fleet is not None and self._subscribers:
+        elif self._fleet is not None:
             # Not a change here, but maybe one elsewhere in the fleet: an operator's
             # action must reach every process even if this one already agreed.
-            self._notify_subscribers(old, new, reason)
+            self._fleet.manual(self.name, reason)
 
     # --- the fleet (``[state] backend = "redis"``; see gateway_guard._fleet) -------------
 
