@@ -33,6 +33,10 @@ behave as one fleet, without a Redis round trip on a call's path:
   thread, except a probe's token, which falls back to a local decision on any error.
   Keys flushed: the first process to notice writes its state back.
 
+Threads, not asyncio: redis-py's sync client on two background threads serves sync and
+async apps alike, and an event loop never awaits Redis (only a probe's token is asked
+for inline, bounded at ``PROBE_TIMEOUT_CAP``).
+
 Fork safety: gunicorn forks after the app may have built its Guard; a forked child makes
 new connections, a new process id and its own threads (:func:`gateway_guard._fork`).
 """
