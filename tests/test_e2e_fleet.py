@@ -341,6 +341,7 @@ def _open_the_fleet(fleet: Fleet) -> int:
 def test_the_fleet_opens_after_about_the_single_worker_number_of_calls(fleet: Fleet) -> None:
     _reset(fleet)
     calls = _open_the_fleet(fleet)
+    print(f"every worker open after {calls} upstream calls (one worker alone: {MIN_CALLS})")
     # One worker alone opens after MIN_CALLS failed calls (attempts = 1): six workers on
     # their own would need up to six times that. Shared, at most 1.5 times.
     assert calls <= 1.5 * MIN_CALLS, calls
