@@ -410,3 +410,25 @@ def test_reset_reaches_processes_that_disagree(fleet: Callable[..., gg.Guard]) -
     b.breaker("pay").adopt(BreakerState.CLOSED)  # b closed locally, a still forced open
     b.breaker("pay").reset()  # no change in b: still reaches a
     until(lambda: a.breaker("pay").state is BreakerState.CLOSED, 1.0)
+
+
+def test_a_slow_redis_never_delays_a_call(
+    fleet: Callable[..., gg.Guard], server: RedisServer
+) -> None:
+    a, b = fleet(), fleet()
+    connected(a, b)
+    a.breaker("pay").force_closed()
+    for _ in range(10):
+        fail(a.breaker("pay"))
+    until(lambda: b.breaker("pay").state is BreakerState.OPEN)
+    time.sleep(1.05)  # open_seconds: the next call is a probe, which asks Redis for a token
+    assert server.command("CLIENT", "PAUSE", "1500", "ALL") == "+OK"
+    try:
+        start = time.monotonic()
+        probe = b.breaker("pay").admit()  # no answer within 50 ms: decided locally
+        took = time.monotonic() - start
+        b.breaker("pay").record_success(0.01, probe)
+    finally:
+        server.command("CLIENT", "UNPAUSE")
+    assert probe
+    assert took < 0.2, took

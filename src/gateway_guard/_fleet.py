@@ -58,7 +58,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from . import _fork
 from ._schema import StateSettings
@@ -315,6 +317,9 @@ class FleetStore:
             self._settings.redis_url,
             socket_connect_timeout=connect_timeout or self._settings.connect_timeout,
             socket_timeout=timeout,
+            # Never retried inside redis-py (some versions retry with backoff by default):
+            # this store has its own reconnection, and a probe must not wait for one.
+            retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
             health_check_interval=0,
         )
