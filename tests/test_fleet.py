@@ -22,6 +22,8 @@ import pytest
 
 import gateway_guard as gg
 from gateway_guard import BreakerState, SettingsError
+from gateway_guard.policy import BreakerPolicy
+from gateway_guard.testing import FakeClock
 from redis_server import RedisServer, redis_binary, redis_server
 
 BREAKER = {
@@ -432,3 +434,48 @@ def test_a_slow_redis_never_delays_a_call(
         server.command("CLIENT", "UNPAUSE")
     assert probe
     assert took < 0.2, took
+
+
+# --- the breaker's fleet hooks, without Redis ---------------------------------------------------
+
+
+def test_peer_counts_dilute_and_complete_the_window() -> None:
+
+    clock = FakeClock()
+    policy = BreakerPolicy(min_calls=10, window_size=20, failure_rate=0.5, half_open_calls=3)
+    breaker = gg.CircuitBreaker("pay", policy, clock=clock)
+    breaker.set_peer_counts(60, 0, 0)  # healthy peers
+    for _ in range(20):
+        fail(breaker)
+    assert breaker.state is BreakerState.CLOSED  # 20 of 80 failed
+    breaker.set_peer_counts(20, 20, 0)  # the peers start failing too: 40 of 40
+    assert breaker.state is BreakerState.OPEN
+    breaker.force_closed()
+    assert breaker._peer_calls == 0  # a fresh window forgets the peers' old counts too
+    other = gg.CircuitBreaker("pay", policy, clock=clock)
+    for _ in range(4):
+        fail(other)
+    assert other.state is BreakerState.CLOSED  # 4 calls: under min_calls alone
+    other.set_peer_counts(6, 6, 0)  # ...but 10 fleet-wide
+    assert other.state is BreakerState.OPEN
+
+
+def test_fleet_probe_totals_decide_and_adopt_follows() -> None:
+
+    clock = FakeClock()
+    policy = BreakerPolicy(min_calls=2, window_size=2, half_open_calls=3, open_seconds=1.0)
+    breaker = gg.CircuitBreaker("pay", policy, clock=clock)
+    breaker.adopt(BreakerState.OPEN, 1.0, 1)
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(1.0)
+    probe = breaker.admit()
+    assert probe
+    breaker.record_success(0.01, probe)  # one of three probes: undecided here
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.set_fleet_probes(3, 0, 0)  # the fleet's three passed
+    assert breaker.state is BreakerState.CLOSED
+    breaker.adopt(BreakerState.FORCED_OPEN)
+    assert breaker.state is BreakerState.FORCED_OPEN
+    breaker.adopt(BreakerState.HALF_OPEN, 0.0, 2)  # the fleet is probing: so may we
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.snapshot().consecutive_opens == 2

@@ -772,7 +772,7 @@ class CircuitBreaker:
             return None
         return self._open(reason)
 
-    def open_wait(self, reopens: int) -> float:
+    def _open_wait(self, reopens: int) -> float:
         """How long the breaker stays open after ``reopens`` earlier consecutive opens."""
         # min() on the exponent keeps 2.0 ** n finite however long the upstream stays down.
         wait = min(self._open_seconds * 2.0 ** min(reopens, 64), self._max_open_seconds)
@@ -785,7 +785,7 @@ class CircuitBreaker:
     def _open(self, reason: str) -> _Change:
         reopens = self._consecutive_opens
         self._consecutive_opens = reopens + 1
-        self._open_until = self._clock() + self.open_wait(reopens)
+        self._open_until = self._clock() + self._open_wait(reopens)
         return self._set_state(_OPEN, reason)
 
     def _set_state(self, new: BreakerState, reason: str) -> _Change:
