@@ -479,3 +479,10 @@ def test_fleet_probe_totals_decide_and_adopt_follows() -> None:
     breaker.adopt(BreakerState.HALF_OPEN, 0.0, 2)  # the fleet is probing: so may we
     assert breaker.state is BreakerState.HALF_OPEN
     assert breaker.snapshot().consecutive_opens == 2
+
+
+def test_a_bad_redis_url_is_shown_without_its_password() -> None:
+    with pytest.raises(SettingsError, match=r"state\.redis_url") as info:
+        gg.Guard({"state": {"redis_url": "redis://app:s3cret@host:99999/0"}})
+    assert "s3cret" not in str(info.value)
+    assert "app:***@host" in str(info.value)

@@ -175,27 +175,38 @@ def check_route_calls(
 
 def _redis_url_problem(value: str) -> str | None:
     """Why ``value`` is not a Redis URL redis-py accepts, or None (checked without redis-py,
-    so a bad URL is named at startup even where the extra is not installed)."""
+    so a bad URL is named at startup even where the extra is not installed). The error
+    shows the URL without its password: startup errors end up in logs."""
+    shown = show(_without_password(value))
     if _LINE_BREAK.search(value) or " " in value:
-        return f"must not contain spaces or control characters, got {show(value)}"
+        return f"must not contain spaces or control characters, got {shown}"
     try:
         parts = urlsplit(value)
         port = parts.port
     except ValueError:
-        return f"has an invalid port (1-65535), got {show(value)}"
+        return f"has an invalid port (1-65535), got {shown}"
     scheme = parts.scheme.lower()
     if scheme == "unix":
-        return None if parts.path else f"must name a socket path, got {show(value)}"
+        return None if parts.path else f"must name a socket path, got {shown}"
     if scheme not in ("redis", "rediss"):
-        return f"must be a redis://, rediss:// or unix:// URL, got {show(value)}"
+        return f"must be a redis://, rediss:// or unix:// URL, got {shown}"
     if not parts.hostname:
-        return f"must name a host, got {show(value)}"
+        return f"must name a host, got {shown}"
     if port == 0:
-        return f"has an invalid port (1-65535), got {show(value)}"
+        return f"has an invalid port (1-65535), got {shown}"
     db = parts.path.strip("/")
     if db and not db.isdigit():
-        return f"database must be a number (redis://host:6379/0), got {show(value)}"
+        return f"database must be a number (redis://host:6379/0), got {shown}"
     return None
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else f"{scheme}://***@{host}"
 
 
 def _check_state(settings: Settings, problems: list[SettingsProblem]) -> None:
