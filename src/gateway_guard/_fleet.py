@@ -432,7 +432,7 @@ class FleetStore:
             self._up = True
             if self._warned:
                 self._warned = False
-                logger.warning(
+                logger.info(
                     "gateway_guard fleet store: Redis is back; breakers and retry budgets "
                     "are shared again"
                 )
