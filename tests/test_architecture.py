@@ -77,7 +77,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         ),
     ),
     ("drivers", frozenset({"transport", "_httpx_bodies", "_httpx_deadlines"})),
-    ("runtime", frozenset({"guard"})),
+    ("runtime", frozenset({"guard", "_fleet"})),
     (
         "adapters",
         frozenset(
