@@ -134,14 +134,15 @@ class GuardedTransport(httpx.BaseTransport):
                     request.extensions["timeout"] = call.policy.timeouts
                 try:
                     response = self._inner.handle_request(request)
+                    complete = response.is_stream_consumed
                     if (
-                        not response.is_stream_consumed
+                        not complete
                         and READS_WHOLE_BODY in request.extensions
                         and call.reads_ahead(response.status_code, _content_length(response))
                     ):
                         # A body that breaks off now fails this attempt, like any other
                         # transport error below.
-                        read_ahead(response)
+                        complete = read_ahead(response)
                 except httpx.TransportError as exc:
                     error, reached = _classified(call, exc)
                     wait = call.failed(error, reached)
@@ -153,9 +154,7 @@ class GuardedTransport(httpx.BaseTransport):
                 except BaseException:
                     call.cancelled()
                     raise
-                outcome = call.answered(
-                    response.status_code, response.headers, response.is_stream_consumed
-                )
+                outcome = call.answered(response.status_code, response.headers, complete)
                 if outcome < 0.0:
                     break
                 drain(response)
@@ -223,12 +222,13 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                     request.extensions["timeout"] = call.policy.timeouts
                 try:
                     response = await self._inner.handle_async_request(request)
+                    complete = response.is_stream_consumed
                     if (
-                        not response.is_stream_consumed
+                        not complete
                         and READS_WHOLE_BODY in request.extensions
                         and call.reads_ahead(response.status_code, _content_length(response))
                     ):
-                        await aread_ahead(response)
+                        complete = await aread_ahead(response)
                 except httpx.TransportError as exc:
                     error, reached = _classified(call, exc)
                     wait = call.failed(error, reached)
@@ -241,9 +241,7 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 except BaseException:
                     call.cancelled()
                     raise
-                outcome = call.answered(
-                    response.status_code, response.headers, response.is_stream_consumed
-                )
+                outcome = call.answered(response.status_code, response.headers, complete)
                 if outcome < 0.0:
                     break
                 await adrain(response)
