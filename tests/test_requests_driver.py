@@ -122,6 +122,24 @@ def test_import_gateway_guard_does_not_import_requests() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_a_missing_extra_names_the_install_command() -> None:
+    code = (
+        "import sys; sys.modules['requests'] = None; sys.modules['aiohttp'] = None\n"
+        "import gateway_guard as gg\n"
+        "g = gg.Guard({'upstreams': {'up': {'base_url': 'http://up.test'}}})\n"
+        "for make in (g.session, g.aiohttp_session):\n"
+        "    try:\n"
+        "        make('up')\n"
+        "    except ModuleNotFoundError as exc:\n"
+        "        print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True
+    )
+    assert "pip install 'gateway-guard[requests]'" in done.stdout
+    assert "pip install 'gateway-guard[aiohttp]'" in done.stdout
+
+
 # --- retries, idempotency, Retry-After --------------------------------------------------------
 
 

@@ -17,7 +17,9 @@
         └── UpstreamConfigError     500  proxy_configuration_error
 
 Error types are RFC 9209's registry names; :func:`classify` picks the most specific one
-by walking an httpx exception's cause chain down to the real ``OSError`` / ``ssl`` error.
+by walking an exception's cause chain down to the real ``OSError`` / ``ssl`` error. It
+knows httpx's exceptions by class, and those of the optional clients (requests, urllib3,
+aiohttp) and http.client's by name (``_BY_NAME``), so classifying them imports none.
 """
 
 from __future__ import annotations
@@ -161,7 +163,9 @@ class UpstreamStatusError(UpstreamError):
     """The upstream answered a failure status and retries are spent.
 
     ``response`` is the last response, already read and closed (its body is available as
-    ``response.content`` for logging; it is never shown to visitors).
+    ``response.content`` for logging; it is never shown to visitors): an
+    ``httpx.Response``, or the ``requests.Response`` / ``aiohttp.ClientResponse`` of those
+    drivers (``await response.read()`` gives aiohttp's).
     """
 
     default_proxy_error = None
