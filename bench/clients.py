@@ -1,6 +1,6 @@
 """Per-call cost of the requests and aiohttp drivers against the bare clients.
 
-    .venv/bin/python bench/clients.py [--quick] [--markdown] [--clock cpu|wall]
+    .venv/bin/python bench/clients.py [--quick] [--markdown] [--clock cpu|wall] [--instructions]
 
 Goals (issue #12): a guarded ``requests.Session`` costs at most 1.03x a bare one per call;
 a guarded aiohttp session at most 1.05x a bare one.
@@ -23,6 +23,10 @@ aiohttp (``async with session.get(url) as r: await r.read()``):
 - bare aiohttp: ``aiohttp.ClientSession()`` (the baseline).
 - gateway_guard: ``guard.aiohttp_session("up")`` (its middleware, the body watched until it
   ends, the deadline).
+
+``--instructions`` (valgrind) adds a noise-free view: instructions per call of each
+candidate in this process (the upstream runs outside valgrind), as the difference of two
+runs of 100 and 400 calls, so start-up and imports cancel out.
 
 Method: ``bench/_common.py``'s interleaved rounds, each candidate against the baseline
 timed in the same round; the tables give the median per-round ratio with its 95%
@@ -52,22 +56,26 @@ try:
     from bench._common import (
         async_timer,
         compare,
+        count_instructions,
         interleave,
         machine_note,
         markdown_table,
         sync_timer,
         text_table,
+        valgrind,
         version,
     )
 except ImportError:
     from _common import (  # type: ignore[import-not-found,no-redef]
         async_timer,
         compare,
+        count_instructions,
         interleave,
         machine_note,
         markdown_table,
         sync_timer,
         text_table,
+        valgrind,
         version,
     )
 
@@ -239,6 +247,65 @@ def main(
     return rows
 
 
+INSTRUCTION_CALLS = (100, 400)
+
+
+def _child(mode: str, candidate: str, calls: int, url: str) -> None:
+    """What --instructions runs under valgrind: ``calls`` calls of one candidate."""
+    if mode == "requests":
+        with ExitStack() as stack:
+            call = requests_candidates(stack, url)[candidate]
+            call()
+            for _ in range(calls):
+                call()
+        return
+
+    async def run() -> None:
+        sessions: list[aiohttp.ClientSession] = []
+        try:
+            acall = aiohttp_candidates(sessions, url)[candidate]
+            await acall()
+            for _ in range(calls):
+                await acall()
+        finally:
+            for session in sessions:
+                await session.close()
+
+    asyncio.run(run())
+
+
+def run_instructions() -> list[dict[str, Any]]:
+    n1, n2 = INSTRUCTION_CALLS
+    names = {
+        "requests": [BASELINES["requests"], "urllib3 Retry(total=3)", GUARD],
+        "aiohttp": [BASELINES["aiohttp"], GUARD],
+    }
+    rows = []
+    with upstream() as url:
+        for mode, candidates in names.items():
+            per_call = {}
+            for name in candidates:
+                counts = [
+                    count_instructions(
+                        [sys.executable, __file__, "--child", mode, name, str(n), url]
+                    )
+                    for n in (n1, n2)
+                ]
+                per_call[name] = (counts[1] - counts[0]) / (n2 - n1)
+            bare = per_call[BASELINES[mode]]
+            for name, value in per_call.items():
+                rows.append(
+                    {
+                        "mode": mode,
+                        "candidate": name,
+                        "instructions_per_call": value,
+                        "ratio": value / bare,
+                        "added_instructions": value - bare,
+                    }
+                )
+    return rows
+
+
 async def _build_async(
     sessions: list[aiohttp.ClientSession], url: str
 ) -> dict[str, Callable[[], Awaitable[object]]]:
@@ -251,9 +318,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="~8 s smoke run")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    parser.add_argument(
+        "--instructions", action="store_true", help="instructions per call under valgrind"
+    )
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = _parse(sys.argv[1:])
-    main(args.quick, markdown=args.markdown, clock=args.clock)
+    if args.child:
+        mode, candidate, calls, url = args.child
+        _child(mode, candidate, int(calls), url)
+    elif args.instructions:
+        if valgrind() is None:
+            sys.exit("--instructions: valgrind is not installed")
+        for row in run_instructions():
+            print(
+                f"{row['mode']:9} {row['candidate']:24} {row['instructions_per_call']:>12,.0f} "
+                f"instructions/call  {row['ratio']:.3f}x  {row['added_instructions']:+,.0f}"
+            )
+    else:
+        main(args.quick, markdown=args.markdown, clock=args.clock)

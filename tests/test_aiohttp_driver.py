@@ -7,12 +7,14 @@ which knows aiohttp's exceptions by name) and through the guard.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 import ssl
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -237,6 +239,44 @@ def test_body_released_early_gives_back_a_probe(upstream: MisbehavingUpstream) -
     asyncio.run(go())
     snapshot = breaker.snapshot()
     assert (snapshot.calls, snapshot.probes_in_flight) == (0, 0)
+
+
+PROBING = {"min_calls": 1, "window_size": 1, "open_seconds": 0.05, "half_open_calls": 1}
+
+
+def test_a_dropped_response_is_settled_by_its_deadline(upstream: MisbehavingUpstream) -> None:
+    # A half-open breaker: the call is its one probe. aiohttp keeps a response whose body
+    # is still arriving alive (its connection's protocol holds it) even when the caller
+    # drops it: the deadline cuts it off, and the probe slot comes back with the failure.
+    guard = make_guard(
+        upstream.url,
+        retry={"attempts": 1},
+        breaker=PROBING,
+        deadline=0.5,
+        connect_timeout=0.4,
+        read_timeout=0.4,
+    )
+    breaker = guard.breaker("up")
+
+    async def go() -> None:
+        async with guard.aiohttp_session("up") as s:
+            upstream.set_mode("status", status=502)
+            with pytest.raises(gg.UpstreamStatusError):
+                await s.get("/")
+            await asyncio.sleep(0.1)
+            upstream.set_mode("drip_body", drip_ms=50)
+            response = await s.get("/")
+            assert breaker.snapshot().probes_in_flight == 1
+            del response
+            gc.collect()
+            await asyncio.sleep(0.7)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)  # aiohttp's "Unclosed response"
+        asyncio.run(go())
+    snapshot = breaker.snapshot()
+    assert snapshot.probes_in_flight == 0
+    assert snapshot.consecutive_opens == 2  # the probe failed: it opened again
 
 
 # --- classification: every row, for real --------------------------------------------------------

@@ -10,6 +10,7 @@ which knows requests' and urllib3's exceptions by name) and once through the gua
 
 from __future__ import annotations
 
+import gc
 import socket
 import ssl
 import subprocess
@@ -335,18 +336,52 @@ def test_streamed_body_that_breaks_off_is_one_failure(
     assert upstream.stats().requests == 1
 
 
-def test_streamed_body_closed_early_gives_back_a_probe(
-    upstream: MisbehavingUpstream,
-) -> None:
-    guard = make_guard(upstream)
+def test_streamed_body_closed_early_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
+    breaker_settings = {
+        "min_calls": 1,
+        "window_size": 1,
+        "open_seconds": 0.05,
+        "half_open_calls": 1,
+    }
+    guard = make_guard(upstream, retry={"attempts": 1}, breaker=breaker_settings)
     breaker = guard.breaker("up")
-    breaker.force_open()
-    breaker.reset()
     with guard.session("up") as s:
+        upstream.set_mode("status", status=502)
+        with pytest.raises(gg.UpstreamStatusError):
+            s.get("/")
+        assert breaker.state is BreakerState.OPEN
+        time.sleep(0.1)
+        upstream.set_mode("drip_body", drip_ms=50)
         response = s.get("/", stream=True)
+        assert breaker.snapshot().probes_in_flight == 1
         response.close()
         assert breaker.snapshot().probes_in_flight == 0
+        upstream.set_mode("ok")
+        assert s.get("/").status_code == 200  # the next probe is admitted, and closes it
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_streamed_body_dropped_unread_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
+    breaker_settings = {
+        "min_calls": 1,
+        "window_size": 1,
+        "open_seconds": 0.05,
+        "half_open_calls": 1,
+    }
+    guard = make_guard(upstream, retry={"attempts": 1}, breaker=breaker_settings)
+    breaker = guard.breaker("up")
+    with guard.session("up") as s:
+        upstream.set_mode("status", status=502)
+        with pytest.raises(gg.UpstreamStatusError):
+            s.get("/")
+        time.sleep(0.1)
+        upstream.set_mode("drip_body", drip_ms=50)
+        response = s.get("/", stream=True)
+        del response
+        gc.collect()
+        upstream.set_mode("ok")
         assert s.get("/").status_code == 200
+    assert breaker.snapshot().probes_in_flight == 0
 
 
 def test_connections_are_reused(session: requests.Session, upstream: MisbehavingUpstream) -> None:

@@ -25,6 +25,7 @@ Imported only when asked for: ``import gateway_guard`` never imports aiohttp.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -48,6 +49,12 @@ _TRANSPORT_ERRORS = (aiohttp.ClientError, OSError)
 _NEVER_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_DRAIN = 64 * 1024
+
+
+def _cut(task: asyncio.Task[Any] | None, expired: list[bool]) -> None:
+    if task is not None:
+        expired.append(True)
+        task.cancel()
 
 
 def _deadline_error(call: Call) -> UpstreamTimeout:
@@ -83,16 +90,18 @@ class GuardedMiddleware:
             raise shed(rt, exc) from None
         try:
             call = Call(rt, request.method, request.headers, _streaming(request))
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
             while True:
+                # The attempt ends at the call's deadline: a timer that cancels this task,
+                # as asyncio.timeout() does but without its context manager (about half
+                # the per-call overhead of this driver in bench/clients.py, 2026-12-07).
+                expired: list[bool] = []
+                timer = loop.call_later(call.deadline_at - rt.clock(), _cut, task, expired)
                 try:
-                    async with asyncio.timeout(call.deadline_at - rt.clock()) as limit:
-                        response = await handler(request)
+                    response = await handler(request)
                 except _TRANSPORT_ERRORS as exc:
-                    # aiohttp's own timeouts are TimeoutErrors too; ours is the deadline.
-                    if limit.expired():
-                        error: UpstreamError = _deadline_error(call)
-                    else:
-                        error = from_exception(exc, upstream=rt.name)
+                    error: UpstreamError = from_exception(exc, upstream=rt.name)
                     wait = call.failed(error, not isinstance(exc, _NEVER_SENT))
                     if wait < 0.0:
                         raise error from exc
@@ -100,9 +109,21 @@ class GuardedMiddleware:
                         await asyncio.sleep(wait)
                     call.admit()
                     continue
+                except asyncio.CancelledError as exc:
+                    if not expired:
+                        call.cancelled()
+                        raise
+                    task.uncancel()  # type: ignore[union-attr]  # our own cancel, consumed
+                    error = _deadline_error(call)
+                    if call.failed(error, True) < 0.0:  # the deadline is spent: RAISE
+                        raise error from exc
+                    call.admit()  # a clock that disagrees with the loop's: admit() decides
+                    continue
                 except BaseException:
                     call.cancelled()
                     raise
+                finally:
+                    timer.cancel()
                 outcome = call.answered(response.status, response.headers, False)
                 if outcome < 0.0:
                     break
@@ -124,39 +145,68 @@ class GuardedMiddleware:
 
 def _watch(response: ClientResponse, call: Call) -> None:
     """Settle ``call`` when the body of ``response`` ends, and cut it off at the deadline."""
-    state = {"open": True}
-    content = response.content
     connection = response.connection
-
-    def settle() -> None:
-        if not state["open"]:
-            return
-        state["open"] = False
-        handle.cancel()
-        exc = content.exception()
-        if exc is None and content.is_eof():
-            call.body_done()
-        elif isinstance(exc, UpstreamError):
-            call.body_failed(exc)
-        elif exc is not None and isinstance(exc, aiohttp.ClientPayloadError):
-            call.body_failed(from_exception(exc, upstream=call.rt.name))
-        else:
-            call.cancelled()
-
-    def expire() -> None:
-        if state["open"] and not content.is_eof():
-            error = _deadline_error(call)
-            content.set_exception(error)
-            response.close()  # the connection goes (and settle() hears of it)
-        settle()
-
-    loop = asyncio.get_running_loop()
-    handle = loop.call_later(max(call.deadline_at - call.rt.clock(), 0.0), expire)
     if connection is None:
-        # The body was whole before the headers were handed over.
-        settle()
+        # The body was whole (and the connection released) before the headers were
+        # handed over: the common case for small bodies, settled at once, no timer.
+        _settle(response, call)
+        return
+    connection.add_callback(_BodyWatch(response, call).released)
+
+
+def _settle(response: ClientResponse, call: Call) -> None:
+    content = response.content
+    exc = content.exception()
+    if exc is None and content.is_eof():
+        call.body_done()
+    elif isinstance(exc, UpstreamError):
+        call.body_failed(exc)
+    elif isinstance(exc, aiohttp.ClientPayloadError):
+        call.body_failed(from_exception(exc, upstream=call.rt.name))
     else:
-        connection.add_callback(settle)
+        call.cancelled()  # released or closed before the end: nothing learned
+
+
+class _BodyWatch:
+    """A body still arriving: settled when aiohttp releases or closes its connection (at
+    its end, when it breaks off, or when the caller gives it up), cut off at the deadline."""
+
+    __slots__ = ("__weakref__", "_call", "_handle", "_loop", "_open", "_response")
+
+    def __init__(self, response: ClientResponse, call: Call) -> None:
+        self._response = response
+        self._call = call
+        self._open = True
+        self._loop = loop = asyncio.get_running_loop()
+        # Through a weak reference: the loop's timer must not keep a response the caller
+        # dropped alive until its deadline (aiohttp's finaliser is what releases it).
+        delay = max(call.deadline_at - call.rt.clock(), 0.0)
+        self._handle = loop.call_later(delay, _expire, weakref.ref(self))
+
+    def released(self) -> None:
+        # aiohttp calls this from release()/close(), which its finaliser may call for a
+        # response dropped unread: the breaker's lock must not be taken here, so the
+        # outcome is settled on the loop's next turn (call_soon takes no lock).
+        if not self._open:
+            return
+        self._open = False
+        self._handle.cancel()
+        try:
+            self._loop.call_soon(_settle, self._response, self._call)
+        except RuntimeError:  # the loop is closed: only the lock-free report is left
+            self._call.dropped()
+
+    def expire(self) -> None:
+        content = self._response.content
+        if self._open and not content.is_eof():
+            content.set_exception(_deadline_error(self._call))
+            self._response.close()  # the connection goes, and released() hears of it
+
+
+def _expire(ref: weakref.ref[_BodyWatch]) -> None:
+    watch = ref()
+    if watch is not None:
+        watch.expire()
 
 
 async def _drain(response: ClientResponse, call: Call) -> None:
