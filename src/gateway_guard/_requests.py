@@ -32,7 +32,6 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, EmptyPoolError, NewConnectionError
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.util import Timeout
 
 from ._call import RAISE, WRAP, Call, shed
 from ._httpx_deadlines import Bound
@@ -85,8 +84,10 @@ def _never_sent(exc: BaseException) -> bool:
     return False
 
 
-def _timeouts(call: Call) -> Timeout:
-    """An attempt's timeouts, clipped to the deadline, carrying the call (see module doc)."""
+def _timeouts(call: Call) -> tuple[Bound, Bound]:
+    """An attempt's (connect, read) timeouts, clipped to the deadline, carrying the call
+    (see module doc). A tuple: requests builds urllib3's Timeout from it, as it does for a
+    bare session's, so we build none of our own."""
     if call.clipped:
         connect, read = call.connect_timeout, call.read_timeout
     else:
@@ -96,7 +97,7 @@ def _timeouts(call: Call) -> Timeout:
     bound_connect.call = call
     bound_read = Bound(read)
     bound_read.call = call
-    return Timeout(connect=bound_connect, read=bound_read)
+    return bound_connect, bound_read
 
 
 def _streaming(body: object) -> bool:
@@ -174,9 +175,7 @@ class GuardedAdapter(HTTPAdapter):
             call = Call(rt, request.method or "GET", request.headers, _streaming(request.body))
             while True:
                 try:
-                    # requests' annotations say float or tuple; it takes urllib3's Timeout.
-                    timeouts: Any = _timeouts(call)
-                    response = super().send(request, True, timeouts, verify, cert, proxies)
+                    response = super().send(request, True, _timeouts(call), verify, cert, proxies)
                 except _TRANSPORT_ERRORS as exc:
                     error = classified(exc, rt.name)
                     wait = call.failed(error, not _never_sent(exc))
