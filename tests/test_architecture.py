@@ -29,6 +29,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_copy",
                 "_estimator",
                 "_negotiate",
+                "_languages",
+                "_translations",
                 "_waiters",
                 "_matcher",
                 "_fork",

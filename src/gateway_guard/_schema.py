@@ -204,6 +204,16 @@ class BrandSettings(SettingsModel):
     status_url: str | None = Field(None, description="The public status page.")
     template_dir: str | None = Field(None, description="Directory of Jinja2 overrides.")
     lang: str = Field("en", pattern=r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+    home_url: str = Field("/", description="http(s) URL or /path: the page's way back.")
+    problem_base_url: str | None = Field(
+        None, description='Base of problem+json "type" URIs; unset: "about:blank".'
+    )
+    languages: list[str] | None = Field(
+        None, max_length=100, description="Languages offered by Accept-Language; unset: all."
+    )
+    strings: dict[str, dict[str, str]] = Field(
+        {}, description="Per language, page strings that replace the built-in ones."
+    )
 
 
 class Settings(SettingsModel):

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ._languages import check_languages
 from ._schema import CallSettings, RouteSettings, Settings, SettingsModel, ShedSettings
 from ._settings_errors import show
 from .errors import SettingsProblem
@@ -104,6 +105,14 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
         add("brand.name", f"must be one line without control characters, got {show(brand.name)}")
     if brand.template_dir is not None and not Path(brand.template_dir).is_dir():
         add("brand.template_dir", f"is not a directory: {show(brand.template_dir)}")
+    if why := _url_problem(brand.home_url, allow_path=True):
+        add("brand.home_url", why)
+    if brand.problem_base_url is not None and (
+        why := _url_problem(brand.problem_base_url, allow_path=False)
+    ):
+        add("brand.problem_base_url", why)
+    for path, message in check_languages(brand):
+        add(path, message)
 
     _check_call(settings.defaults, "defaults", problems)
     for name, upstream in settings.upstreams.items():
