@@ -224,6 +224,13 @@ GOALS: tuple[Goal, ...] = (
         "overload at 3x capacity: served p99 ≤ 2x its p99 at capacity; shed answers ≤ 1 ms",
     ),
     Goal("outage.recovery", "outage", "recovery: back to normal ≤ open_seconds + 1 s"),
+    Goal("fleet.commands", "fleet", "Redis backend: 0.00 Redis commands per guarded call"),
+    Goal("fleet.overhead", "fleet", "Redis backend: guarded call ≤ 1.01x the local backend"),
+    Goal(
+        "fleet.propagation",
+        "fleet",
+        "Redis backend: a state change reaches another process ≤ 100 ms p50, ≤ 1 s p99",
+    ),
 )
 
 # How an outage scenario's name maps to the goal it measures (first match wins: recovery
@@ -613,6 +620,35 @@ def breaker_blocks(rows: list[dict[str, Any]]) -> list[Block]:
     return [Block("breaker", "Closed circuit breaker: one admitted, successful call", [table])]
 
 
+def run_fleet(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _import("fleet").run(quick=quick)
+    return rows
+
+
+_FLEET_GOALS = ("fleet.commands", "fleet.overhead", "fleet.propagation", "fleet.propagation")
+
+
+def fleet_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    figures = [
+        Figure(
+            [r["figure"], _num(r["value"]), r["detail"]],
+            r["goal"],
+            r["goal_met"],
+            goal_id,
+            f"{r['figure']}: {_num(r['value'])}",
+        )
+        for r, goal_id in zip(rows, _FLEET_GOALS, strict=False)
+    ]
+    table = Table(
+        "",
+        ["figure", "value", "detail"],
+        figures,
+        align="<><",
+        caption="One real redis-server on 127.0.0.1; guarded calls through httpx.MockTransport.",
+    )
+    return [Block("fleet", "Fleet state through Redis", [table])]
+
+
 def run_limiter(quick: bool) -> list[dict[str, Any]]:
     module = _import("limiter")
     rows: list[dict[str, Any]]
@@ -807,6 +843,18 @@ SECTIONS: list[Section] = [
         "hand-built guard) and `gateway_guard`; goals are judged on the gateway_guard rows, "
         "the others are for reference. `no outage` rows are the same apps measured before "
         "the upstream misbehaves. See bench/outage/__init__.py for every scenario.",
+    ),
+    Section(
+        "fleet",
+        "Fleet state through Redis",
+        "overhead",
+        (12.0, 40.0),
+        run_fleet,
+        fleet_blocks,
+        ("fleet.commands", "fleet.overhead", "fleet.propagation"),
+        'bench/fleet.py. `[state] backend = "redis"`: what sharing breakers and budgets '
+        "through Redis costs a call (nothing on its path) and how fast a decision reaches "
+        "another process.",
     ),
     Section(
         "limiter",

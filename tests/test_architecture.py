@@ -89,7 +89,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("runtime", frozenset({"guard"})),
+    ("runtime", frozenset({"guard", "_fleet"})),
     (
         "adapters",
         frozenset(

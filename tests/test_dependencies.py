@@ -27,6 +27,8 @@ ADAPTER_EXTRAS = {
     "_requests.py": "requests",
     "_urllib3_deadlines.py": "requests",
     "_aiohttp.py": "aiohttp",
+    # The fleet store: imported by Guard only for [state] backend = "redis".
+    "_fleet.py": "redis",
 }
 # Declared for a reason the imports cannot show.
 NOT_IMPORTED_ON_PURPOSE = {

@@ -24,6 +24,8 @@ __all__ = [
     "Settings",
     "SettingsModel",
     "ShedSettings",
+    "StateBackend",
+    "StateSettings",
     "UpstreamSettings",
     "WindowKind",
 ]
@@ -44,6 +46,10 @@ MAX_CONCURRENT: Final = 1_000_000
 HttpMethod = Annotated[str, Field(pattern=r"^[A-Za-z]+$", max_length=32)]
 Priority = Literal["critical", "normal", "sheddable"]
 WindowKind = Literal["count", "time"]
+StateBackend = Literal["local", "redis"]
+# The store's Redis timeouts: bounded because a request never waits on them, but a probe
+# admission (rare) and the background thread do, and a long one only hides an outage.
+StoreSeconds = Annotated[float, Field(gt=0, le=5.0, allow_inf_nan=False)]
 
 # The cap of a re-opening breaker's open time when the settings leave it unset (and
 # open_seconds is shorter): also the longest a recovered upstream waits to be noticed.
@@ -216,6 +222,22 @@ class BrandSettings(SettingsModel):
     )
 
 
+class StateSettings(SettingsModel):
+    """``[state]``: where breaker, retry budget and manual-control state live."""
+
+    backend: StateBackend = Field(
+        "local", description='"local": per process; "redis": shared by the fleet.'
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="redis://, rediss:// or unix:// URL."
+    )
+    key_prefix: str | None = Field(
+        None, max_length=200, description='Prefix of every key; unset: "gateway_guard:SERVICE".'
+    )
+    connect_timeout: StoreSeconds = Field(0.5, description="Seconds to connect to Redis.")
+    command_timeout: StoreSeconds = Field(0.25, description="Seconds for one Redis command.")
+
+
 class Settings(SettingsModel):
     """The whole gateway_guard configuration (DESIGN §2)."""
 
@@ -229,3 +251,4 @@ class Settings(SettingsModel):
     upstreams: dict[str, UpstreamSettings] = {}
     shed: ShedSettings = ShedSettings()
     routes: list[RouteSettings] = []
+    state: StateSettings = StateSettings()
