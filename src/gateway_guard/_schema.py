@@ -18,12 +18,14 @@ __all__ = [
     "BreakerSettings",
     "BulkheadSettings",
     "CallSettings",
+    "MetricsSettings",
     "Priority",
     "RetrySettings",
     "RouteSettings",
     "Settings",
     "SettingsModel",
     "ShedSettings",
+    "TracingSettings",
     "UpstreamSettings",
     "WindowKind",
 ]
@@ -206,6 +208,28 @@ class BrandSettings(SettingsModel):
     lang: str = Field("en", pattern=r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
 
 
+class MetricsSettings(SettingsModel):
+    """``[metrics]``: Prometheus metrics (the ``prometheus`` extra)."""
+
+    enabled: bool = Field(False, description="Record Prometheus metrics (on when path is set).")
+    path: str | None = Field(
+        None,
+        pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$",
+        max_length=200,
+        description="Serve them here from the middleware, e.g. /metrics (unset: no endpoint).",
+    )
+
+
+class TracingSettings(SettingsModel):
+    """``[tracing]``: OpenTelemetry spans (the ``otel`` extra) and trace context."""
+
+    enabled: bool = Field(False, description="A span per guarded call and per attempt.")
+    start_traces: bool = Field(
+        False,
+        description="Without OpenTelemetry, send a new traceparent when the request had none.",
+    )
+
+
 class Settings(SettingsModel):
     """The whole gateway_guard configuration (DESIGN §2)."""
 
@@ -219,3 +243,5 @@ class Settings(SettingsModel):
     upstreams: dict[str, UpstreamSettings] = {}
     shed: ShedSettings = ShedSettings()
     routes: list[RouteSettings] = []
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()

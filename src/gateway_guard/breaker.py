@@ -66,7 +66,7 @@ from gateway_guard import _fork
 from gateway_guard.errors import CircuitOpenError
 from gateway_guard.policy import BreakerPolicy
 
-__all__ = ["BreakerSnapshot", "BreakerState", "CircuitBreaker"]
+__all__ = ["BreakerSnapshot", "BreakerState", "CircuitBreaker", "Transition"]
 
 logger = logging.getLogger("gateway_guard")
 
@@ -114,6 +114,27 @@ StateListener: TypeAlias = Callable[["CircuitBreaker", BreakerState, BreakerStat
 
 CallListener: TypeAlias = Callable[["CircuitBreaker", CallOutcome, float], None]
 """``fn(breaker, outcome, duration)``, called for every reported call and every rejection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One change of a breaker's state, as :meth:`CircuitBreaker.subscribe` reports it.
+
+    ``reason``: ``failure_rate``, ``slow_call_rate`` or ``consecutive_timeouts`` (it
+    tripped), ``open_elapsed`` (open time over: half-open), ``probes_failed`` /
+    ``probes_succeeded`` (the half-open spell was judged), or the manual action
+    (``force_open``, ``disable``, ``force_closed``, ``reset``). ``at`` is wall-clock time
+    (Unix seconds), comparable across processes.
+    """
+
+    upstream: str
+    old: BreakerState
+    new: BreakerState
+    reason: str
+    at: float
+
+
+TransitionCallback: TypeAlias = Callable[[Transition], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +348,7 @@ class CircuitBreaker:
         "_state_listeners",
         "_streak",
         "_streak_since",
+        "_subscribers",
         "_window",
         "name",
         "passing",
@@ -374,6 +396,7 @@ class CircuitBreaker:
         self._counts = self._window if isinstance(self._window, _CountWindow) else None
         self._state_listeners: tuple[StateListener, ...] = ()
         self._call_listeners: tuple[CallListener, ...] = ()
+        self._subscribers: tuple[TransitionCallback, ...] = ()
         self._open_until = 0.0
         self._consecutive_opens = 0
         # The half-open spell: its number (the token its probes carry), the probe slots
@@ -425,7 +448,7 @@ class CircuitBreaker:
         return self._admit_slow()
 
     def _admit_slow(self) -> int:
-        changed: tuple[BreakerState, BreakerState] | None = None
+        changed: _Change | None = None
         retry_after: float | None = None
         with self._lock:
             owed = self._drain() if self._dropped else 0
@@ -437,7 +460,7 @@ class CircuitBreaker:
                 now = self._clock()
                 if state is _OPEN and now >= self._open_until:
                     # Half-open is entered lazily, by the first caller after the open time.
-                    changed = self._set_state(_HALF_OPEN)
+                    changed = self._set_state(_HALF_OPEN, "open_elapsed")
                     state = _HALF_OPEN
                 admitted = state is _HALF_OPEN and self._probes < self._half_open_calls
                 if admitted:
@@ -480,11 +503,12 @@ class CircuitBreaker:
                     counts.pos = 0 if pos == counts.size else pos
                     return
             with self._lock:
-                if not (self._window.add(_OK) and self._over_threshold()):
+                over = self._window.add(_OK) and self._over_threshold()
+                if not over:
                     # It may have replaced the window's last failure.
                     self._check_quiet()
                     return
-                changed = self._trip()
+                changed = self._trip(over)
             if changed is not None:
                 self._notify_state(*changed)
             return
@@ -519,14 +543,14 @@ class CircuitBreaker:
         still feeds the consecutive-timeouts trigger. A probe gives its slot back (the
         retry is admitted afresh). Call listeners hear a failure, as for any failed attempt.
         """
-        changed: tuple[BreakerState, BreakerState] | None = None
+        changed: _Change | None = None
         with self._lock:
             owed = self._drain() if self._dropped else 0
             state = self._state
             if state is _CLOSED:
                 if timeout:
                     if self._timed_out(duration):
-                        changed = self._trip()
+                        changed = self._trip("consecutive_timeouts")
                 elif self._streak:
                     self._end_streak()
             elif state is _HALF_OPEN:
@@ -565,7 +589,7 @@ class CircuitBreaker:
             self._dropped.append(probe)
 
     def _record(self, code: int, duration: float, probe: int, timeout: bool) -> None:
-        changed: tuple[BreakerState, BreakerState] | None = None
+        changed: _Change | None = None
         with self._lock:
             owed = self._drain() if self._dropped else 0
             state = self._state
@@ -575,7 +599,7 @@ class CircuitBreaker:
                 # A probe reported after a manual close is just a call made while closed.
                 over = self._window.add(code) and self._over_threshold()
                 if over or (timeout and self._timed_out(duration)):
-                    changed = self._trip()
+                    changed = self._trip(over or "consecutive_timeouts")
                 else:
                     if self._streak and not timeout:
                         self._end_streak()  # an answer, or another kind of failure
@@ -652,7 +676,7 @@ class CircuitBreaker:
         self._fast = self._state is _CLOSED and not self._call_listeners
         self._check_quiet()
 
-    def _judge_probes(self) -> tuple[BreakerState, BreakerState] | None:
+    def _judge_probes(self) -> _Change | None:
         # The spell is judged by its probes' rates against the thresholds, as the window
         # is: one failed probe of three no longer re-opens a breaker whose upstream answers
         # most calls. Rates are over all half_open_calls probes, so a re-open is decided
@@ -663,37 +687,40 @@ class CircuitBreaker:
         if (failures and failures / n >= self._failure_rate) or (
             self._slow_trips and slow and slow / n >= self._slow_call_rate
         ):
-            return self._open()
+            return self._open("probes_failed")
         if self._probe_results >= n:
             self._window.clear()
             self._consecutive_opens = 0
-            return self._set_state(_CLOSED)
+            return self._set_state(_CLOSED, "probes_succeeded")
         return None
 
     # --- transitions (all called with the lock held) -------------------------------------
 
-    def _over_threshold(self) -> bool:
+    def _over_threshold(self) -> str:
+        """The rate that reached its threshold (``failure_rate``, ``slow_call_rate``), or ""."""
         window = self._window
         calls = window.calls
         if calls < self._min_calls:
-            return False
+            return ""
         # Division, not a precomputed count: failures / calls is correctly rounded, so a
         # rate exactly at the threshold (3 of 10 against 0.3) compares equal, as documented.
         # A window with no failures never trips on failures, even at failure_rate 0.
         failures = window.failures
         if failures and failures / calls >= self._failure_rate:
-            return True
+            return "failure_rate"
         slow = window.slow
-        return self._slow_trips and slow > 0 and slow / calls >= self._slow_call_rate
+        if self._slow_trips and slow > 0 and slow / calls >= self._slow_call_rate:
+            return "slow_call_rate"
+        return ""
 
-    def _trip(self) -> tuple[BreakerState, BreakerState] | None:
+    def _trip(self, reason: str) -> _Change | None:
         # Another thread may have opened (or disabled) the breaker between this call's
         # fast-path check and taking the lock.
         if self._state is not _CLOSED:
             return None
-        return self._open()
+        return self._open(reason)
 
-    def _open(self) -> tuple[BreakerState, BreakerState]:
+    def _open(self, reason: str) -> _Change:
         reopens = self._consecutive_opens
         self._consecutive_opens = reopens + 1
         # min() on the exponent keeps 2.0 ** n finite however long the upstream stays down.
@@ -703,9 +730,9 @@ class CircuitBreaker:
             # processes that opened together. The first open stays exact and predictable.
             wait *= 1.0 - 0.2 * self._random()
         self._open_until = self._clock() + wait
-        return self._set_state(_OPEN)
+        return self._set_state(_OPEN, reason)
 
-    def _set_state(self, new: BreakerState) -> tuple[BreakerState, BreakerState]:
+    def _set_state(self, new: BreakerState, reason: str) -> _Change:
         old = self._state
         self._state = new
         self.passing = new is _CLOSED or new is _DISABLED
@@ -715,7 +742,7 @@ class CircuitBreaker:
         if new is _HALF_OPEN:
             self._spell += 1
         self._probes = self._probe_results = self._probe_failures = self._probe_slow = 0
-        return old, new
+        return old, new, reason
 
     def _check_quiet(self) -> None:
         # Called with the lock held after every change of the window, the state or the
@@ -734,36 +761,36 @@ class CircuitBreaker:
 
     def force_open(self) -> None:
         """Reject every call until :meth:`force_closed`, :meth:`reset` or :meth:`disable`."""
-        self._manual(_FORCED_OPEN)
+        self._manual(_FORCED_OPEN, "force_open")
 
     def disable(self) -> None:
         """Admit every call and count nothing, until :meth:`force_closed` or :meth:`reset`."""
-        self._manual(_DISABLED)
+        self._manual(_DISABLED, "disable")
 
     def force_closed(self) -> None:
         """Return to normal operation from any state: CLOSED, with a fresh window.
 
         Also switches on a breaker whose policy has ``enabled = false``.
         """
-        self._manual(_CLOSED)
+        self._manual(_CLOSED, "force_closed")
 
     def reset(self) -> None:
         """As new: the policy's starting state (CLOSED, or DISABLED when the settings say
         ``enabled = false``), an empty window, re-open count zero. Resetting every breaker
         must never switch on one the configuration turned off."""
-        self._manual(_CLOSED if self.policy.enabled else _DISABLED, fresh=True)
+        self._manual(_CLOSED if self.policy.enabled else _DISABLED, "reset", fresh=True)
 
-    def _manual(self, new: BreakerState, *, fresh: bool = False) -> None:
+    def _manual(self, new: BreakerState, reason: str, *, fresh: bool = False) -> None:
         with self._lock:
             owed = self._drain() if self._dropped else 0
             if fresh or new is _CLOSED:
                 self._window.clear()
                 self._consecutive_opens = 0
-            old, _ = self._set_state(new)
+            old, _, _ = self._set_state(new, reason)
         if owed:
             self._pay(owed)
         if old is not new:
-            self._notify_state(old, new)
+            self._notify_state(old, new, reason)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -846,6 +873,41 @@ class CircuitBreaker:
         with self._lock:
             self._state_listeners = _without(self._state_listeners, listener)
 
+    def subscribe(self, callback: TransitionCallback) -> Callable[[], None]:
+        """Call ``callback(transition)`` (a :class:`Transition`) after every state change.
+
+        Returns a function that unsubscribes it (calling it again does nothing). Callbacks
+        run after the breaker's lock is released, on whichever thread or task caused the
+        change; one that raises is logged once (per breaker and callback) and swallowed.
+        """
+        with self._lock:
+            self._subscribers = (*self._subscribers, callback)
+        done = False
+
+        def unsubscribe() -> None:
+            nonlocal done
+            with self._lock:
+                if not done:
+                    done = True
+                    self._subscribers = _without(self._subscribers, callback)
+
+        return unsubscribe
+
+    def _subscriber_failed(self, callback: TransitionCallback, transition: Transition) -> None:
+        # Logged once per callback: a broken subscriber must not log on every transition.
+        key = (self.name, id(callback))
+        if key in _FAILED_SUBSCRIBERS:
+            return
+        if len(_FAILED_SUBSCRIBERS) < 1024:
+            _FAILED_SUBSCRIBERS.add(key)
+        logger.exception(
+            "circuit breaker %r: transition subscriber %r failed on %s -> %s",
+            self.name,
+            callback,
+            transition.old.value,
+            transition.new.value,
+        )
+
     def add_call_listener(self, listener: CallListener) -> None:
         """Call ``listener(breaker, outcome, duration)`` for every call reported or rejected.
 
@@ -868,8 +930,16 @@ class CircuitBreaker:
         self.times_successes = self._slow_trips or bool(self._call_listeners)
         self._check_quiet()
 
-    def _notify_state(self, old: BreakerState, new: BreakerState) -> None:
-        # The tuple is replaced, never mutated, so iterating it needs no lock.
+    def _notify_state(self, old: BreakerState, new: BreakerState, reason: str) -> None:
+        # The tuples are replaced, never mutated, so iterating them needs no lock.
+        subscribers = self._subscribers
+        if subscribers:
+            transition = Transition(self.name, old, new, reason, time.time())
+            for callback in subscribers:
+                try:
+                    callback(transition)
+                except Exception:
+                    self._subscriber_failed(callback, transition)
         for listener in self._state_listeners:
             try:
                 listener(self, old, new)
@@ -896,6 +966,9 @@ class CircuitBreaker:
 
 
 _T = TypeVar("_T")
+_Change: TypeAlias = tuple[BreakerState, BreakerState, str]
+# (breaker name, subscriber id) whose failure was logged: bounded, so logged at most once.
+_FAILED_SUBSCRIBERS: set[tuple[str, int]] = set()
 
 
 def _without(items: tuple[_T, ...], item: _T) -> tuple[_T, ...]:
