@@ -65,6 +65,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_call",
                 "inbound",
                 "inbound._admission",
+                "inbound._endpoints",
                 "inbound._errors",
                 "inbound._response",
                 "inbound._start",
@@ -76,7 +77,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         ),
     ),
     ("drivers", frozenset({"transport", "_httpx_bodies", "_httpx_deadlines"})),
-    ("runtime", frozenset({"guard"})),
+    ("runtime", frozenset({"guard", "metrics", "tracing"})),
     (
         "adapters",
         frozenset(
@@ -90,6 +91,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "django.checks",
                 "django.conf",
                 "django.decorators",
+                "django.views",
                 "django.middleware",
             }
         ),

@@ -23,6 +23,9 @@ SRC = ROOT / "src" / "gateway_guard"
 ADAPTER_EXTRAS = {
     "flask.py": "flask",
     "django": "django",
+    # Optional integrations, imported only when the settings turn them on.
+    "metrics.py": "prometheus",
+    "tracing.py": "otel",
 }
 # Declared for a reason the imports cannot show.
 NOT_IMPORTED_ON_PURPOSE = {

@@ -87,6 +87,7 @@ def test_guard_api_names() -> None:
 PUBLIC_MODULES = (
     "gateway_guard",
     "gateway_guard.events",
+    "gateway_guard.metrics",
     "gateway_guard.flask",
     "gateway_guard.django",
     "gateway_guard.testing",

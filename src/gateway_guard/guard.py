@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import logging
 import ssl
@@ -17,6 +18,7 @@ from ._shedding import InboundShedding
 from .breaker import BreakerState, CircuitBreaker, Transition
 from .errors import UpstreamError
 from .events import BreakerTransitioned, Event, Hooks
+from .inbound import Served
 from .policy import CallPolicy, Policies, compile_policies, compile_view_policy
 from .render import ErrorRenderer
 from .retry import RetryBudget
@@ -177,7 +179,21 @@ class Guard:
             )
 
     def _integrations(self) -> None:
-        """Attach the optional integrations the settings turn on (metrics, tracing)."""
+        """Attach the optional integrations the settings turn on (metrics, tracing).
+
+        Imported only here, when on: ``import gateway_guard`` never imports
+        prometheus_client or OpenTelemetry. A missing extra fails at startup, naming it.
+        """
+        #: Paths the middleware answers itself (exact match) -> the answer for a method.
+        self.endpoints: dict[str, Callable[[str], Served]] = {}
+        metrics = self.settings.metrics
+        if metrics.enabled or metrics.path is not None:
+            module = importlib.import_module("gateway_guard.metrics")
+            module.attach(self)
+            if metrics.path is not None:
+                self.endpoints[metrics.path] = module.endpoint
+        if self.settings.tracing.enabled:
+            importlib.import_module("gateway_guard.tracing").attach(self)
 
     # --- lookups -----------------------------------------------------------------------
 
