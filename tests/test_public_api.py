@@ -88,6 +88,7 @@ PUBLIC_MODULES = (
     "gateway_guard",
     "gateway_guard.events",
     "gateway_guard.metrics",
+    "gateway_guard.tracing",
     "gateway_guard.flask",
     "gateway_guard.django",
     "gateway_guard.testing",

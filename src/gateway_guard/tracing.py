@@ -1,0 +1,246 @@
+"""OpenTelemetry spans, built on the event hooks (the ``otel`` extra: opentelemetry-api).
+
+Imported only when ``[tracing] enabled = true``: ``import gateway_guard`` never imports
+OpenTelemetry. Only the API is used; your SDK setup (or none) decides where spans go.
+
+Each guarded call is one span (``{method} {upstream}``, kind INTERNAL), the child of
+whatever span is current (the inbound request's, under an instrumented framework). Each
+attempt is a child CLIENT span (``{method}``) with the HTTP client semantic conventions:
+``http.request.method``, ``server.address`` / ``server.port``,
+``http.response.status_code``, ``error.type``, and ``http.request.resend_count`` (1, 2,
+...) on the attempts after the first. OpenTelemetry's propagator injects each attempt's
+context into its request headers. While an attempt is sent, HTTP instrumentation is
+suppressed (OpenTelemetry's own flag), so opentelemetry-instrumentation-httpx (or
+-requests, -aiohttp-client) does not add a second span for the same request.
+
+The call span carries ``gateway_guard.upstream``, ``gateway_guard.route``, the breaker's
+state when the call began, and at its end ``gateway_guard.outcome``,
+``gateway_guard.attempts`` and ``gateway_guard.proxy_error``; span events mark retries
+and breaker rejections. Bulkhead rejections and inbound shedding add an event to the
+current span. ``http.client.request.duration`` (seconds) is recorded per attempt through
+the API's meter, a no-op until a meter provider is set.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import metrics as otel_metrics
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+except ImportError as exc:  # pragma: no cover - exercised without the extra installed
+    raise ImportError(
+        "gateway_guard's tracing needs opentelemetry-api: pip install 'gateway-guard[otel]'"
+    ) from exc
+
+from .events import (
+    AttemptEnded,
+    AttemptStarted,
+    BreakerRejected,
+    BulkheadRejected,
+    CallEnded,
+    InboundShed,
+    RetryScheduled,
+)
+
+if TYPE_CHECKING:
+    from .guard import Guard
+
+__all__ = ["attach"]
+
+# The key HTTP instrumentations check before making a span of their own. It lives in the
+# API's context module; an API too old to have it has instrumentations that do not check.
+_SUPPRESS_HTTP = getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", None)
+# Calls whose spans are open at once; reached only if ends were lost (a bug): then the
+# oldest are dropped rather than grow without bound.
+_MAX_OPEN_CALLS = 10_000
+
+
+class _Call:
+    __slots__ = ("attempt", "span", "token")
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+        self.attempt: Span | None = None
+        self.token: object | None = None
+
+
+def _server(headers: Any) -> dict[str, Any]:
+    """``server.address`` / ``server.port`` from the request's Host field."""
+    host = headers.get("host")
+    if not host:
+        return {}
+    if host.startswith("["):  # an IPv6 literal: its colons are the address's own
+        address, _, rest = host[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        address, _, port = host.partition(":")
+    found: dict[str, Any] = {"server.address": address}
+    if port.isdigit():
+        found["server.port"] = int(port)
+    return found
+
+
+class _Tracing:
+    """One Guard's hooks into OpenTelemetry."""
+
+    def __init__(self, guard: Guard) -> None:
+        from gateway_guard import __version__  # noqa: PLC0415 - the package is loaded by now
+
+        self.guard = guard
+        self.tracer = trace.get_tracer("gateway_guard", __version__)
+        meter = otel_metrics.get_meter("gateway_guard", __version__)
+        self.duration = meter.create_histogram(
+            "http.client.request.duration",
+            unit="s",
+            description="Duration of HTTP client requests (one per attempt).",
+        )
+        self.calls: dict[int, _Call] = {}
+        self._lock = threading.Lock()
+
+    # --- a call and its attempts ---------------------------------------------------------
+
+    def _open_call(self, upstream: str, route: str | None, method: str, call_id: int) -> _Call:
+        attributes: dict[str, Any] = {
+            "gateway_guard.upstream": upstream,
+            "http.request.method": method,
+            "gateway_guard.breaker.state": self.guard.breaker(upstream).state.value,
+        }
+        if route is not None:
+            attributes["gateway_guard.route"] = route
+        span = self.tracer.start_span(
+            f"{method} {upstream}", kind=SpanKind.INTERNAL, attributes=attributes
+        )
+        call = _Call(span)
+        with self._lock:
+            if len(self.calls) >= _MAX_OPEN_CALLS:
+                self.calls.pop(next(iter(self.calls)))
+            self.calls[call_id] = call
+        return call
+
+    def attempt_started(self, event: AttemptStarted) -> None:
+        call = self.calls.get(event.call_id)
+        if call is None:
+            call = self._open_call(event.upstream, event.route, event.method, event.call_id)
+        attributes: dict[str, Any] = {
+            "http.request.method": event.method,
+            "gateway_guard.upstream": event.upstream,
+            **_server(event.headers),
+        }
+        if event.attempt > 1:
+            attributes["http.request.resend_count"] = event.attempt - 1
+        parent = trace.set_span_in_context(call.span)
+        span = self.tracer.start_span(
+            event.method, context=parent, kind=SpanKind.CLIENT, attributes=attributes
+        )
+        ctx = trace.set_span_in_context(span, parent)
+        propagate.inject(event.headers, context=ctx)
+        if _SUPPRESS_HTTP is not None:
+            ctx = otel_context.set_value(_SUPPRESS_HTTP, True, ctx)
+        call.attempt = span
+        # Current while the attempt is sent (it ends on the same thread or task): HTTP
+        # instrumentations see the suppression flag, and the client's own logs the span.
+        call.token = otel_context.attach(ctx)
+
+    def attempt_ended(self, event: AttemptEnded) -> None:
+        call = self.calls.get(event.call_id)
+        if call is None or call.attempt is None:
+            return
+        span, call.attempt = call.attempt, None
+        token, call.token = call.token, None
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
+        attributes: dict[str, Any] = {"http.request.method": event.method}
+        if event.status is not None:
+            span.set_attribute("http.response.status_code", event.status)
+            attributes["http.response.status_code"] = event.status
+        error_type = event.proxy_error
+        if error_type is None and event.outcome == "failure" and event.status is not None:
+            error_type = str(event.status)
+        if event.outcome == "cancelled":
+            error_type = "cancelled"
+        if error_type is not None:
+            span.set_attribute("error.type", error_type)
+            attributes["error.type"] = error_type
+            if event.outcome != "cancelled":
+                span.set_status(Status(StatusCode.ERROR, error_type))
+        if event.proxy_error is not None:
+            span.set_attribute("gateway_guard.proxy_error", event.proxy_error)
+        span.end()
+        self.duration.record(event.duration, attributes)
+
+    def retry_scheduled(self, event: RetryScheduled) -> None:
+        call = self.calls.get(event.call_id)
+        if call is not None:
+            call.span.add_event(
+                "gateway_guard.retry",
+                {"gateway_guard.attempt": event.attempt, "gateway_guard.wait": event.wait},
+            )
+
+    def breaker_rejected(self, event: BreakerRejected) -> None:
+        call = self.calls.get(event.call_id)
+        if call is None:  # refused before its first attempt: the call's span is this
+            call = self._open_call(event.upstream, event.route, event.method, event.call_id)
+        attributes: dict[str, Any] = {"gateway_guard.breaker.state": event.state}
+        if event.retry_after is not None:
+            attributes["gateway_guard.retry_after"] = event.retry_after
+        call.span.add_event("gateway_guard.breaker_rejected", attributes)
+
+    def call_ended(self, event: CallEnded) -> None:
+        with self._lock:
+            call = self.calls.pop(event.call_id, None)
+        if call is None:
+            return
+        span = call.span
+        span.set_attribute("gateway_guard.outcome", event.outcome)
+        span.set_attribute("gateway_guard.attempts", event.attempts)
+        if event.proxy_error is not None:
+            span.set_attribute("gateway_guard.proxy_error", event.proxy_error)
+        if event.status is not None:
+            span.set_attribute("http.response.status_code", event.status)
+        if event.outcome in ("failure", "rejected"):
+            error_type = event.proxy_error or str(event.status or event.outcome)
+            span.set_attribute("error.type", error_type)
+            span.set_status(Status(StatusCode.ERROR, error_type))
+        span.end()
+
+    # --- no call span: the current one ---------------------------------------------------
+
+    def bulkhead_rejected(self, event: BulkheadRejected) -> None:
+        trace.get_current_span().add_event(
+            "gateway_guard.bulkhead_rejected", {"gateway_guard.upstream": event.upstream}
+        )
+
+    def shed(self, event: InboundShed) -> None:
+        attributes: dict[str, Any] = {"gateway_guard.shed.reason": event.reason}
+        if event.route is not None:
+            attributes["gateway_guard.route"] = event.route
+        if event.upstream is not None:
+            attributes["gateway_guard.upstream"] = event.upstream
+        trace.get_current_span().add_event("gateway_guard.shed", attributes)
+
+
+# Guards already traced. Weak: the tracing object lives in the Guard's hooks, and dies with it.
+_attached: weakref.WeakSet[Guard] = weakref.WeakSet()
+_attach_lock = threading.Lock()
+
+
+def attach(guard: Guard) -> None:
+    """Trace ``guard``'s calls (what ``[tracing] enabled = true`` does). Idempotent."""
+    with _attach_lock:
+        if guard in _attached:
+            return
+        _attached.add(guard)
+    tracing = _Tracing(guard)
+    on = guard.on
+    on(AttemptStarted, tracing.attempt_started)
+    on(AttemptEnded, tracing.attempt_ended)
+    on(RetryScheduled, tracing.retry_scheduled)
+    on(BreakerRejected, tracing.breaker_rejected)
+    on(CallEnded, tracing.call_ended)
+    on(BulkheadRejected, tracing.bulkhead_rejected)
+    on(InboundShed, tracing.shed)
