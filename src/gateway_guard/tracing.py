@@ -37,6 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
         "gateway_guard's tracing needs opentelemetry-api: pip install 'gateway-guard[otel]'"
     ) from exc
 
+from .context import get_context
 from .events import (
     AttemptEnded,
     AttemptStarted,
@@ -112,8 +113,15 @@ class _Tracing:
         }
         if route is not None:
             attributes["gateway_guard.route"] = route
+        parent = None
+        if not trace.get_current_span().get_span_context().is_valid:
+            # No server instrumentation made a span for the inbound request: continue the
+            # trace its traceparent names, rather than start one of our own.
+            ctx = get_context()
+            if ctx is not None and ctx.traceparent is not None:
+                parent = propagate.extract({"traceparent": ctx.traceparent})
         span = self.tracer.start_span(
-            f"{method} {upstream}", kind=SpanKind.INTERNAL, attributes=attributes
+            f"{method} {upstream}", context=parent, kind=SpanKind.INTERNAL, attributes=attributes
         )
         call = _Call(span)
         with self._lock:
