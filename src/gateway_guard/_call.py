@@ -434,19 +434,20 @@ class Call:
         hooks = self.hooks
         assert hooks is not None
         name, route, method, call_id = self.rt.name, self._route(), self.method, id(self)
-        hooks.emit(
-            AttemptEnded(
-                name,
-                route,
-                method,
-                self.attempt,
-                call_id,
-                outcome,
-                now - self.t0,
-                status,
-                proxy_error,
+        if hooks.wants(AttemptEnded):  # built only when heard: see events._fast_init
+            hooks.emit(
+                AttemptEnded(
+                    name,
+                    route,
+                    method,
+                    self.attempt,
+                    call_id,
+                    outcome,
+                    now - self.t0,
+                    status,
+                    proxy_error,
+                )
             )
-        )
         if wait >= 0.0:
             hooks.emit(
                 RetryScheduled(

@@ -59,6 +59,18 @@ _SUPPRESS_HTTP = getattr(otel_context, "_SUPPRESS_HTTP_INSTRUMENTATION_KEY", Non
 # Calls whose spans are open at once; reached only if ends were lost (a bug): then the
 # oldest are dropped rather than grow without bound.
 _MAX_OPEN_CALLS = 10_000
+# What the API answers until an SDK sets a provider: then every span and measurement is a
+# no-op, and a call skips them all (bench/observability.py). The meter's proxy class is
+# private to the API: without it, a meter provider counts as set.
+try:
+    from opentelemetry.metrics._internal import _ProxyMeterProvider as _NoMeterProvider
+except ImportError:  # pragma: no cover - another API version
+
+    class _NoMeterProvider:  # type: ignore[no-redef]
+        pass
+
+
+_HOSTS_CACHED = 256
 
 
 class _Call:
@@ -75,6 +87,19 @@ def _server(headers: Any) -> dict[str, Any]:
     host = headers.get("host")
     if not host:
         return {}
+    found = _hosts.get(host)
+    if found is None:
+        found = _parse_host(host)
+        if len(_hosts) >= _HOSTS_CACHED:  # bounded: hosts are the app's upstreams
+            _hosts.clear()
+        _hosts[host] = found
+    return found
+
+
+_hosts: dict[str, dict[str, Any]] = {}
+
+
+def _parse_host(host: str) -> dict[str, Any]:
     if host.startswith("["):  # an IPv6 literal: its colons are the address's own
         address, _, rest = host[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
@@ -102,6 +127,15 @@ class _Tracing:
         )
         self.calls: dict[int, _Call] = {}
         self._lock = threading.Lock()
+        self._live = False
+
+    def live(self) -> bool:
+        """Whether an SDK set a tracer or meter provider (for good, once it has)."""
+        if not self._live:
+            self._live = not isinstance(
+                trace.get_tracer_provider(), trace.ProxyTracerProvider
+            ) or not isinstance(otel_metrics.get_meter_provider(), _NoMeterProvider)
+        return self._live
 
     # --- a call and its attempts ---------------------------------------------------------
 
@@ -124,15 +158,18 @@ class _Tracing:
             f"{method} {upstream}", context=parent, kind=SpanKind.INTERNAL, attributes=attributes
         )
         call = _Call(span)
-        with self._lock:
-            if len(self.calls) >= _MAX_OPEN_CALLS:
-                self.calls.pop(next(iter(self.calls)))
-            self.calls[call_id] = call
+        calls = self.calls
+        if len(calls) >= _MAX_OPEN_CALLS:
+            with self._lock:
+                calls.pop(next(iter(calls)), None)
+        calls[call_id] = call  # one dict store: atomic
         return call
 
     def attempt_started(self, event: AttemptStarted) -> None:
         call = self.calls.get(event.call_id)
         if call is None:
+            if not self.live():
+                return  # no SDK: every span would be a no-op (the events that follow too)
             call = self._open_call(event.upstream, event.route, event.method, event.call_id)
         attributes: dict[str, Any] = {
             "http.request.method": event.method,
@@ -192,6 +229,8 @@ class _Tracing:
     def breaker_rejected(self, event: BreakerRejected) -> None:
         call = self.calls.get(event.call_id)
         if call is None:  # refused before its first attempt: the call's span is this
+            if not self.live():
+                return
             call = self._open_call(event.upstream, event.route, event.method, event.call_id)
         attributes: dict[str, Any] = {"gateway_guard.breaker.state": event.state}
         if event.retry_after is not None:
@@ -199,8 +238,7 @@ class _Tracing:
         call.span.add_event("gateway_guard.breaker_rejected", attributes)
 
     def call_ended(self, event: CallEnded) -> None:
-        with self._lock:
-            call = self.calls.pop(event.call_id, None)
+        call = self.calls.pop(event.call_id, None)
         if call is None:
             return
         span = call.span
@@ -219,11 +257,15 @@ class _Tracing:
     # --- no call span: the current one ---------------------------------------------------
 
     def bulkhead_rejected(self, event: BulkheadRejected) -> None:
+        if not self.live():
+            return
         trace.get_current_span().add_event(
             "gateway_guard.bulkhead_rejected", {"gateway_guard.upstream": event.upstream}
         )
 
     def shed(self, event: InboundShed) -> None:
+        if not self.live():
+            return
         attributes: dict[str, Any] = {"gateway_guard.shed.reason": event.reason}
         if event.route is not None:
             attributes["gateway_guard.route"] = event.route
