@@ -30,8 +30,8 @@ import argparse
 import asyncio
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,6 @@ import httpx
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import gateway_guard as gg
 from bench._common import count_instructions, goal, markdown_table, text_table, valgrind
 from bench.transport import (
     BASE_URL,
@@ -56,6 +55,8 @@ from bench.transport import (
     _run_async,
     _run_sync,
 )
+
+import gateway_guard as gg
 
 GOAL_RATIO = 1.06
 BASELINE = "bare httpx"
@@ -118,7 +119,9 @@ def _judge(rows: list[dict[str, Any]], name: str, judged: bool) -> list[dict[str
     return rows
 
 
-def main(quick: bool = False, *, markdown: bool = False, clock: str = "cpu") -> list[dict[str, Any]]:
+def main(
+    quick: bool = False, *, markdown: bool = False, clock: str = "cpu"
+) -> list[dict[str, Any]]:
     plan = QUICK if quick else FULL
     rows: list[dict[str, Any]] = []
     with ExitStack() as stack:

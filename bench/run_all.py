@@ -190,6 +190,16 @@ GOALS: tuple[Goal, ...] = (
     Goal("transport.sync", "transport", "guarded httpx call ≤ 1.03x bare httpx (sync)"),
     Goal("transport.async", "transport", "guarded httpx call ≤ 1.03x bare httpx (async)"),
     Goal("middleware", "middleware", "GatewayGuardMiddleware adds ≤ 3 µs per request"),
+    Goal(
+        "observability.sync",
+        "observability",
+        "guarded httpx with Prometheus and OpenTelemetry on ≤ 1.06x bare httpx (sync)",
+    ),
+    Goal(
+        "observability.async",
+        "observability",
+        "guarded httpx with Prometheus and OpenTelemetry on ≤ 1.06x bare httpx (async)",
+    ),
     Goal("breaker", "breaker", "breaker admit + record ≤ 0.5 µs per call"),
     Goal(
         "outage.hang",
@@ -633,6 +643,45 @@ def render_blocks(rows: list[dict[str, Any]]) -> list[Block]:
     return [Block("render", "Rendering gateway error responses", [table])]
 
 
+# --- observability --------------------------------------------------------------------------
+
+
+def run_observability(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _import("observability").main(quick)
+    return rows
+
+
+def observability_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    figures = []
+    for r in rows:
+        baseline = r["candidate"] == r["baseline"]
+        judged = r.get("goal_ratio") is not None
+        figures.append(
+            Figure(
+                [
+                    r["mode"],
+                    r["candidate"],
+                    f"{r['us_per_call']:.2f}",
+                    "1 (baseline)" if baseline else f"{r['ratio']:.3f}x",
+                    "" if baseline else _pair(r.get("ratio_ci"), ".3f"),
+                    "—" if baseline else f"{r['added_us']:+.2f}",
+                ],
+                f"≤ {r['goal_ratio']}x" if judged else None,
+                r.get("goal_met") if judged else None,
+                f"observability.{r['mode']}" if judged else None,
+                f"metrics + tracing on / bare httpx, {r['mode']}: {r['ratio']:.3f}x",
+            )
+        )
+    table = Table(
+        "",
+        ["mode", "candidate", "µs/call", "ratio (median)", "ratio 95% CI", "+µs/call"],
+        figures,
+        align="<<>>>>",
+        caption="Interleaved rounds as bench/transport.py; the SDK row is for reference.",
+    )
+    return [Block("observability", "Outbound with Prometheus metrics and tracing on", [table])]
+
+
 # --- outage scenarios -----------------------------------------------------------------------
 
 
@@ -696,6 +745,19 @@ SECTIONS: list[Section] = [
         "a deadline. The goal is judged on the `gateway_guard` row (no inbound request "
         "being served); `gateway_guard (in request)` adds request-id propagation and the "
         "diagnostics record, as inside the middleware.",
+    ),
+    Section(
+        "observability",
+        "Outbound with metrics and tracing on",
+        "overhead",
+        (12.0, 80.0),
+        run_observability,
+        observability_blocks,
+        ("observability.sync", "observability.async"),
+        "bench/observability.py. bench/transport.py's call with `[metrics] enabled` and "
+        "`[tracing] enabled` (opentelemetry-api only: the goal is the package's own cost), "
+        "against bare httpx and the guard with both off; a last row adds an SDK that "
+        "records every span, for reference.",
     ),
     Section(
         "middleware",

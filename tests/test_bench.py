@@ -185,8 +185,31 @@ def outage_rows(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
+def observability_rows(quick: bool) -> list[dict[str, Any]]:
+    def row(mode: str, candidate: str, ratio: float, goal: float | None) -> dict[str, Any]:
+        return {
+            "mode": mode,
+            "candidate": candidate,
+            "baseline": "bare httpx",
+            "us_per_call": 100.0 * ratio,
+            "ratio": ratio,
+            "ratio_ci": (ratio - 0.01, ratio + 0.01),
+            "added_us": 100.0 * (ratio - 1),
+            "goal_ratio": goal,
+            "goal_met": None if goal is None else ratio <= goal,
+        }
+
+    on = "gateway_guard + metrics + tracing"
+    return [
+        row("sync", "bare httpx", 1.0, None),
+        row("sync", on, 1.05, 1.06),
+        row("async", on, 1.04, 1.06),
+    ]
+
+
 STUBS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "transport": transport_rows,
+    "observability": observability_rows,
     "middleware": middleware_rows,
     "breaker": breaker_rows,
     "outage": outage_rows,
@@ -239,7 +262,7 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     for goal in run_all.GOALS:
         assert f"| {goal.text} |" in summary, goal.id
     assert "not measured" not in summary.split("|", 1)[1]
-    assert "15 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
+    assert "17 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
     assert (
         "|  | 50% 503s / tenacity: upstream calls / request = 1.50 | 3.0 | reference |" in summary
     )
@@ -259,13 +282,13 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     )
     assert "| gateway_guard | 9.50 | +2.50 | -0.10 to +3.20 | 1.357x | ≤ 3 µs added | met |" in doc
     assert "| purgatory | ? | with breaker: pass (sync) | not installed (purgatory) |" in doc
-    assert doc.count("#### Notes") == 5 + len({r["scenario"] for r in outage_rows(True)})
+    assert doc.count("#### Notes") == 6 + len({r["scenario"] for r in outage_rows(True)})
 
     data = json.loads(output.with_suffix(".json").read_text(encoding="utf-8"))
     assert data["quick"] is True
     assert [s["key"] for s in data["sections"]] == list(STUBS)
-    assert data["sections"][3]["rows"][:-1] == outage_rows(True)[:-1]
-    assert data["sections"][3]["rows"][-1]["value"] == "inf"  # strict JSON has no Infinity
+    assert data["sections"][4]["rows"][:-1] == outage_rows(True)[:-1]
+    assert data["sections"][4]["rows"][-1]["value"] == "inf"  # strict JSON has no Infinity
     recovery = next(line for line in summary.splitlines() if line.startswith("| recovery"))
     assert f"| {RECOVERY} / gateway_guard: recovery s = 3.60 |" in recovery
     assert "| plain | recovery s (not yet) | inf |  |  |" in doc
