@@ -271,3 +271,21 @@ def test_attach_is_idempotent() -> None:
     with guard.client(up, transport=scripted(200)) as client:
         client.get("/")
     assert value(samples(), "gateway_guard_upstream_attempts_total", upstream=up) == 1
+
+
+def test_the_flask_extension_serves_the_path() -> None:
+    from gateway_guard.flask import GatewayGuard
+
+    up = unique("flask")
+    app = Flask(__name__)
+    app.config["GATEWAY_GUARD"] = {"metrics": {"path": "/metrics"}, "upstreams": {up: {}}}
+    GatewayGuard(app)
+
+    @app.get("/metrics")
+    def shadowed() -> str:
+        raise AssertionError("the middleware answers first")
+
+    response = app.test_client().get("/metrics")
+    assert response.status_code == 200
+    text = response.get_data(as_text=True)
+    assert value(samples(text), "gateway_guard_breaker_state", upstream=up, state="closed") == 1

@@ -137,7 +137,6 @@ class Guard:
         self.emitter: Hooks | None = None
         for rt in self._upstreams.values():
             rt.start_traces = self.settings.tracing.start_traces
-        self.metrics_path = self.settings.metrics.path
         for rt in self._upstreams.values():
             rt.breaker.subscribe(self._transitioned)
         self._integrations()

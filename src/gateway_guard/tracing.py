@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
         "gateway_guard's tracing needs opentelemetry-api: pip install 'gateway-guard[otel]'"
     ) from exc
 
-from .context import get_context
+from .context import current_context
 from .events import (
     AttemptEnded,
     AttemptStarted,
@@ -151,7 +151,7 @@ class _Tracing:
         if not trace.get_current_span().get_span_context().is_valid:
             # No server instrumentation made a span for the inbound request: continue the
             # trace its traceparent names, rather than start one of our own.
-            ctx = get_context()
+            ctx = current_context()
             if ctx is not None and ctx.traceparent is not None:
                 parent = propagate.extract({"traceparent": ctx.traceparent})
         span = self.tracer.start_span(
