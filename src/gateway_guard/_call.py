@@ -449,11 +449,12 @@ class Call:
                 )
             )
         if wait >= 0.0:
-            hooks.emit(
-                RetryScheduled(
-                    name, route, method, self.attempt, call_id, wait, status, proxy_error
+            if hooks.wants(RetryScheduled):
+                hooks.emit(
+                    RetryScheduled(
+                        name, route, method, self.attempt, call_id, wait, status, proxy_error
+                    )
                 )
-            )
         elif wait == RETURN:
             self._call_ended("success", now, status, None)
         elif outcome == "cancelled":
@@ -494,6 +495,8 @@ class Call:
         assert hooks is not None
         # Once: what a streamed body does later is not the call's outcome any more.
         self.hooks = None
+        if not hooks.wants(CallEnded):
+            return
         if attempts is None:
             attempts = self.attempt if outcome != "rejected" else self.attempt - 1
         hooks.emit(

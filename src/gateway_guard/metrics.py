@@ -41,7 +41,6 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra ins
 
 from .breaker import BreakerState
 from .events import (
-    AttemptStarted,
     BreakerRejected,
     BreakerTransitioned,
     BudgetExhausted,
@@ -125,7 +124,8 @@ class _Metrics:
         )
         self.in_flight = Gauge(
             "gateway_guard_bulkhead_in_flight",
-            "Calls holding a bulkhead slot of the upstream (summed over workers).",
+            "Calls holding a bulkhead slot of the upstream, as of the last call's end "
+            "(summed over workers).",
             ["upstream"],
             multiprocess_mode="livesum",
         )
@@ -184,20 +184,19 @@ class _Recorder:
         self.m = metrics
         self.attempts = {name: metrics.attempts.labels(name) for name in guard.upstreams}
         self.in_flight = {name: metrics.in_flight.labels(name) for name in guard.upstreams}
+        self.bulkheads = {name: guard.bulkhead(name) for name in guard.upstreams}
         self.ok = {name: metrics.calls.labels(name, "success") for name in guard.upstreams}
         self.ok_duration = {
             name: metrics.duration.labels(name, "success") for name in guard.upstreams
         }
 
-    def attempt_started(self, event: AttemptStarted) -> None:
-        self.attempts[event.upstream].inc()
-        if event.attempt == 1:
-            self.in_flight[event.upstream].inc()
-
     def call_ended(self, event: CallEnded) -> None:
+        # Everything from the call's end, one event a call: attempts sent, and the slots
+        # held by the others (this call still holds its own until its driver returns).
         name = event.upstream
         if event.attempts:
-            self.in_flight[name].dec()
+            self.attempts[name].inc(event.attempts)
+        self.in_flight[name].set(max(0, self.bulkheads[name].in_flight - 1))
         if event.outcome == "success":
             self.ok[name].inc()
             self.ok_duration[name].observe(event.duration)
@@ -257,6 +256,7 @@ class _Recorder:
         for name in self.guard.upstreams:
             self._state(name, self.guard.breaker(name).state.value)
             self._budget(name)
+            self.in_flight[name].set(self.bulkheads[name].in_flight)
 
 
 def attach(guard: Guard) -> None:
@@ -276,7 +276,6 @@ def attach(guard: Guard) -> None:
             metrics.calls.labels(name, outcome)
     recorder.refresh()
     on = guard.on
-    on(AttemptStarted, recorder.attempt_started)
     on(CallEnded, recorder.call_ended)
     on(RetryScheduled, recorder.retry_scheduled)
     on(BudgetExhausted, recorder.budget_exhausted)
