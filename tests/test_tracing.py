@@ -175,3 +175,31 @@ def test_no_second_span_from_the_httpx_instrumentation() -> None:
     theirs = [s for s in finished if s not in ours]
     assert len(ours) == 4  # the call and its three attempts
     assert len(theirs) == 1  # the unguarded request only
+
+
+SDK_LATER = """
+import httpx
+import gateway_guard as gg
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+guard = gg.Guard({"tracing": {"enabled": True}, "upstreams": {"up": {"base_url": "http://u"}}})
+client = guard.client("up", transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+client.get("/")  # no SDK yet: nothing to trace
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+client.get("/")  # notices the SDK at its end
+client.get("/")  # traced
+print(len(exporter.get_finished_spans()))
+"""
+
+
+def test_an_sdk_set_after_the_guard_is_noticed() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", SDK_LATER], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "2"  # the third call: its span and its attempt's
