@@ -414,12 +414,14 @@ class Call:
         return route.name if route is not None else None
 
     def _attempt_started(self) -> None:
-        assert self.hooks is not None
-        self.hooks.emit(
-            AttemptStarted(
-                self.rt.name, self._route(), self.method, self.attempt, id(self), self.headers
+        hooks = self.hooks
+        assert hooks is not None
+        if hooks.wants(AttemptStarted):  # built only when heard, as every event below
+            hooks.emit(
+                AttemptStarted(
+                    self.rt.name, self._route(), self.method, self.attempt, id(self), self.headers
+                )
             )
-        )
 
     def _attempt_ended(
         self,
