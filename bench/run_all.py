@@ -192,6 +192,16 @@ GOALS: tuple[Goal, ...] = (
     Goal("clients.requests", "clients", "guarded requests.Session ≤ 1.03x bare requests"),
     Goal("clients.aiohttp", "clients", "guarded aiohttp session ≤ 1.05x bare aiohttp"),
     Goal("middleware", "middleware", "GatewayGuardMiddleware adds ≤ 3 µs per request"),
+    Goal(
+        "observability.sync",
+        "observability",
+        "guarded httpx with Prometheus and OpenTelemetry on ≤ 1.06x bare httpx (sync)",
+    ),
+    Goal(
+        "observability.async",
+        "observability",
+        "guarded httpx with Prometheus and OpenTelemetry on ≤ 1.06x bare httpx (async)",
+    ),
     Goal("breaker", "breaker", "breaker admit + record ≤ 0.5 µs per call"),
     Goal(
         "outage.hang",
@@ -719,6 +729,45 @@ def render_blocks(rows: list[dict[str, Any]]) -> list[Block]:
     return [Block("render", "Rendering gateway error responses", [table])]
 
 
+# --- observability --------------------------------------------------------------------------
+
+
+def run_observability(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _import("observability").main(quick)
+    return rows
+
+
+def observability_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    figures = []
+    for r in rows:
+        baseline = r["candidate"] == r["baseline"]
+        judged = r.get("goal_ratio") is not None
+        figures.append(
+            Figure(
+                [
+                    r["mode"],
+                    r["candidate"],
+                    f"{r['us_per_call']:.2f}",
+                    "1 (baseline)" if baseline else f"{r['ratio']:.3f}x",
+                    "" if baseline else _pair(r.get("ratio_ci"), ".3f"),
+                    "—" if baseline else f"{r['added_us']:+.2f}",
+                ],
+                f"≤ {r['goal_ratio']}x" if judged else None,
+                r.get("goal_met") if judged else None,
+                f"observability.{r['mode']}" if judged else None,
+                f"metrics + tracing on / bare httpx, {r['mode']}: {r['ratio']:.3f}x",
+            )
+        )
+    table = Table(
+        "",
+        ["mode", "candidate", "µs/call", "ratio (median)", "ratio 95% CI", "+µs/call"],
+        figures,
+        align="<<>>>>",
+        caption="Interleaved rounds as bench/transport.py; the SDK row is for reference.",
+    )
+    return [Block("observability", "Outbound with Prometheus metrics and tracing on", [table])]
+
+
 # --- outage scenarios -----------------------------------------------------------------------
 
 
@@ -796,6 +845,19 @@ SECTIONS: list[Section] = [
         "connection; the clock is this process's CPU time, so the figures are the client's "
         "own cost. gateway_guard runs with its defaults; `urllib3 Retry(total=3)` is the "
         "usual hand-built alternative for requests, for reference.",
+    ),
+    Section(
+        "observability",
+        "Outbound with metrics and tracing on",
+        "overhead",
+        (12.0, 80.0),
+        run_observability,
+        observability_blocks,
+        ("observability.sync", "observability.async"),
+        "bench/observability.py. bench/transport.py's call with `[metrics] enabled` and "
+        "`[tracing] enabled` (opentelemetry-api only: the goal is the package's own cost), "
+        "against bare httpx and the guard with both off; a last row adds an SDK that "
+        "records every span, for reference.",
     ),
     Section(
         "middleware",

@@ -22,6 +22,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         frozenset(
             {
                 "errors",
+                "events",
                 "headers",
                 "context",
                 "_schema",
@@ -66,6 +67,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_call",
                 "inbound",
                 "inbound._admission",
+                "inbound._endpoints",
                 "inbound._errors",
                 "inbound._response",
                 "inbound._start",
@@ -89,7 +91,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("runtime", frozenset({"guard", "_fleet"})),
+    ("runtime", frozenset({"guard", "_fleet", "metrics", "tracing"})),
     (
         "adapters",
         frozenset(
@@ -103,6 +105,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "django.checks",
                 "django.conf",
                 "django.decorators",
+                "django.views",
                 "django.middleware",
             }
         ),

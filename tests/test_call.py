@@ -386,17 +386,32 @@ def test_the_routes_policy_for_the_upstream_wins(clock: FakeClock, log: Log, con
 
 def test_request_id_and_trace_are_propagated_unless_set(clock: FakeClock, context: Any) -> None:
     rt = runtime(clock)
-    context(rt, trace_id="4bf92f3577b34da6a3ce929d0e0e4736")
+    inbound = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    context(rt, trace_id="4bf92f3577b34da6a3ce929d0e0e4736", traceparent=inbound)
 
     headers = Headers()
     Call(rt, "GET", headers, False)
     assert headers["x-request-id"] == "req-1"
-    parsed = parse_traceparent(headers["traceparent"])
-    assert parsed is not None and parsed[0] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    # Passed on as it came: its parent-id is the caller's span, which exists.
+    assert headers["traceparent"] == inbound
 
     own = Headers(X_Request_ID="mine", Traceparent="t")
     Call(rt, "GET", own, False)
     assert (own["x-request-id"], own["traceparent"]) == ("mine", "t")
+
+
+def test_no_traceparent_is_invented_unless_asked(clock: FakeClock, context: Any) -> None:
+    rt = runtime(clock)
+    context(rt)
+    headers = Headers()
+    Call(rt, "GET", headers, False)
+    assert headers["x-request-id"] == "req-1" and "traceparent" not in headers
+
+    rt.start_traces = True  # tracing.start_traces = true
+    headers = Headers()
+    Call(rt, "GET", headers, False)
+    parsed = parse_traceparent(headers["traceparent"])
+    assert parsed is not None and parsed[2] == "01"
 
 
 def test_the_requests_diagnostics_record_each_call(

@@ -8,10 +8,12 @@ installs for nothing. Both are checked from the source itself, by parsing import
 from __future__ import annotations
 
 import ast
+import functools
+import importlib.util
 import re
 import sys
 import tomllib
-from importlib.metadata import packages_distributions
+from importlib.metadata import distribution, packages_distributions
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,12 @@ ADAPTER_EXTRAS = {
     "_aiohttp.py": "aiohttp",
     # The fleet store: imported by Guard only for [state] backend = "redis".
     "_fleet.py": "redis",
+    # Optional integrations, imported only when the settings turn them on.
+    "metrics.py": "prometheus",
+    "tracing.py": "otel",
 }
+# Namespace packages whose modules come from several distributions: resolved per module.
+NAMESPACES = {"opentelemetry"}
 # Declared for a reason the imports cannot show.
 NOT_IMPORTED_ON_PURPOSE = {
     # dev: type stubs (read by mypy), the test runner's plugins and the linters.
@@ -86,15 +93,32 @@ def _third_party_imports(paths: list[Path]) -> dict[str, set[str]]:
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
+                if node.module in NAMESPACES:  # "from opentelemetry import trace"
+                    names = [f"{node.module}.{alias.name}" for alias in node.names]
             else:
                 continue
             for name in names:
                 top = name.split(".")[0]
                 if top in sys.stdlib_module_names or top in local or top == "__future__":
                     continue
-                for dist in dists.get(top, [top]):
+                owners = dists.get(top, [top])
+                if len(owners) > 1:  # a namespace package (opentelemetry): whose module?
+                    owners = [_namespace_owner(name, tuple(owners))]
+                for dist in owners:
                     found.setdefault(_normal(dist), set()).add(str(path.relative_to(ROOT)))
     return found
+
+
+@functools.cache
+def _namespace_owner(module: str, candidates: tuple[str, ...]) -> str:
+    """The distribution that installed ``module``, among those sharing its namespace."""
+    spec = importlib.util.find_spec(module)
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    for dist in candidates:
+        for file in distribution(dist).files or ():
+            if origin is not None and Path(str(file.locate())).resolve() == origin:
+                return dist
+    raise AssertionError(f"no installed distribution provides {module}")
 
 
 def _adapter_extra(path: Path) -> str | None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from gateway_guard import SettingsError
+from gateway_guard._schema import MetricsSettings, TracingSettings
 from gateway_guard.policy import compile_policies
 from gateway_guard.settings import (
     BrandSettings,
@@ -53,6 +54,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "Route `retry`": RetrySettings,
     "Route `shed`": ShedSettings,
     "`[state]`": StateSettings,
+    "`[metrics]`": MetricsSettings,
+    "`[tracing]`": TracingSettings,
 }
 
 _HEADING = re.compile(r"^(#{1,6}) +(.+?) *$")

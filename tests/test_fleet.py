@@ -365,7 +365,7 @@ def test_a_failing_callback_is_logged_once(caplog: pytest.LogCaptureFixture) -> 
         breaker.force_open()
         breaker.force_closed()
         breaker.force_open()
-    assert len([r for r in caplog.records if "transition callback" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "transition subscriber" in r.getMessage()]) == 1
     assert breaker.state is BreakerState.FORCED_OPEN
 
 

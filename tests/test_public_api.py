@@ -92,6 +92,9 @@ def test_guard_client_driver_names() -> None:
 
 PUBLIC_MODULES = (
     "gateway_guard",
+    "gateway_guard.events",
+    "gateway_guard.metrics",
+    "gateway_guard.tracing",
     "gateway_guard.flask",
     "gateway_guard.django",
     "gateway_guard.testing",

@@ -1014,19 +1014,19 @@ def test_request_id_and_trace_are_propagated(
     driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
 ) -> None:
     guard = make_guard(clock)
-    context(guard, request_id="req-abc", trace_id=TRACE_ID)
+    inbound = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+    context(guard, request_id="req-abc", trace_id=TRACE_ID, traceparent=inbound)
     handler = Upstream()
 
     driver.send(guard, handler)
 
     headers = handler.requests[0].headers
     assert headers["x-request-id"] == "req-abc"
-    parsed = parse_traceparent(headers["traceparent"])
-    assert parsed is not None
-    assert parsed[0] == TRACE_ID
+    # Passed on as it came: its parent-id is the caller's span, which exists.
+    assert headers["traceparent"] == inbound
 
 
-def test_a_trace_is_started_without_an_inbound_one(
+def test_no_trace_is_invented_without_an_inbound_one(
     driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
 ) -> None:
     guard = make_guard(clock)
@@ -1035,7 +1035,23 @@ def test_a_trace_is_started_without_an_inbound_one(
 
     driver.send(guard, handler)
 
-    assert parse_traceparent(handler.requests[0].headers["traceparent"]) is not None
+    assert "traceparent" not in handler.requests[0].headers
+
+
+def test_a_trace_is_started_when_the_settings_ask(
+    driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
+) -> None:
+    guard = gg.Guard(
+        {"upstreams": {"up": {"base_url": BASE_URL}}, "tracing": {"start_traces": True}},
+        clock=clock,
+    )
+    context(guard)
+    handler = Upstream()
+
+    driver.send(guard, handler)
+
+    parsed = parse_traceparent(handler.requests[0].headers["traceparent"])
+    assert parsed is not None and parsed[2] == "01"
 
 
 def test_callers_own_headers_are_kept(

@@ -8,6 +8,7 @@ standard diagnostic headers (RFC 9209 ``Proxy-Status``).
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from . import events as events
 from .asgi import GatewayGuardMiddleware
 from .breaker import BreakerSnapshot, BreakerState, CircuitBreaker, Transition
 from .context import RequestContext, current_context, current_guard

@@ -55,10 +55,21 @@ from .errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
+from .events import (
+    AttemptEnded,
+    AttemptStarted,
+    BreakerRejected,
+    BudgetExhausted,
+    BulkheadRejected,
+    CallEnded,
+    CallGivenUp,
+    RetryScheduled,
+)
 from .headers import new_traceparent, parse_retry_after
 from .retry import HeaderLookup, RetryState, request_is_replayable
 
 if TYPE_CHECKING:
+    from .events import AttemptOutcome, CallOutcome, Hooks
     from .guard import UpstreamRuntime
     from .policy import CallPolicy
 
@@ -93,6 +104,7 @@ class Call:
         "ctx",
         "deadline_at",
         "headers",
+        "hooks",
         "last_status",
         "method",
         "policy",
@@ -103,6 +115,7 @@ class Call:
         "state",
         "streaming",
         "t0",
+        "why",
     )
 
     def __init__(
@@ -117,6 +130,10 @@ class Call:
         self.state: RetryState | None = None
         self.last_status: int | None = None
         self.retry_after: str | None = None
+        # The Guard's event hooks, None when nothing listens (then no event is built).
+        # Set to None again once CallEnded is emitted: a streamed body's end says nothing.
+        self.hooks: Hooks | None = rt.hooks
+        self.why = ""
         policy = rt.policy
         ctx = get_context()
         self.ctx = ctx
@@ -131,7 +148,7 @@ class Call:
             deadline_at = now + policy.deadline
             if ctx.deadline_at is not None and ctx.deadline_at < deadline_at:
                 deadline_at = ctx.deadline_at
-            _propagate(headers, ctx)
+            _propagate(headers, ctx, rt.start_traces)
         self.policy: CallPolicy = policy
         self.deadline_at = deadline_at
         rt.budget.record_call(now)
@@ -154,6 +171,8 @@ class Call:
                 raise
         self.clipped = remaining < policy.unclipped_after
         self.t0 = now
+        if self.hooks is not None:
+            self._attempt_started()
 
     # --- before each attempt ---------------------------------------------------------------
 
@@ -173,6 +192,8 @@ class Call:
         # are (drivers reuse a prebuilt form of them); otherwise both are cut to fit.
         self.clipped = remaining < self.policy.unclipped_after
         self.t0 = now
+        if self.hooks is not None:
+            self._attempt_started()
 
     @property
     def connect_timeout(self) -> float:
@@ -190,6 +211,20 @@ class Call:
         exc.received_status = self.last_status
         exc.elapsed = now - self.started
         self._record(self.last_status, exc.proxy_error)
+        hooks = self.hooks
+        if hooks is not None:
+            hooks.emit(
+                BreakerRejected(
+                    self.rt.name,
+                    self._route(),
+                    self.method,
+                    id(self),
+                    self.attempt,
+                    self.rt.breaker.state.value,
+                    exc.retry_after,
+                )
+            )
+            self._call_ended("rejected", now, self.last_status, exc.proxy_error)
 
     # --- after each attempt ----------------------------------------------------------------
 
@@ -220,6 +255,8 @@ class Call:
             breaker.record_ignored(self.probe)
         if wait < 0.0:
             self._record(None, error.proxy_error)
+        if self.hooks is not None:
+            self._attempt_ended("failure", now, None, error.proxy_error, wait)
         return wait
 
     def reads_ahead(self, status: int, length: bytes | None) -> bool:
@@ -263,6 +300,8 @@ class Call:
         if status not in policy.failure_statuses:
             if self.ctx is not None:
                 self._record(status, None)
+            if self.hooks is not None:
+                self._attempt_ended("success", self.rt.clock(), status, None, RETURN)
             if complete:
                 # _succeeded(), inline: paid for with the inline first admission (__init__).
                 rt = self.rt
@@ -281,9 +320,15 @@ class Call:
             wait = self._decide(None, True, status, now)
             if wait >= 0.0:
                 breaker.record_retried(now - self.t0, self.probe)
+                if self.hooks is not None:
+                    self._attempt_ended("failure", now, status, None, wait)
                 return wait
+        else:
+            self.why = "not_retryable"
         breaker.record_status(status, now - self.t0, self.probe)
         self._record(status, None)
+        if self.hooks is not None:
+            self._attempt_ended("failure", now, status, None, RAISE)
         return RAISE if policy.raise_on_failure_status else RETURN
 
     def status_error(self) -> UpstreamStatusError:
@@ -305,6 +350,8 @@ class Call:
         """The attempt ended without an upstream answer we can judge (cancelled, or a bug
         on our side): it says nothing about the upstream, but a probe slot is given back."""
         self.rt.breaker.record_ignored(self.probe)
+        if self.hooks is not None:
+            self._attempt_ended("cancelled", self.rt.clock(), None, None, RAISE)
 
     def dropped(self) -> None:
         """:meth:`cancelled` for a finaliser (a response dropped unread): takes no lock."""
@@ -345,6 +392,7 @@ class Call:
             # A half-open probe is one attempt: it asks whether the upstream is back, and
             # retrying it would hold the spell open while the slot it gives back lets yet
             # another caller into a hung upstream (bench/outage scenario 1, threaded).
+            self.why = "probe" if self.probe else "attempts_exhausted"
             return RAISE
         state = self.state
         if state is None:
@@ -363,11 +411,22 @@ class Call:
             # upstream's Retry-After at once.
             next_attempt=policy.connect_timeout,
         )
-        return decision.wait if decision.retry else RAISE
+        if decision.retry:
+            return decision.wait
+        self.why = decision.reason
+        return RAISE
 
     def _deadline_error(self) -> UpstreamTimeout:
         self._record(self.last_status, "http_response_timeout")
         name = self.rt.name
+        if self.hooks is not None:
+            now = self.rt.clock()
+            status = self.last_status
+            sent = self.attempt - 1
+            if sent:
+                self.why = "deadline"
+                self._given_up(now, status, "http_response_timeout", sent)
+            self._call_ended("failure", now, status, "http_response_timeout", sent)
         return UpstreamTimeout(
             f"deadline of upstream {name!r} exhausted after {self.attempt - 1} attempt(s)",
             proxy_error="http_response_timeout",
@@ -375,6 +434,115 @@ class Call:
             attempts=self.attempt - 1,
             elapsed=self.rt.clock() - self.started,
             received_status=self.last_status,
+        )
+
+    # --- events (only with hooks: self.hooks is not None) -----------------------------------
+
+    def _route(self) -> str | None:
+        ctx = self.ctx
+        route = ctx.route if ctx is not None else None
+        return route.name if route is not None else None
+
+    def _attempt_started(self) -> None:
+        hooks = self.hooks
+        assert hooks is not None
+        if hooks.wants(AttemptStarted):  # built only when heard, as every event below
+            hooks.emit(
+                AttemptStarted(
+                    self.rt.name, self._route(), self.method, self.attempt, id(self), self.headers
+                )
+            )
+
+    def _attempt_ended(
+        self,
+        outcome: AttemptOutcome,
+        now: float,
+        status: int | None,
+        proxy_error: str | None,
+        wait: float,
+    ) -> None:
+        """The attempt's end, then what follows: a retry after ``wait``, or the call's end
+        (RETURN: a success; otherwise it failed, or was cancelled)."""
+        hooks = self.hooks
+        assert hooks is not None
+        name, route, method, call_id = self.rt.name, self._route(), self.method, id(self)
+        if hooks.wants(AttemptEnded):  # built only when heard: see events._fast_init
+            hooks.emit(
+                AttemptEnded(
+                    name,
+                    route,
+                    method,
+                    self.attempt,
+                    call_id,
+                    outcome,
+                    now - self.t0,
+                    status,
+                    proxy_error,
+                )
+            )
+        if wait >= 0.0:
+            if hooks.wants(RetryScheduled):
+                hooks.emit(
+                    RetryScheduled(
+                        name, route, method, self.attempt, call_id, wait, status, proxy_error
+                    )
+                )
+        elif wait == RETURN:
+            self._call_ended("success", now, status, None)
+        elif outcome == "cancelled":
+            self._call_ended("cancelled", now, status, proxy_error)
+        else:
+            if self.why == "budget":
+                hooks.emit(BudgetExhausted(name, route, method, call_id, self.attempt))
+            self._given_up(now, status, proxy_error, self.attempt)
+            self._call_ended("failure", now, status, proxy_error)
+
+    def _given_up(
+        self, now: float, status: int | None, proxy_error: str | None, attempts: int
+    ) -> None:
+        assert self.hooks is not None
+        self.hooks.emit(
+            CallGivenUp(
+                self.rt.name,
+                self._route(),
+                self.method,
+                id(self),
+                attempts,
+                self.why or "error",
+                now - self.started,
+                status,
+                proxy_error,
+            )
+        )
+
+    def _call_ended(
+        self,
+        outcome: CallOutcome,
+        now: float,
+        status: int | None,
+        proxy_error: str | None,
+        attempts: int | None = None,
+    ) -> None:
+        hooks = self.hooks
+        assert hooks is not None
+        # Once: what a streamed body does later is not the call's outcome any more.
+        self.hooks = None
+        if not hooks.wants(CallEnded):
+            return
+        if attempts is None:
+            attempts = self.attempt if outcome != "rejected" else self.attempt - 1
+        hooks.emit(
+            CallEnded(
+                self.rt.name,
+                self._route(),
+                self.method,
+                id(self),
+                outcome,
+                attempts,
+                now - self.started,
+                status,
+                proxy_error,
+            )
         )
 
     def _record(self, status: int | None, error: str | None) -> None:
@@ -395,6 +563,12 @@ def shed(rt: UpstreamRuntime, exc: LoadShedError) -> LoadShedError:
     """The bulkhead refused the call (no attempt made): remember it for the request's
     diagnostics, and return the error for the driver to raise."""
     ctx = get_context()
+    hooks = rt.hooks
+    if hooks is not None:
+        route = ctx.route if ctx is not None else None
+        hooks.emit(
+            BulkheadRejected(rt.name, route.name if route is not None else None, exc.retry_after)
+        )
     if ctx is not None and ctx.wants_records:
         ctx.record(
             CallRecord(
@@ -408,9 +582,19 @@ def shed(rt: UpstreamRuntime, exc: LoadShedError) -> LoadShedError:
     return exc
 
 
-def _propagate(headers: RequestHeaders, ctx: RequestContext) -> None:
-    """Carry the inbound request id and trace to the upstream (the caller's own win)."""
+def _propagate(headers: RequestHeaders, ctx: RequestContext, start_traces: bool) -> None:
+    """Carry the inbound request id and trace to the upstream (the caller's own win).
+
+    The inbound ``traceparent`` is passed on as it came: its parent-id is the caller's
+    span, which exists. None is invented (a made-up parent-id is a span no collector
+    ever sees) unless ``tracing.start_traces`` asks for one. With tracing on, the
+    tracing hook then injects its attempt span's context over it.
+    """
     if "x-request-id" not in headers:
         headers["X-Request-ID"] = ctx.request_id
     if "traceparent" not in headers:
-        headers["traceparent"] = new_traceparent(ctx.trace_id)
+        inbound = ctx.traceparent
+        if inbound is not None:
+            headers["traceparent"] = inbound
+        elif start_traces:
+            headers["traceparent"] = new_traceparent(ctx.trace_id)

@@ -78,15 +78,16 @@ MAX_BACKOFF = 1.0  # reconnection attempts back off to this, so a returning Redi
 PROBE_TIMEOUT_CAP = 0.05  # a probe's token waits at most this, whatever command_timeout says
 MAX_TASKS = 4096  # queued publications; transitions are rare, so this is never reached in use
 
-# Transitions decided here that the fleet must hear. Not "timeouts" (the hung-upstream
-# trigger judges this process's own attempts: one sick host must not open everyone's
-# breaker), "open_elapsed" (each process derives it from the shared open time) or
+# Transitions decided here that the fleet must hear. Not "consecutive_timeouts" (the
+# hung-upstream trigger judges this process's own attempts: one sick host must not open
+# everyone's breaker), "open_elapsed" (each process derives it from the shared open time) or
 # "fleet" (adopted, so already the fleet's).
 PUBLISHED = frozenset(
     {
         "failure_rate",
+        "slow_call_rate",
         "probes_failed",
-        "probes_passed",
+        "probes_succeeded",
         "force_open",
         "force_closed",
         "disable",

@@ -18,6 +18,7 @@ __all__ = [
     "BreakerSettings",
     "BulkheadSettings",
     "CallSettings",
+    "MetricsSettings",
     "Priority",
     "RetrySettings",
     "RouteSettings",
@@ -26,6 +27,7 @@ __all__ = [
     "ShedSettings",
     "StateBackend",
     "StateSettings",
+    "TracingSettings",
     "UpstreamSettings",
     "WindowKind",
 ]
@@ -247,6 +249,28 @@ class StateSettings(SettingsModel):
     command_timeout: StoreSeconds = Field(0.25, description="Seconds for one Redis command.")
 
 
+class MetricsSettings(SettingsModel):
+    """``[metrics]``: Prometheus metrics (the ``prometheus`` extra)."""
+
+    enabled: bool = Field(False, description="Record Prometheus metrics (on when path is set).")
+    path: str | None = Field(
+        None,
+        pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$",
+        max_length=200,
+        description="Serve them here from the middleware, e.g. /metrics (unset: no endpoint).",
+    )
+
+
+class TracingSettings(SettingsModel):
+    """``[tracing]``: OpenTelemetry spans (the ``otel`` extra) and trace context."""
+
+    enabled: bool = Field(False, description="A span per guarded call and per attempt.")
+    start_traces: bool = Field(
+        False,
+        description="Without OpenTelemetry, send a new traceparent when the request had none.",
+    )
+
+
 class Settings(SettingsModel):
     """The whole gateway_guard configuration (DESIGN §2)."""
 
@@ -261,3 +285,5 @@ class Settings(SettingsModel):
     shed: ShedSettings = ShedSettings()
     routes: list[RouteSettings] = []
     state: StateSettings = StateSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()

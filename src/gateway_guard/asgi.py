@@ -14,6 +14,7 @@ from .context import reset_context, set_context
 from .guard import Guard
 from .inbound import (
     REQUEST_ID,
+    Served,
     Wants,
     admit_async,
     as_upstream_error,
@@ -55,6 +56,10 @@ class GatewayGuardMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        endpoints = self.guard.endpoints
+        if endpoints and scope["path"] in endpoints:
+            await _send_served(send, endpoints[scope["path"]](scope["method"]))
             return
         # Only the two headers every request needs are looked for here; Accept matters
         # only to an error page, and is read from the scope when one is rendered.
@@ -144,3 +149,10 @@ async def _send_page(send: Send, rendered: RenderedError) -> None:
         }
     )
     await send({"type": "http.response.body", "body": rendered.body, "more_body": False})
+
+
+async def _send_served(send: Send, served: Served) -> None:
+    """One of our own endpoints' answers (``guard.endpoints``)."""
+    headers = [(name.lower().encode(), value.encode()) for name, value in served.headers]
+    await send({"type": "http.response.start", "status": served.status, "headers": headers})
+    await send({"type": "http.response.body", "body": served.body})

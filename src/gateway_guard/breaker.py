@@ -57,7 +57,6 @@ import math
 import random as _random
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,14 +118,14 @@ CallListener: TypeAlias = Callable[["CircuitBreaker", CallOutcome, float], None]
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """One state change of a breaker, as :meth:`CircuitBreaker.subscribe` callbacks see it.
+    """One change of a breaker's state, as :meth:`CircuitBreaker.subscribe` reports it.
 
-    ``reason`` says what caused it: ``"failure_rate"`` (the window's rates reached a
-    threshold), ``"timeouts"`` (the consecutive-timeouts trigger), ``"open_elapsed"`` (the
-    open time ran out), ``"probes_failed"`` / ``"probes_passed"`` (the half-open probes
-    judged), ``"force_open"``, ``"force_closed"``, ``"disable"``, ``"reset"`` (by hand), or
-    ``"fleet"`` (adopted from the fleet's shared state, see docs/deployment.md). ``at`` is
-    wall-clock time (``time.time()``).
+    ``reason``: ``failure_rate``, ``slow_call_rate`` or ``consecutive_timeouts`` (it
+    tripped), ``open_elapsed`` (open time over: half-open), ``probes_failed`` /
+    ``probes_succeeded`` (the half-open spell was judged), the manual action
+    (``force_open``, ``disable``, ``force_closed``, ``reset``), or ``fleet`` (adopted from
+    the fleet's shared state, see docs/deployment.md). ``at`` is wall-clock time (Unix
+    seconds), comparable across processes.
     """
 
     upstream: str
@@ -136,7 +135,7 @@ class Transition:
     at: float
 
 
-TransitionCallback: TypeAlias = Callable[[Transition], None]
+TransitionCallback: TypeAlias = Callable[[Transition], object]
 
 # (old, new, reason): what a locked operation hands to _notify_state once it has let go.
 _Change: TypeAlias = tuple[BreakerState, BreakerState, str]
@@ -546,11 +545,12 @@ class CircuitBreaker:
                     counts.pos = 0 if pos == counts.size else pos
                     return
             with self._lock:
-                if not (self._window.add(_OK) and self._over_threshold()):
+                over = self._window.add(_OK) and self._over_threshold()
+                if not over:
                     # It may have replaced the window's last failure.
                     self._check_quiet()
                     return
-                changed = self._trip("failure_rate")
+                changed = self._trip(over)
             if changed is not None:
                 self._notify_state(*changed)
             return
@@ -592,7 +592,7 @@ class CircuitBreaker:
             if state is _CLOSED:
                 if timeout:
                     if self._timed_out(duration):
-                        changed = self._trip("timeouts")
+                        changed = self._trip("consecutive_timeouts")
                 elif self._streak:
                     self._end_streak()
             elif state is _HALF_OPEN:
@@ -642,9 +642,9 @@ class CircuitBreaker:
                 # A probe reported after a manual close is just a call made while closed.
                 over = self._window.add(code) and self._over_threshold()
                 if over:
-                    changed = self._trip("failure_rate")
+                    changed = self._trip(over)
                 elif timeout and self._timed_out(duration):
-                    changed = self._trip("timeouts")
+                    changed = self._trip("consecutive_timeouts")
                 else:
                     if self._streak and not timeout:
                         self._end_streak()  # an answer, or another kind of failure
@@ -744,26 +744,29 @@ class CircuitBreaker:
         if max(results, self._probe_results) >= n:
             self._window.clear()
             self._consecutive_opens = 0
-            return self._set_state(_CLOSED, "probes_passed")
+            return self._set_state(_CLOSED, "probes_succeeded")
         return None
 
     # --- transitions (all called with the lock held) -------------------------------------
 
-    def _over_threshold(self) -> bool:
+    def _over_threshold(self) -> str:
+        """The rate that reached its threshold (``failure_rate``, ``slow_call_rate``), or ""."""
         window = self._window
         # The peers' counts are zero in local mode; in fleet mode the rates are the
         # fleet's, so one sick process among healthy ones does not open the breaker.
         calls = window.calls + self._peer_calls
         if calls < self._min_calls:
-            return False
+            return ""
         # Division, not a precomputed count: failures / calls is correctly rounded, so a
         # rate exactly at the threshold (3 of 10 against 0.3) compares equal, as documented.
         # A window with no failures never trips on failures, even at failure_rate 0.
         failures = window.failures + self._peer_failures
         if failures and failures / calls >= self._failure_rate:
-            return True
+            return "failure_rate"
         slow = window.slow + self._peer_slow
-        return self._slow_trips and slow > 0 and slow / calls >= self._slow_call_rate
+        if self._slow_trips and slow > 0 and slow / calls >= self._slow_call_rate:
+            return "slow_call_rate"
+        return ""
 
     def _trip(self, reason: str) -> _Change | None:
         # Another thread may have opened (or disabled) the breaker between this call's
@@ -874,8 +877,9 @@ class CircuitBreaker:
             self._peer_calls, self._peer_failures, self._peer_slow = calls, failures, slow
             if self._state is _CLOSED and (failures or slow):
                 self._window.refresh()
-                if self._over_threshold():
-                    changed = self._trip("failure_rate")
+                reason = self._over_threshold()
+                if reason:
+                    changed = self._trip(reason)
         if changed is not None:
             self._notify_state(*changed)
 
@@ -999,6 +1003,41 @@ class CircuitBreaker:
         with self._lock:
             self._state_listeners = _without(self._state_listeners, listener)
 
+    def subscribe(self, callback: TransitionCallback) -> Callable[[], None]:
+        """Call ``callback(transition)`` (a :class:`Transition`) after every state change.
+
+        Returns a function that unsubscribes it (calling it again does nothing). Callbacks
+        run after the breaker's lock is released, on whichever thread or task caused the
+        change; one that raises is logged once (per breaker and callback) and swallowed.
+        """
+        with self._lock:
+            self._subscribers = (*self._subscribers, callback)
+        done = False
+
+        def unsubscribe() -> None:
+            nonlocal done
+            with self._lock:
+                if not done:
+                    done = True
+                    self._subscribers = _without(self._subscribers, callback)
+
+        return unsubscribe
+
+    def _subscriber_failed(self, callback: TransitionCallback, transition: Transition) -> None:
+        # Logged once per callback: a broken subscriber must not log on every transition.
+        key = (self.name, id(callback))
+        if key in _FAILED_SUBSCRIBERS:
+            return
+        if len(_FAILED_SUBSCRIBERS) < 1024:
+            _FAILED_SUBSCRIBERS.add(key)
+        logger.exception(
+            "circuit breaker %r: transition subscriber %r failed on %s -> %s",
+            self.name,
+            callback,
+            transition.old.value,
+            transition.new.value,
+        )
+
     def add_call_listener(self, listener: CallListener) -> None:
         """Call ``listener(breaker, outcome, duration)`` for every call reported or rejected.
 
@@ -1021,39 +1060,16 @@ class CircuitBreaker:
         self.times_successes = self._slow_trips or bool(self._call_listeners)
         self._check_quiet()
 
-    def subscribe(self, callback: TransitionCallback) -> Callable[[], None]:
-        """Call ``callback(transition)`` after every state change; returns ``unsubscribe``.
-
-        ``transition`` is a :class:`Transition`. Callbacks run after the breaker's lock is
-        released, on whichever thread or task caused the change; one that raises is logged
-        (once per callback) and swallowed, never propagated.
-        """
-        with self._lock:
-            self._subscribers = (*self._subscribers, callback)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if callback in self._subscribers:
-                    self._subscribers = _without(self._subscribers, callback)
-
-        return unsubscribe
-
-    def _notify_subscribers(self, old: BreakerState, new: BreakerState, reason: str) -> None:
-        transition = Transition(self.name, old, new, reason, time.time())
-        for callback in self._subscribers:
-            try:
-                callback(transition)
-            except Exception:
-                if callback not in _failed_callbacks:
-                    _failed_callbacks.add(callback)
-                    logger.exception(
-                        "circuit breaker %r: transition callback %r failed", self.name, callback
-                    )
-
-    def _notify_state(self, old: BreakerState, new: BreakerState, reason: str = "") -> None:
-        if self._subscribers:
-            self._notify_subscribers(old, new, reason)
-        # The tuple is replaced, never mutated, so iterating it needs no lock.
+    def _notify_state(self, old: BreakerState, new: BreakerState, reason: str) -> None:
+        # The tuples are replaced, never mutated, so iterating them needs no lock.
+        subscribers = self._subscribers
+        if subscribers:
+            transition = Transition(self.name, old, new, reason, time.time())
+            for callback in subscribers:
+                try:
+                    callback(transition)
+                except Exception:
+                    self._subscriber_failed(callback, transition)
         for listener in self._state_listeners:
             try:
                 listener(self, old, new)
@@ -1080,10 +1096,8 @@ class CircuitBreaker:
 
 
 _T = TypeVar("_T")
-
-# Transition callbacks that raised once: logged the first time only, so a broken callback
-# cannot flood the log with a trace per transition. Weak: it never keeps one alive.
-_failed_callbacks: weakref.WeakSet[TransitionCallback] = weakref.WeakSet()
+# (breaker name, subscriber id) whose failure was logged: bounded, so logged at most once.
+_FAILED_SUBSCRIBERS: set[tuple[str, int]] = set()
 
 
 def _without(items: tuple[_T, ...], item: _T) -> tuple[_T, ...]:

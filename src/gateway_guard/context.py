@@ -54,6 +54,7 @@ class RequestContext:
         "route_key",
         "started",
         "trace_id",
+        "traceparent",
     )
 
     def __init__(
@@ -66,6 +67,7 @@ class RequestContext:
         started: float = 0.0,
         exempt: bool = False,
         blocked: CircuitOpenError | None = None,
+        traceparent: str | None = None,
     ) -> None:
         self.guard = guard
         self.request_id = request_id
@@ -74,6 +76,9 @@ class RequestContext:
         self.deadline_at = deadline_at
         # The inbound W3C trace id, so outbound traceparents join the caller's trace.
         self.trace_id = trace_id
+        # The inbound ``traceparent`` itself (validated), passed on to upstreams as it came
+        # when no tracer makes spans of its own: its parent-id is a span that exists.
+        self.traceparent = traceparent
         self.started = started
         # Exempt paths are never shed; a route whose dependency is down is answered with
         # ``blocked`` before the app runs.

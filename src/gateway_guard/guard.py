@@ -16,8 +16,10 @@ import httpx
 
 from ._bulkhead import Limiter, TokenLimiter, bulkhead
 from ._shedding import InboundShedding
-from .breaker import BreakerState, CircuitBreaker
+from .breaker import BreakerState, CircuitBreaker, Transition
 from .errors import UpstreamError
+from .events import BreakerTransitioned, Event, Hooks
+from .inbound import Served
 from .policy import CallPolicy, Policies, compile_policies, compile_view_policy
 from .render import ErrorRenderer
 from .retry import RetryBudget
@@ -48,12 +50,23 @@ _TRANSPORT_OPTIONS = (
 
 P = ParamSpec("P")
 R = TypeVar("R")
+E = TypeVar("E", bound=Event)
 
 
 class UpstreamRuntime:
     """The shared state of one upstream: every client and transport of it uses this."""
 
-    __slots__ = ("breaker", "budget", "bulkhead", "clock", "fail_fast", "name", "policy")
+    __slots__ = (
+        "breaker",
+        "budget",
+        "bulkhead",
+        "clock",
+        "fail_fast",
+        "hooks",
+        "name",
+        "policy",
+        "start_traces",
+    )
 
     def __init__(self, policy: CallPolicy, clock: Callable[[], float] = time.monotonic) -> None:
         self.name = policy.upstream
@@ -67,6 +80,11 @@ class UpstreamRuntime:
         self.fail_fast = self.bulkhead if isinstance(self.bulkhead, TokenLimiter) else None
         self.budget = RetryBudget.from_policy(policy.retry, clock=clock)
         self.breaker.add_listener(_log_state_change)
+        # The Guard's hooks while any callback is registered, else None: the call core
+        # tests this one attribute and builds no event when nothing listens.
+        self.hooks: Hooks | None = None
+        # tracing.start_traces, set by the Guard: read only for a request without a trace.
+        self.start_traces = False
 
 
 def _driver(module: str, extra: str) -> ModuleType:
@@ -135,6 +153,15 @@ class Guard:
         self._store: FleetStore | None = None
         if self.settings.state.backend == "redis":
             self._store = self._fleet_store()
+        #: The event hooks (:meth:`on`). ``emitter`` is the same object while any callback
+        #: is registered, else None: the inbound core tests it before building an event.
+        self.hooks = Hooks(on_change=self._hooks_changed)
+        self.emitter: Hooks | None = None
+        for rt in self._upstreams.values():
+            rt.start_traces = self.settings.tracing.start_traces
+        for rt in self._upstreams.values():
+            rt.breaker.subscribe(self._transitioned)
+        self._integrations()
 
     def _fleet_store(self) -> FleetStore:
         # Imported here, only for the Redis backend: importing gateway_guard never imports
@@ -164,6 +191,56 @@ class Guard:
 
     def __repr__(self) -> str:
         return f"<Guard service={self.settings.service!r} upstreams={sorted(self._upstreams)}>"
+
+    # --- events ------------------------------------------------------------------------
+
+    def on(self, event: type[E], callback: Callable[[E], object]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event of class ``event`` (a class from
+        :mod:`gateway_guard.events`; :class:`~gateway_guard.events.Event` hears them all).
+
+        Returns a function that unsubscribes it. Callbacks run synchronously where the
+        decision is made and must be quick; one that raises never breaks a call (its
+        first failure is logged). See docs/observability.md::
+
+            stop = guard.on(gg.events.CallEnded, lambda e: print(e.upstream, e.outcome))
+        """
+        return self.hooks.on(event, callback)
+
+    def _hooks_changed(self, active: bool) -> None:
+        hooks = self.hooks if active else None
+        self.emitter = hooks
+        for rt in self._upstreams.values():
+            rt.hooks = hooks
+
+    def _transitioned(self, transition: Transition) -> None:
+        hooks = self.emitter
+        if hooks is not None:
+            hooks.emit(
+                BreakerTransitioned(
+                    transition.upstream,
+                    transition.old.value,
+                    transition.new.value,
+                    transition.reason,
+                    transition.at,
+                )
+            )
+
+    def _integrations(self) -> None:
+        """Attach the optional integrations the settings turn on (metrics, tracing).
+
+        Imported only here, when on: ``import gateway_guard`` never imports
+        prometheus_client or OpenTelemetry. A missing extra fails at startup, naming it.
+        """
+        #: Paths the middleware answers itself (exact match) -> the answer for a method.
+        self.endpoints: dict[str, Callable[[str], Served]] = {}
+        metrics = self.settings.metrics
+        if metrics.enabled or metrics.path is not None:
+            module = importlib.import_module("gateway_guard.metrics")
+            module.attach(self)
+            if metrics.path is not None:
+                self.endpoints[metrics.path] = module.endpoint
+        if self.settings.tracing.enabled:
+            importlib.import_module("gateway_guard.tracing").attach(self)
 
     # --- lookups -----------------------------------------------------------------------
 

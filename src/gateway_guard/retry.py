@@ -462,6 +462,15 @@ class RetryBudget:
         before_calls = end - before if before is not None else 0
         return now_calls, before_calls
 
+    def remaining(self) -> float:
+        """Retries the window still allows now (the rate over the last second aside)."""
+        second = int(self._clock())
+        with self._lock:
+            calls, retries = self._counts_locked(second)
+            seconds = min(self._size, max(1, second - self._start + 1))
+            allowance = self._ratio * calls + self._min_per_second * seconds
+        return max(0.0, allowance - retries)
+
     def counts(self) -> tuple[int, int]:
         """``(calls, retries)`` currently in the window, for metrics and tests."""
         second = int(self._clock())

@@ -25,5 +25,12 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 from .conf import get_guard
 from .decorators import gateway_policy
 from .middleware import GatewayErrorResponse, GatewayGuardMiddleware
+from .views import metrics_view
 
-__all__ = ["GatewayErrorResponse", "GatewayGuardMiddleware", "gateway_policy", "get_guard"]
+__all__ = [
+    "GatewayErrorResponse",
+    "GatewayGuardMiddleware",
+    "gateway_policy",
+    "get_guard",
+    "metrics_view",
+]

@@ -91,6 +91,9 @@ class GatewayGuardMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self.async_mode:
             return self.__acall__(request)
+        served = _served(request)
+        if served is not None:
+            return served
         ctx = _context(request)
         refusal = admit(ctx)
         if refusal is not None:
@@ -104,6 +107,9 @@ class GatewayGuardMiddleware:
         return _finish(request, ctx, response)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        served = _served(request)
+        if served is not None:
+            return served
         ctx = _context(request)
         # The common case takes a free slot without suspending.
         if not try_admit(ctx):
@@ -129,6 +135,18 @@ class GatewayGuardMiddleware:
 
 
 # --- translation both modes share ------------------------------------------------------------
+
+
+def _served(request: HttpRequest) -> HttpResponse | None:
+    """Our own endpoint's answer (``[metrics] path``), or None for every other path."""
+    endpoints = get_guard().endpoints
+    if not endpoints or request.path_info not in endpoints:
+        return None
+    served = endpoints[request.path_info](request.method or "GET")
+    response = HttpResponse(served.body, status=served.status)
+    for name, value in served.headers:
+        response[name] = value
+    return response
 
 
 def _context(request: HttpRequest) -> RequestContext:

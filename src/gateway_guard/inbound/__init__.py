@@ -36,6 +36,7 @@ a handler response's        :func:`handler_headers` (``_response.py``)
 fields
 ours or not, log, page      :func:`as_upstream_error`, :func:`log_gateway_error`,
                             :func:`respond` (``_errors.py``)
+our own endpoints           ``guard.endpoints``, :class:`Served` (``_endpoints.py``)
 ==========================  ===================================================
 """
 
@@ -49,6 +50,7 @@ from ._admission import admit_async as admit_async
 from ._admission import inbound_shed as inbound_shed
 from ._admission import release as release
 from ._admission import try_admit as try_admit
+from ._endpoints import Served as Served
 from ._errors import GATEWAY_EXCEPTIONS as GATEWAY_EXCEPTIONS
 from ._errors import as_upstream_error as as_upstream_error
 from ._errors import log_gateway_error as log_gateway_error

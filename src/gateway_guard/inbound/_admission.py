@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from gateway_guard.breaker import BreakerState
 from gateway_guard.errors import CircuitOpenError, LoadShedError, UpstreamError
+from gateway_guard.events import InboundAdmitted, InboundReleased, InboundShed
 
 if TYPE_CHECKING:
     from gateway_guard.context import RequestContext
@@ -49,14 +50,16 @@ def admit(ctx: RequestContext) -> UpstreamError | None:
     Returns the error to answer with instead of running the app, or None once admitted.
     """
     if ctx.blocked is not None:
-        return ctx.blocked
+        return _refused(ctx, ctx.blocked)
     if ctx.exempt:
         return None
     try:
         ctx.guard.shedding.admit(ctx.route_key, ctx.priority)
     except LoadShedError as exc:
-        return inbound_shed(exc)
+        return _refused(ctx, inbound_shed(exc))
     ctx.admitted = True
+    if ctx.guard.emitter is not None:
+        _admitted(ctx)
     return None
 
 
@@ -71,8 +74,11 @@ def try_admit(ctx: RequestContext) -> bool:
         return False
     if ctx.exempt:
         return True
-    if ctx.guard.shedding.try_admit(ctx.route_key):
+    guard = ctx.guard
+    if guard.shedding.try_admit(ctx.route_key):
         ctx.admitted = True
+        if guard.emitter is not None:
+            _admitted(ctx)
         return True
     return False
 
@@ -80,14 +86,16 @@ def try_admit(ctx: RequestContext) -> bool:
 async def admit_async(ctx: RequestContext) -> UpstreamError | None:
     """Like :func:`admit`, suspending instead of blocking while queued."""
     if ctx.blocked is not None:
-        return ctx.blocked
+        return _refused(ctx, ctx.blocked)
     if ctx.exempt:
         return None
     try:
         await ctx.guard.shedding.admit_async(ctx.route_key, ctx.priority)
     except LoadShedError as exc:
-        return inbound_shed(exc)
+        return _refused(ctx, inbound_shed(exc))
     ctx.admitted = True
+    if ctx.guard.emitter is not None:
+        _admitted(ctx)
     return None
 
 
@@ -95,4 +103,43 @@ def release(ctx: RequestContext) -> None:
     """Give back what admission took; does nothing the second time, or if nothing was."""
     if ctx.admitted:
         ctx.admitted = False
-        ctx.guard.shedding.release(ctx.route_key)
+        guard = ctx.guard
+        guard.shedding.release(ctx.route_key)
+        hooks = guard.emitter
+        if hooks is not None:
+            hooks.emit(InboundReleased(_route(ctx)))
+
+
+# --- events (only while a hook listens: guard.emitter is not None) ---------------------------
+
+
+def _route(ctx: RequestContext) -> str | None:
+    route = ctx.route
+    return route.name if route is not None else None
+
+
+def _admitted(ctx: RequestContext) -> None:
+    hooks = ctx.guard.emitter
+    if hooks is not None:
+        hooks.emit(InboundAdmitted(_route(ctx)))
+
+
+def _refused(ctx: RequestContext, error: UpstreamError) -> UpstreamError:
+    hooks = ctx.guard.emitter
+    if hooks is not None:
+        hooks.emit(
+            InboundShed(
+                _route(ctx), _shed_reason(error), ctx.priority, error.upstream, error.retry_after
+            )
+        )
+    return error
+
+
+def _shed_reason(error: UpstreamError) -> str:
+    # A bounded label for metrics, from what the limiter says (_concurrency._shed_error):
+    # "no free slot" / "queue full" come at once, a timeout or an eviction after a wait.
+    if isinstance(error, CircuitOpenError):
+        return "dependency_down"
+    if "evicted" in str(error):
+        return "evicted"
+    return "queue_timeout" if error.elapsed else "capacity"

@@ -12,6 +12,7 @@ import httpx
 from gateway_guard import _fork
 from gateway_guard._negotiate import Wants
 from gateway_guard.errors import UpstreamError, UpstreamStatusError, from_exception
+from gateway_guard.events import GatewayErrorAnswered
 from gateway_guard.headers import parse_retry_after
 
 from ._response import AppError
@@ -228,6 +229,8 @@ def log_gateway_error(ctx: RequestContext, error: UpstreamError, *, started: boo
     (503) are expected under load: WARNING, without a traceback.
     """
     name_upstream(ctx.guard, error)
+    if ctx.guard.emitter is not None:
+        _answered(ctx, error, started)
     # One line per second per upstream and error type, with a count of what was held
     # back: an outage of thousands of failures a second must not bury the logs.
     held = _throttle.admit((error.upstream, error.proxy_error), time.monotonic())
@@ -309,3 +312,24 @@ def respond(
         )
     log_gateway_error(ctx, failure)
     return render_error(ctx.guard, ctx, failure, wants, method)
+
+
+def _answered(ctx: RequestContext, error: UpstreamError, started: bool) -> None:
+    """The GatewayErrorAnswered event (the status page's recent errors can hear it)."""
+    hooks = ctx.guard.emitter
+    if hooks is not None:
+        route = ctx.route
+        hooks.emit(
+            GatewayErrorAnswered(
+                ctx.request_id,
+                route.name if route is not None else None,
+                error.upstream,
+                error.status,
+                error.proxy_error,
+                error.received_status,
+                error.attempts,
+                error.elapsed,
+                started,
+                error,
+            )
+        )

@@ -28,20 +28,21 @@ def start(
     rid = valid_request_id(request_id) if request_id is not None else None
     if rid is None:
         rid = new_request_id()
-    trace_id = None
+    trace_id = header = None
     if traceparent is not None:
         parsed = parse_traceparent(traceparent)
         if parsed is not None:
             trace_id = parsed[0]
+            header = f"00-{trace_id}-{parsed[1]}-{parsed[2]}"
     exempt, route = guard.policies.routes.resolve(method, path)
     if route is None:
         # The clock is read only when something needs it: here, only debug timings.
         now = guard.clock() if guard.settings.debug else 0.0
-        return RequestContext(guard, rid, None, None, trace_id, now, exempt)
+        return RequestContext(guard, rid, None, None, trace_id, now, exempt, None, header)
     now = guard.clock()
     deadline_at = None if route.deadline is None else now + route.deadline
     blocked = dependency_down(guard, route) if route.depends_on else None
-    return RequestContext(guard, rid, route, deadline_at, trace_id, now, exempt, blocked)
+    return RequestContext(guard, rid, route, deadline_at, trace_id, now, exempt, blocked, header)
 
 
 @contextlib.contextmanager
