@@ -323,7 +323,7 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     )
     assert "| gateway_guard | 9.50 | +2.50 | -0.10 to +3.20 | 1.357x | ≤ 3 µs added | met |" in doc
     assert "| purgatory | ? | with breaker: pass (sync) | not installed (purgatory) |" in doc
-    assert doc.count("#### Notes") == 7 + len({r["scenario"] for r in outage_rows(True)})
+    assert doc.count("#### Notes") == 8 + len({r["scenario"] for r in outage_rows(True)})
 
     data = json.loads(output.with_suffix(".json").read_text(encoding="utf-8"))
     assert data["quick"] is True
