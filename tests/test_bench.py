@@ -329,7 +329,7 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     assert data["quick"] is True
     assert [s["key"] for s in data["sections"]] == list(STUBS)
     assert data["sections"][5]["rows"][:-1] == outage_rows(True)[:-1]
-    assert data["sections"][4]["rows"][-1]["value"] == "inf"  # strict JSON has no Infinity
+    assert data["sections"][5]["rows"][-1]["value"] == "inf"  # strict JSON has no Infinity
     recovery = next(line for line in summary.splitlines() if line.startswith("| recovery"))
     assert f"| {RECOVERY} / gateway_guard: recovery s = 3.60 |" in recovery
     assert "| plain | recovery s (not yet) | inf |  |  |" in doc
