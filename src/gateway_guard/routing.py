@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from ._matcher import (
+    Syntax,
     TemplateSyntaxError,
     Token,
     match_segment,
     needs_check,
+    parse,
     segment_regex,
     token_regex,
     tokenize,
@@ -43,7 +45,9 @@ def parse_template(template: str) -> str:
     """Return the regular expression (without anchors) for a route template.
 
     ``/orders/{id}`` matches one segment, ``{id:int}`` digits, ``{rest:path}`` anything
-    including slashes (only as the last parameter). Raises :class:`RouteTemplateError`.
+    including slashes (only as the last parameter); Werkzeug's ``<int:id>`` and Django's
+    ``orders/<slug:x>/`` mean what their frameworks mean (see _matcher). Raises
+    :class:`RouteTemplateError`.
     This is the meaning of a template; the route table matches it without backtracking.
     """
     return token_regex(_tokens(template))
@@ -60,31 +64,37 @@ class _Check:
     """The exact test of a template some of whose segments the joined expression only
     approximates (see _matcher): run after that expression matched, on the path's segments."""
 
-    __slots__ = ("_last", "_parts", "_segments")
+    __slots__ = ("_parts", "_segments", "_strip")
 
-    def __init__(self, segments: list[list[Token]]) -> None:
+    def __init__(self, segments: list[list[Token]], strip: bool) -> None:
         self._segments = [(i, seg) for i, seg in enumerate(segments) if needs_check(seg)]
         self._parts = len(segments) - 1
-        self._last = self._parts
+        self._strip = strip
 
     def __call__(self, path: str) -> bool:
         # The joined expression matched, so the path has the template's slashes where the
-        # template has them; a trailing path parameter's segment runs to the first slash.
+        # template has them (after the leading ones Werkzeug ignores); a trailing path
+        # parameter's segment runs to the end.
+        if self._strip:
+            path = "/" + path.lstrip("/")
         parts = path.split("/", self._parts)
-        for i, segment in self._segments:
-            seg = parts[i]
-            if i == self._last:
-                seg = seg.partition("/")[0]
-            if not match_segment(segment, seg):
-                return False
-        return True
+        return all(match_segment(segment, parts[i]) for i, segment in self._segments)
 
 
 def _compile(template: str) -> tuple[str, _Check | None]:
     """The template's part of a joined expression, and the check that makes it exact."""
-    segments = _split(_tokens(template))
+    try:
+        syntax, tokens = parse(template)
+    except TemplateSyntaxError as exc:
+        raise RouteTemplateError(str(exc)) from None
+    segments = _split(tokens)
     rx = "/".join(segment_regex(seg) for seg in segments)
-    return rx, (_Check(segments) if any(needs_check(seg) for seg in segments) else None)
+    strip = syntax == "werkzeug"
+    if strip:
+        # Werkzeug matches the path with its leading slashes made one ("//orders/1" is
+        # "/orders/1"). No segment's expression can start with "/", so "/+" cannot backtrack.
+        rx = "/+" + rx.removeprefix("/")
+    return rx, (_Check(segments, strip) if any(needs_check(seg) for seg in segments) else None)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -203,3 +213,12 @@ class RouteTable:
 
     def __len__(self) -> int:
         return len(self.routes)
+
+
+def template_syntax(template: str) -> Syntax:
+    """Which framework's syntax a valid template is read in ("starlette" when it has no
+    parameters: all three read those alike). Raises :class:`RouteTemplateError`."""
+    try:
+        return parse(template)[0]
+    except TemplateSyntaxError as exc:
+        raise RouteTemplateError(str(exc)) from None
