@@ -402,3 +402,29 @@ def match_segment(segment: Sequence[Token], seg: str) -> bool:
         else:
             return spans[0][0] < len(seg)
     return bool(spans) and spans[-1][1] == n
+
+
+# One value each kind matches in every framework that has it, for sample paths.
+_SAMPLE: Final[dict[str, str]] = {
+    "str": "x",
+    "int": "1",
+    "udigits": "1",
+    "slug": "x",
+    "float": "1.5",
+    "ufloat": "1.5",
+    "uuid": "0f8fad5b-d9cb-469f-a165-70867728950e",
+    "uuid_dashed": "0f8fad5b-d9cb-469f-a165-70867728950e",
+    "uuid_lower": "0f8fad5b-d9cb-469f-a165-70867728950e",
+    "path": "x",
+    "path_rest": "x",
+    "path_nonempty": "x",
+}
+
+
+def samples(tokens: Sequence[Token]) -> list[str]:
+    """Paths the tokens match: one with a plain value for each parameter, and, when the
+    template ends in a path parameter, one whose last parameter spans two segments."""
+    out = ["".join(t.text if isinstance(t, Literal) else _SAMPLE[t.kind] for t in tokens)]
+    if tokens and isinstance(tokens[-1], Param) and tokens[-1].kind in _PATHS:
+        out.append(out[0] + "/x")
+    return out

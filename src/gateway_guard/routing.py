@@ -8,7 +8,7 @@ and nothing is ever stored per raw path: the table's size is fixed by the settin
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeAlias
 
@@ -19,6 +19,7 @@ from ._matcher import (
     match_segment,
     needs_check,
     parse,
+    samples,
     segment_regex,
     token_regex,
     tokenize,
@@ -222,3 +223,34 @@ def template_syntax(template: str) -> Syntax:
         return parse(template)[0]
     except TemplateSyntaxError as exc:
         raise RouteTemplateError(str(exc)) from None
+
+
+def sample_paths(template: str) -> list[str]:
+    """A few concrete paths the template matches (``/orders/<int:id>`` gives
+    ``/orders/1``). Raises :class:`RouteTemplateError`."""
+    return samples(_tokens(template))
+
+
+def unmatched_routes(
+    routes: Sequence[Route], app_matches: Callable[[str], bool], app_templates: Iterable[str]
+) -> list[Route]:
+    """The routes that match none of an app's URL patterns, for the adapters' startup
+    warnings. ``app_matches(path)`` asks the app's own router (Flask's url_map, Django's
+    resolver); ``app_templates`` are its patterns, read here as templates where they parse,
+    so that a broad route (``/api/{rest:path}``) is found covering ``/api/orders/<int:id>``.
+    Methods are not compared: a path the app serves under some method counts."""
+    app_paths: list[str] = []
+    for template in app_templates:
+        try:
+            app_paths.extend(sample_paths(template))
+        except RouteTemplateError:
+            continue  # a custom converter or a regex pattern: app_matches still covers it
+    out: list[Route] = []
+    for route in routes:
+        if any(app_matches(path) for path in sample_paths(route.pattern)):
+            continue
+        table = RouteTable([Route(index=0, pattern=route.pattern, name=route.name)])
+        if any(table.resolve("GET", path)[1] is not None for path in app_paths):
+            continue
+        out.append(route)
+    return out
