@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_negotiate",
                 "_waiters",
                 "_matcher",
+                "_hosts",
                 "_fork",
                 "testing._clock",
                 "testing.upstream",
@@ -90,6 +91,10 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "django.conf",
                 "django.decorators",
                 "django.middleware",
+                "_instrument",
+                "_instrument_httpx",
+                "_instrument_requests",
+                "_instrument_aiohttp",
             }
         ),
     ),

@@ -8,6 +8,7 @@ standard diagnostic headers (RFC 9209 ``Proxy-Status``).
 from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
+from ._instrument import instrument, uninstrument
 from .asgi import GatewayGuardMiddleware
 from .breaker import BreakerSnapshot, BreakerState, CircuitBreaker
 from .context import RequestContext, current_context, current_guard
@@ -58,5 +59,7 @@ __all__ = [
     "__version__",
     "current_context",
     "current_guard",
+    "instrument",
     "load_settings",
+    "uninstrument",
 ]

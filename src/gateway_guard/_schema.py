@@ -18,6 +18,7 @@ __all__ = [
     "BreakerSettings",
     "BulkheadSettings",
     "CallSettings",
+    "InstrumentedClient",
     "Priority",
     "RetrySettings",
     "RouteSettings",
@@ -43,6 +44,7 @@ RetryStatus = Annotated[int, Field(ge=400, le=599)]
 MAX_CONCURRENT: Final = 1_000_000
 HttpMethod = Annotated[str, Field(pattern=r"^[A-Za-z]+$", max_length=32)]
 Priority = Literal["critical", "normal", "sheddable"]
+InstrumentedClient = Literal["httpx", "requests", "aiohttp"]
 WindowKind = Literal["count", "time"]
 
 # The cap of a re-opening breaker's open time when the settings leave it unset (and
@@ -172,6 +174,11 @@ class UpstreamSettings(CallSettings):
     """``[upstreams.NAME]``: one upstream; any ``defaults`` key may be overridden."""
 
     base_url: str | None = Field(None, description="http(s) URL the clients are based on.")
+    match: list[str] = Field(
+        [],
+        description="Extra hosts whose calls belong to this upstream under instrumentation: "
+        '"payments.internal", "*.payments.internal:8443".',
+    )
 
 
 class RouteSettings(SettingsModel):
@@ -219,3 +226,8 @@ class Settings(SettingsModel):
     upstreams: dict[str, UpstreamSettings] = {}
     shed: ShedSettings = ShedSettings()
     routes: list[RouteSettings] = []
+    instrument: list[InstrumentedClient] = Field(
+        [],
+        description="HTTP client libraries whose calls to an upstream's hosts are guarded "
+        "without code changes (empty: nothing is patched).",
+    )
