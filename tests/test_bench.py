@@ -185,11 +185,37 @@ def outage_rows(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
+def instrument_rows(quick: bool) -> list[dict[str, Any]]:
+    def row(name: str, baseline: str, ratio: float, added: float, goal: str | None) -> Any:
+        return {
+            "bench": "instrument",
+            "level": "client",
+            "candidate": name,
+            "baseline": baseline,
+            "us_per_call": 90.0 * ratio,
+            "ratio": ratio,
+            "ratio_ci": (ratio, ratio),
+            "added_us": added,
+            "added_ci": (added, added),
+            "goal": goal,
+            "goal_met": None if goal is None else True,
+            "rounds": 31,
+        }
+
+    return [
+        row("bare, other host", "bare, other host", 1.0, 0.0, None),
+        row("instrumented, other host", "bare, other host", 1.003, 0.3, "≤ 0.5 µs added"),
+        row("explicit guard.client()", "explicit guard.client()", 1.0, 0.0, None),
+        row("instrumented, upstream host", "explicit guard.client()", 1.004, 0.5, "≤ 1.01x"),
+    ]
+
+
 STUBS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "transport": transport_rows,
     "middleware": middleware_rows,
     "breaker": breaker_rows,
     "outage": outage_rows,
+    "instrument": instrument_rows,
     "limiter": limiter_rows,
     "render": render_rows,
 }
@@ -239,7 +265,7 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     for goal in run_all.GOALS:
         assert f"| {goal.text} |" in summary, goal.id
     assert "not measured" not in summary.split("|", 1)[1]
-    assert "15 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
+    assert "17 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
     assert (
         "|  | 50% 503s / tenacity: upstream calls / request = 1.50 | 3.0 | reference |" in summary
     )
@@ -259,7 +285,7 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     )
     assert "| gateway_guard | 9.50 | +2.50 | -0.10 to +3.20 | 1.357x | ≤ 3 µs added | met |" in doc
     assert "| purgatory | ? | with breaker: pass (sync) | not installed (purgatory) |" in doc
-    assert doc.count("#### Notes") == 5 + len({r["scenario"] for r in outage_rows(True)})
+    assert doc.count("#### Notes") == 6 + len({r["scenario"] for r in outage_rows(True)})
 
     data = json.loads(output.with_suffix(".json").read_text(encoding="utf-8"))
     assert data["quick"] is True

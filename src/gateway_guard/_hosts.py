@@ -113,7 +113,7 @@ class _Node:
 class HostMap:
     """URL -> upstream name, built once from each upstream's ``base_url`` and ``match``."""
 
-    __slots__ = ("_exact", "_paths", "_root", "empty")
+    __slots__ = ("_exact", "_paths", "_root", "empty", "has_paths", "names", "tops")
 
     def __init__(self, upstreams: Mapping[str, tuple[str | None, Iterable[str]]]) -> None:
         """``upstreams``: name -> (base_url, match patterns). Raises ValueError for a bad
@@ -159,6 +159,21 @@ class HostMap:
         for entries in self._paths.values():
             entries.sort(key=lambda entry: len(entry[0]), reverse=True)
         self.empty = not (self._exact or self._paths or self._root.children)
+        self.has_paths = bool(self._paths)
+        # A first test that rejects almost every other host with one or two set lookups:
+        # the exact hosts, and the last label of each wildcard domain. "" sends a host
+        # with a trailing dot to the full lookup.
+        exact = {host for host, _ in self._exact} | {h for h, _ in self._paths}
+        self.names = frozenset(exact | {host + "." for host in exact})
+        self.tops = frozenset(self._root.children) | ({""} if self._root.children else set())
+
+    def maybe(self, host: str) -> bool:
+        """False when ``host`` (lower case) surely belongs to no upstream: the cheap test
+        to run before :meth:`lookup`."""
+        if host in self.names:
+            return True
+        tops = self.tops
+        return bool(tops) and host[host.rfind(".") + 1 :] in tops
 
     def lookup(
         self, host: str, port: int | None, scheme: str = "http", path: str = "/"
