@@ -272,3 +272,18 @@ def test_works_with_opentelemetry_and_sentry_in_any_order(order: list[str]) -> N
     assert result["traceparents"] == 4
     # Sentry's integration ran too: it put its trace header on the guarded call's requests.
     assert result["sentry"] >= 3
+
+
+def test_the_setting_applies_when_django_loads_the_middleware() -> None:
+    from django.http import HttpRequest, HttpResponse
+    from django.test import override_settings
+
+    import django_setup  # noqa: F401 - configures Django once for the process
+    from gateway_guard.django import GatewayGuardMiddleware, get_guard
+
+    def view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    with override_settings(GATEWAY_GUARD={**SETTINGS, "instrument": ["httpx"]}):
+        GatewayGuardMiddleware(view)
+        assert instrumented() == (get_guard(), ("httpx",))
