@@ -73,18 +73,28 @@ def test_bad_patterns(bad: str) -> None:
         parse_pattern(bad)
 
 
-def test_two_upstreams_claiming_one_host_conflict() -> None:
-    with pytest.raises(HostConflict) as info:
-        hosts(a=("http://x.internal", []), b=(None, ["*.y", "x.internal:80"]))
-    assert (info.value.first, info.value.key) == ("a", "match.1")
-    with pytest.raises(HostConflict) as info:
-        hosts(a=("http://x.internal/v1", []), b=("http://x.internal/v1/", []))
-    assert info.value.key == "base_url"
-    # Different ports, or a port and any port, are different claims.
-    hosts(a=("http://x.internal", []), b=(None, ["x.internal:81", "x.internal"]))
+def test_two_upstreams_naming_one_host_in_match_conflict() -> None:
     with pytest.raises(HostConflict) as info:
         hosts(a=(None, ["x.internal"]), b=(None, ["X.internal."]))
     assert (info.value.first, info.value.second, info.value.key) == ("a", "b", "match.0")
+    with pytest.raises(HostConflict) as info:
+        hosts(a=(None, ["*.x.internal:80"]), b=(None, ["y", "*.x.internal:80"]))
+    assert info.value.key == "match.1"
+    # Different ports, or a port and any port, are different claims.
+    hosts(a=(None, ["x.internal:81"]), b=(None, ["x.internal"]))
+
+
+def test_a_shared_base_url_belongs_to_the_first_unless_a_pattern_claims_it() -> None:
+    # Two policies for one service (the same base_url) is a valid configuration.
+    m = hosts(a=("http://x.internal", []), b=("http://x.internal", []))
+    assert m.lookup_url("http://x.internal/") == "a"
+    m = hosts(a=("http://x.internal", []), b=("http://x.internal", ["x.internal:80"]))
+    assert m.lookup_url("http://x.internal/") == "b"
+    m = hosts(a=("http://x.internal/v1", []), b=("http://x.internal/v1/", []))
+    assert m.lookup_url("http://x.internal/v1/y") == "a"
+    # A wildcard pattern beats a base_url too: patterns are what instrumentation is told.
+    m = hosts(a=("http://eu.x.internal", []), b=(None, ["*.x.internal"]))
+    assert m.lookup_url("http://eu.x.internal/") == "b"
 
 
 def test_settings_refuse_bad_and_conflicting_patterns() -> None:
@@ -93,7 +103,7 @@ def test_settings_refuse_bad_and_conflicting_patterns() -> None:
             {
                 "upstreams": {
                     "a": {"base_url": "http://x.internal:8080", "match": ["ok.internal", "b d"]},
-                    "b": {"match": ["ok.internal"]},
+                    "b": {"base_url": "http://x.internal:8080", "match": ["ok.internal"]},
                 }
             }
         )

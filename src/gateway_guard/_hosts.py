@@ -8,10 +8,12 @@ the URLs under that path), and every host its ``match`` patterns name:
 - ``*.payments.internal``: any host under that domain (one or more labels before it), any
   port; ``*.payments.internal:8443`` on that port only.
 
-An exact host beats a wildcard, a port beats any port, a longer domain beats a shorter one,
-and a longer ``base_url`` path beats a shorter one. Hosts compare case-insensitively and
-without a trailing dot. Two upstreams claiming the same thing are refused at startup
-(:class:`HostConflict`), so a URL never belongs to two.
+A ``match`` pattern beats a ``base_url``; among patterns an exact host beats a wildcard, a
+port beats any port, and a longer domain beats a shorter one; among base URLs a longer path
+beats a shorter one, and two upstreams with the same ``base_url`` (two policies for one
+service) leave it to the first in the settings. Hosts compare case-insensitively and
+without a trailing dot. Two upstreams whose ``match`` patterns say the same thing are
+refused at startup (:class:`HostConflict`), so a URL never belongs to two by accident.
 
 The lookup reads the URL's host once: one dict lookup for the exact host, then a walk from
 its last label towards its first through a tree of the wildcard domains, each label one
@@ -42,7 +44,7 @@ class HostConflict(ValueError):
         self.first = first  # the upstream that claimed it first
         self.second = second
         self.what = what
-        self.key = key  # where the second claims it: "base_url" or "match.N"
+        self.key = key  # where the second claims it: "match.N"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +115,18 @@ class _Node:
 class HostMap:
     """URL -> upstream name, built once from each upstream's ``base_url`` and ``match``."""
 
-    __slots__ = ("_exact", "_paths", "_root", "empty", "has_paths", "names", "tops")
+    __slots__ = ("_base", "_exact", "_paths", "_root", "empty", "has_paths", "names", "tops")
 
     def __init__(self, upstreams: Mapping[str, tuple[str | None, Iterable[str]]]) -> None:
         """``upstreams``: name -> (base_url, match patterns). Raises ValueError for a bad
-        pattern and :class:`HostConflict` when two upstreams claim the same thing."""
-        # (host, port or None) -> upstream, for hosts without a base_url path.
+        pattern and :class:`HostConflict` when two upstreams' ``match`` name the same
+        thing. Two upstreams may share a ``base_url`` (two policies for one service): the
+        first one in the settings owns it, unless a ``match`` pattern claims it."""
+        # (host, port or None) -> upstream: exact match patterns.
         self._exact: dict[tuple[str, int | None], str] = {}
-        # (host, port) -> [(path prefix, upstream)], longest prefix first.
+        # (host, port) -> upstream: base_urls without a path.
+        self._base: dict[tuple[str, int], str] = {}
+        # (host, port) -> [(path prefix, upstream)]: base_urls with one, longest first.
         self._paths: dict[tuple[str, int], list[tuple[str, str]]] = {}
         self._root = _Node()
         claims: dict[object, str] = {}
@@ -136,14 +142,12 @@ class HostMap:
                 host = _normal_host(parts.hostname or "")
                 port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
                 prefix = parts.path.rstrip("/")
-                if host:
-                    # Without a path, base_url claims what the pattern "host:port" would.
-                    claimed = ("base", host, port, prefix) if prefix else ("exact", host, port)
-                    claim(claimed, name, f"{host}:{port}{prefix}", "base_url")
-                    if prefix:
-                        self._paths.setdefault((host, port), []).append((prefix, name))
-                    else:
-                        self._exact.setdefault((host, port), name)
+                if host and prefix:
+                    entries = self._paths.setdefault((host, port), [])
+                    if all(known != prefix for known, _ in entries):
+                        entries.append((prefix, name))
+                elif host:
+                    self._base.setdefault((host, port), name)
             for i, text in enumerate(patterns):
                 pattern = parse_pattern(text)
                 shown, key = text.lower(), f"match.{i}"
@@ -158,12 +162,13 @@ class HostMap:
                 node.owners[pattern.port] = name
         for entries in self._paths.values():
             entries.sort(key=lambda entry: len(entry[0]), reverse=True)
-        self.empty = not (self._exact or self._paths or self._root.children)
+        self.empty = not (self._exact or self._base or self._paths or self._root.children)
         self.has_paths = bool(self._paths)
         # A first test that rejects almost every other host with one or two set lookups:
         # the exact hosts, and the last label of each wildcard domain. "" sends a host
         # with a trailing dot to the full lookup.
-        exact = {host for host, _ in self._exact} | {h for h, _ in self._paths}
+        exact = {h for h, _ in self._exact} | {h for h, _ in self._base}
+        exact |= {h for h, _ in self._paths}
         self.names = frozenset(exact | {host + "." for host in exact})
         self.tops = frozenset(self._root.children) | ({""} if self._root.children else set())
 
@@ -186,20 +191,26 @@ class HostMap:
             host = host[:-1]
         if port is None:
             port = _DEFAULT_PORTS.get(scheme, 0)
+        # Explicit match patterns first (exact, then wildcard), then base_urls.
+        exact = self._exact
+        if exact:
+            name = exact.get((host, port)) or exact.get((host, None))
+            if name is not None:
+                return name
+        if self._root.children:
+            name = self._wildcard(host, port)
+            if name is not None:
+                return name
         if self._paths:
             entries = self._paths.get((host, port))
             if entries is not None:
                 for prefix, owner in entries:
                     if path.startswith(prefix) and path[len(prefix) : len(prefix) + 1] in ("", "/"):
                         return owner
-        exact = self._exact
-        if exact:
-            name = exact.get((host, port)) or exact.get((host, None))
-            if name is not None:
-                return name
+        return self._base.get((host, port))
+
+    def _wildcard(self, host: str, port: int) -> str | None:
         node = self._root
-        if not node.children:
-            return None
         found: str | None = None
         end = len(host)
         # From the last label towards the first; a wildcard needs a label before its domain.
