@@ -232,6 +232,13 @@ GOALS: tuple[Goal, ...] = (
         "instrument",
         "an instrumented call to an upstream ≤ 1.01x the explicit guard.client() call",
     ),
+    Goal("fleet.commands", "fleet", "Redis backend: 0.00 Redis commands per guarded call"),
+    Goal("fleet.overhead", "fleet", "Redis backend: guarded call ≤ 1.01x the local backend"),
+    Goal(
+        "fleet.propagation",
+        "fleet",
+        "Redis backend: a state change reaches another process ≤ 100 ms p50, ≤ 1 s p99",
+    ),
 )
 
 # How an outage scenario's name maps to the goal it measures (first match wins: recovery
@@ -573,6 +580,35 @@ def breaker_blocks(rows: list[dict[str, Any]]) -> list[Block]:
     return [Block("breaker", "Closed circuit breaker: one admitted, successful call", [table])]
 
 
+def run_fleet(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _import("fleet").run(quick=quick)
+    return rows
+
+
+_FLEET_GOALS = ("fleet.commands", "fleet.overhead", "fleet.propagation", "fleet.propagation")
+
+
+def fleet_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    figures = [
+        Figure(
+            [r["figure"], _num(r["value"]), r["detail"]],
+            r["goal"],
+            r["goal_met"],
+            goal_id,
+            f"{r['figure']}: {_num(r['value'])}",
+        )
+        for r, goal_id in zip(rows, _FLEET_GOALS, strict=False)
+    ]
+    table = Table(
+        "",
+        ["figure", "value", "detail"],
+        figures,
+        align="<><",
+        caption="One real redis-server on 127.0.0.1; guarded calls through httpx.MockTransport.",
+    )
+    return [Block("fleet", "Fleet state through Redis", [table])]
+
+
 def run_limiter(quick: bool) -> list[dict[str, Any]]:
     module = _import("limiter")
     rows: list[dict[str, Any]]
@@ -813,6 +849,18 @@ SECTIONS: list[Section] = [
         "with `gg.instrument(guard)` on or off: a call to another host against the same call "
         "uninstrumented, and a call to the upstream's host against the same call through an "
         "explicit `guard.client()`.",
+    ),
+    Section(
+        "fleet",
+        "Fleet state through Redis",
+        "overhead",
+        (12.0, 40.0),
+        run_fleet,
+        fleet_blocks,
+        ("fleet.commands", "fleet.overhead", "fleet.propagation"),
+        'bench/fleet.py. `[state] backend = "redis"`: what sharing breakers and budgets '
+        "through Redis costs a call (nothing on its path) and how fast a decision reaches "
+        "another process.",
     ),
     Section(
         "limiter",

@@ -1005,7 +1005,7 @@ def test_a_gateway_error_gets_its_status_proxy_status_and_retry_after(
     assert proxy_status(reply) == ("shop", params)
     assert reply.get("retry-after") == retry_after
     assert reply["cache-control"] == "no-store"
-    assert reply["vary"] == "Accept"
+    assert reply["vary"] == "Accept, Accept-Language"
     assert reply["content-type"] == "application/problem+json"
     assert reply.all("x-request-id") == ["rid-1"]
     assert int(reply["content-length"]) == len(reply.body)

@@ -29,6 +29,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_copy",
                 "_estimator",
                 "_negotiate",
+                "_languages",
+                "_translations",
                 "_waiters",
                 "_matcher",
                 "_hosts",
@@ -76,7 +78,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         ),
     ),
     ("drivers", frozenset({"transport", "_httpx_bodies", "_httpx_deadlines"})),
-    ("runtime", frozenset({"guard"})),
+    ("runtime", frozenset({"guard", "_fleet"})),
     (
         "adapters",
         frozenset(

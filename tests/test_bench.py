@@ -210,12 +210,25 @@ def instrument_rows(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
+def fleet_rows(quick: bool) -> list[dict[str, Any]]:
+    def row(figure: str, value: float, goal: str, met: bool) -> dict[str, Any]:
+        return {"figure": figure, "value": value, "detail": "", "goal": goal, "goal_met": met}
+
+    return [
+        row("Redis commands per guarded call (steady state)", 0.0004, "≤ 0.005 (0.00)", True),
+        row("guarded call, Redis backend / local", 1.004, "≤ 1.01x", True),
+        row("state change seen by another process, p50", 3.1, "≤ 100 ms", True),
+        row("state change seen by another process, p99", 12.0, "≤ 1000 ms", True),
+    ]
+
+
 STUBS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "transport": transport_rows,
     "middleware": middleware_rows,
     "breaker": breaker_rows,
     "outage": outage_rows,
     "instrument": instrument_rows,
+    "fleet": fleet_rows,
     "limiter": limiter_rows,
     "render": render_rows,
 }
@@ -265,7 +278,7 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     for goal in run_all.GOALS:
         assert f"| {goal.text} |" in summary, goal.id
     assert "not measured" not in summary.split("|", 1)[1]
-    assert "17 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
+    assert "21 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
     assert (
         "|  | 50% 503s / tenacity: upstream calls / request = 1.50 | 3.0 | reference |" in summary
     )
@@ -285,7 +298,7 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     )
     assert "| gateway_guard | 9.50 | +2.50 | -0.10 to +3.20 | 1.357x | ≤ 3 µs added | met |" in doc
     assert "| purgatory | ? | with breaker: pass (sync) | not installed (purgatory) |" in doc
-    assert doc.count("#### Notes") == 6 + len({r["scenario"] for r in outage_rows(True)})
+    assert doc.count("#### Notes") == 7 + len({r["scenario"] for r in outage_rows(True)})
 
     data = json.loads(output.with_suffix(".json").read_text(encoding="utf-8"))
     assert data["quick"] is True

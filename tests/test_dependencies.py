@@ -23,6 +23,8 @@ SRC = ROOT / "src" / "gateway_guard"
 ADAPTER_EXTRAS = {
     "flask.py": "flask",
     "django": "django",
+    # The fleet store: imported by Guard only for [state] backend = "redis".
+    "_fleet.py": "redis",
 }
 # Declared for a reason the imports cannot show.
 NOT_IMPORTED_ON_PURPOSE = {

@@ -30,6 +30,7 @@ from gateway_guard.settings import (
     RouteSettings,
     Settings,
     ShedSettings,
+    StateSettings,
     UpstreamSettings,
     load_settings,
 )
@@ -51,6 +52,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "`[[routes]]`": RouteSettings,
     "Route `retry`": RetrySettings,
     "Route `shed`": ShedSettings,
+    "`[state]`": StateSettings,
 }
 
 _HEADING = re.compile(r"^(#{1,6}) +(.+?) *$")

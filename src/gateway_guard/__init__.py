@@ -10,7 +10,7 @@ from importlib.metadata import version as _version
 
 from ._instrument import instrument, uninstrument
 from .asgi import GatewayGuardMiddleware
-from .breaker import BreakerSnapshot, BreakerState, CircuitBreaker
+from .breaker import BreakerSnapshot, BreakerState, CircuitBreaker, Transition
 from .context import RequestContext, current_context, current_guard
 from .errors import (
     CircuitOpenError,
@@ -50,6 +50,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "SettingsProblem",
+    "Transition",
     "UpstreamConfigError",
     "UpstreamConnectError",
     "UpstreamError",

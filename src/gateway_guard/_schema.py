@@ -25,6 +25,8 @@ __all__ = [
     "Settings",
     "SettingsModel",
     "ShedSettings",
+    "StateBackend",
+    "StateSettings",
     "UpstreamSettings",
     "WindowKind",
 ]
@@ -46,6 +48,10 @@ HttpMethod = Annotated[str, Field(pattern=r"^[A-Za-z]+$", max_length=32)]
 Priority = Literal["critical", "normal", "sheddable"]
 InstrumentedClient = Literal["httpx", "requests", "aiohttp"]
 WindowKind = Literal["count", "time"]
+StateBackend = Literal["local", "redis"]
+# The store's Redis timeouts: bounded because a request never waits on them, but a probe
+# admission (rare) and the background thread do, and a long one only hides an outage.
+StoreSeconds = Annotated[float, Field(gt=0, le=5.0, allow_inf_nan=False)]
 
 # The cap of a re-opening breaker's open time when the settings leave it unset (and
 # open_seconds is shorter): also the longest a recovered upstream waits to be noticed.
@@ -211,6 +217,32 @@ class BrandSettings(SettingsModel):
     status_url: str | None = Field(None, description="The public status page.")
     template_dir: str | None = Field(None, description="Directory of Jinja2 overrides.")
     lang: str = Field("en", pattern=r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+    home_url: str = Field("/", description="http(s) URL or /path: the page's way back.")
+    problem_base_url: str | None = Field(
+        None, description='Base of problem+json "type" URIs; unset: "about:blank".'
+    )
+    languages: list[str] | None = Field(
+        None, max_length=100, description="Languages offered by Accept-Language; unset: all."
+    )
+    strings: dict[str, dict[str, str]] = Field(
+        {}, description="Per language, page strings that replace the built-in ones."
+    )
+
+
+class StateSettings(SettingsModel):
+    """``[state]``: where breaker, retry budget and manual-control state live."""
+
+    backend: StateBackend = Field(
+        "local", description='"local": per process; "redis": shared by the fleet.'
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="redis://, rediss:// or unix:// URL."
+    )
+    key_prefix: str | None = Field(
+        None, max_length=200, description='Prefix of every key; unset: "gateway_guard:SERVICE".'
+    )
+    connect_timeout: StoreSeconds = Field(0.5, description="Seconds to connect to Redis.")
+    command_timeout: StoreSeconds = Field(0.25, description="Seconds for one Redis command.")
 
 
 class Settings(SettingsModel):
@@ -231,3 +263,4 @@ class Settings(SettingsModel):
         description="HTTP client libraries whose calls to an upstream's hosts are guarded "
         "without code changes (empty: nothing is patched).",
     )
+    state: StateSettings = StateSettings()

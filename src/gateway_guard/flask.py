@@ -72,6 +72,7 @@ from .guard import Guard
 from .headers import format_retry_after
 from .inbound import (
     GATEWAY_EXCEPTIONS,
+    Wants,
     as_upstream_error,
     handler_headers,
     respond,
@@ -571,7 +572,7 @@ def _handle_gateway_error(exc: Exception) -> ResponseReturnValue:
     wrapped = ctx is not None
     if ctx is None:
         ctx = _context_without_wrapper(_state(app).guard)
-    rendered = respond(ctx, error, request.headers.get("Accept"), request.method)
+    rendered = respond(ctx, error, Wants.from_environ(request.environ), request.method)
     branded = _response(app, rendered, keep_request_id=not wrapped)
     http_error = UpstreamHTTPError.for_error(error, status=rendered.status, response=branded)
     http_error.__cause__ = error

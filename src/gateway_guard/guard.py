@@ -8,7 +8,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import httpx
 
@@ -23,6 +23,9 @@ from .retry import RetryBudget
 from .routing import Route
 from .settings import Settings, SettingsSource, load_settings
 from .transport import AsyncGuardedTransport, GuardedTransport
+
+if TYPE_CHECKING:
+    from ._fleet import FleetStore
 
 __all__ = ["Guard"]
 
@@ -117,6 +120,35 @@ class Guard:
             {route.index: route.shed for route in self.policies.routes.routes},
             clock=clock,
         )
+        self._store: FleetStore | None = None
+        if self.settings.state.backend == "redis":
+            self._store = self._fleet_store()
+
+    def _fleet_store(self) -> FleetStore:
+        # Imported here, only for the Redis backend: importing gateway_guard never imports
+        # redis-py (an extra; the settings check named it at startup if it is missing).
+        from ._fleet import FleetStore, FleetUpstream  # noqa: PLC0415 - see above
+
+        store = FleetStore(
+            self.settings.state,
+            self.settings.service,
+            [
+                FleetUpstream(rt.name, rt.breaker, rt.budget, probe_timeout=rt.policy.deadline)
+                for rt in self._upstreams.values()
+            ],
+        )
+        # Connecting happens on the store's thread: Redis being down or slow never delays
+        # startup, and never a request (the breakers count locally meanwhile).
+        store.start()
+        return store
+
+    def close(self) -> None:
+        """Stop sharing state with the fleet (``[state] backend = "redis"``): the store's
+        threads and connections end, and the breakers and budgets are per process again.
+        Nothing to do for the local backend. Clients made by the Guard are the caller's."""
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
 
     def __repr__(self) -> str:
         return f"<Guard service={self.settings.service!r} upstreams={sorted(self._upstreams)}>"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from gateway_guard import _fork
+from gateway_guard._negotiate import Wants
 from gateway_guard.errors import UpstreamError, from_exception
 
 from ._response import AppError
@@ -134,10 +135,14 @@ def render_error(
     guard: Guard,
     ctx: RequestContext,
     error: UpstreamError,
-    accept: str | bytes | None,
+    wants: Wants,
     method: str,
 ) -> RenderedError:
-    """The response for ``error``; never raises (the renderer falls back to plain text)."""
+    """The response for ``error``; never raises (the renderer falls back to plain text).
+
+    ``wants`` is what the request's headers ask for (body, language): see
+    :class:`gateway_guard._negotiate.Wants`.
+    """
     timings: list[tuple[str, float, str | None]] = []
     if guard.settings.debug:
         total = guard.clock() - ctx.started
@@ -145,25 +150,31 @@ def render_error(
         for call in ctx.calls:
             timings.append((f"upstream-{call.upstream}", call.elapsed, call.error))
     return guard.renderer.render(
-        error, request_id=ctx.request_id, accept=accept, method=method, timings=timings
+        error, request_id=ctx.request_id, wants=wants, method=method, timings=timings
     )
 
 
 def respond(
-    ctx: RequestContext, failure: UpstreamError | AppError, accept: str | bytes | None, method: str
+    ctx: RequestContext,
+    failure: UpstreamError | AppError,
+    wants: Wants | str | bytes | None,
+    method: str,
 ) -> RenderedError:
     """Our page for a refusal, a gateway error or the app's own 502/503/504; never raises.
 
     A gateway error is logged here (:func:`log_gateway_error`), once, by whichever
-    adapter answers it.
+    adapter answers it. ``wants`` is what the request asks for (an ``Accept`` value alone
+    is taken as such).
     """
+    if not isinstance(wants, Wants):
+        wants = Wants(accept=wants.decode("latin-1") if isinstance(wants, bytes) else wants)
     if isinstance(failure, AppError):
         return ctx.guard.renderer.render_status(
             failure.status,
             request_id=ctx.request_id,
-            accept=accept,
+            wants=wants,
             method=method,
             retry_after=failure.retry_after,
         )
     log_gateway_error(ctx, failure)
-    return render_error(ctx.guard, ctx, failure, accept, method)
+    return render_error(ctx.guard, ctx, failure, wants, method)
