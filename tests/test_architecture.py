@@ -77,7 +77,19 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("drivers", frozenset({"transport", "_httpx_bodies", "_httpx_deadlines"})),
+    (
+        "drivers",
+        frozenset(
+            {
+                "transport",
+                "_httpx_bodies",
+                "_httpx_deadlines",
+                "_requests",
+                "_urllib3_deadlines",
+                "_aiohttp",
+            }
+        ),
+    ),
     ("runtime", frozenset({"guard", "_fleet"})),
     (
         "adapters",

@@ -42,6 +42,8 @@ Rate = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 HttpStatus = Annotated[int, Field(ge=100, le=599)]
 # A status worth retrying is an error: a 2xx/3xx answer is the call having worked.
 RetryStatus = Annotated[int, Field(ge=400, le=599)]
+# A body read ahead is held in memory by each call in flight: beyond this it is a typo.
+MAX_BUFFER_BODY_BYTES: Final = 64 * 1024 * 1024
 # Slots are counted, not allocated, but a limit beyond any real concurrency is a typo.
 MAX_CONCURRENT: Final = 1_000_000
 HttpMethod = Annotated[str, Field(pattern=r"^[A-Za-z]+$", max_length=32)]
@@ -94,6 +96,13 @@ class RetrySettings(SettingsModel):
     respect_retry_after: bool = Field(True, description="Never retry before Retry-After.")
     max_retry_after: NonNegativeSeconds = Field(
         30.0, description="A longer upstream Retry-After fails fast instead of waiting."
+    )
+    buffer_body_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        le=MAX_BUFFER_BODY_BYTES,
+        description="Read a retryable response body of at most this Content-Length within "
+        "the attempt, so that a body that breaks off is retried (0 = never).",
     )
 
 

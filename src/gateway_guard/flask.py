@@ -342,7 +342,9 @@ class GatewayGuard:
         )
         # A handler the user registered for these classes already is theirs: keep it.
         app_handlers = app.error_handler_spec[None][None]
-        for exc_class in GATEWAY_EXCEPTIONS:
+        # Exception too: optional clients' failures (requests, aiohttp) are known by name
+        # only; the handler re-raises whatever is not a gateway error.
+        for exc_class in (*GATEWAY_EXCEPTIONS, Exception):
             if exc_class not in app_handlers:
                 app.register_error_handler(exc_class, _handle_gateway_error)
         app.extensions[EXTENSION_KEY] = state
@@ -562,8 +564,11 @@ def _handle_gateway_error(exc: Exception) -> ResponseReturnValue:
     choice: the error goes on as the ``UpstreamHTTPError`` for its status, through
     ``app.handle_http_exception``, exactly as a werkzeug ``BadGateway`` would.
     """
+    if isinstance(exc, HTTPException):
+        # Found as the handler for Exception: what Flask does with no handler at all.
+        return exc
     error = as_upstream_error(exc)
-    if error is None:  # pragma: no cover - registered for those classes only
+    if error is None:  # not ours (the handler for Exception): Flask's own 500, as before
         raise exc
     app = current_app
     ctx = current_context()
