@@ -1,8 +1,9 @@
-"""Instrumentation end to end: an SDK-like client on its own httpx.Client, guarded for real.
+"""Instrumentation end to end: an app's own clients, guarded for real by a setting.
 
 A FastAPI app under uvicorn and a Flask app under cheroot, each with ``instrument =
-["httpx"]`` in its settings, call the misbehaving upstream through ``PaymentsSDK``, which
-knows nothing of gateway_guard. Every failure mode gives the branded status, Proxy-Status
+["httpx", "requests", "aiohttp"]`` in its settings, call the misbehaving upstream through
+``PaymentsSDK`` (its own httpx clients, knowing nothing of gateway_guard); a Flask app calls
+``requests.request`` directly, and a FastAPI app a plain ``aiohttp.ClientSession``. Every failure mode gives the branded status, Proxy-Status
 and X-Request-ID; a POST without an Idempotency-Key reaches the upstream once; a hung
 upstream gives a 504 within the deadline.
 """
@@ -49,7 +50,7 @@ def settings_for(up: MisbehavingUpstream) -> dict[str, Any]:
     host = up.url.split("://")[1]
     return {
         "service": "shop",
-        "instrument": ["httpx"],
+        "instrument": ["httpx", "requests", "aiohttp"],
         "defaults": {
             "read_timeout": 0.5,
             "deadline": DEADLINE,
@@ -94,12 +95,54 @@ def flask_app(up: MisbehavingUpstream) -> Any:
     return app
 
 
-@pytest.fixture(params=["fastapi", "flask"])
+def flask_requests_app(up: MisbehavingUpstream) -> Any:
+    """The common Flask code: ``requests`` called directly, no gateway_guard in sight."""
+    import requests
+
+    app = flask.Flask("shop")
+    app.config["GATEWAY_GUARD"] = settings_for(up)
+    GatewayGuard(app)
+
+    @app.route("/pay", methods=["GET", "POST"])
+    @app.route("/pay-sync", methods=["GET", "POST"])
+    def pay() -> dict[str, Any]:
+        response = requests.request(flask.request.method, up.url + "/charges", timeout=30)
+        return {"status": response.status_code}
+
+    return app
+
+
+def fastapi_aiohttp_app(up: MisbehavingUpstream) -> Any:
+    import aiohttp
+
+    app = fastapi.FastAPI()
+    app.add_middleware(gg.GatewayGuardMiddleware, settings=settings_for(up))
+
+    @app.api_route("/pay", methods=["GET", "POST"])
+    @app.api_route("/pay-sync", methods=["GET", "POST"])
+    async def pay(request: fastapi.Request) -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(request.method, up.url + "/charges") as response,
+        ):
+            await response.read()  # as requests and httpx do before they return
+            return {"status": response.status}
+
+    return app
+
+
+@pytest.fixture(params=["fastapi", "flask", "flask-requests", "fastapi-aiohttp"])
 def served(request: pytest.FixtureRequest, upstream: MisbehavingUpstream) -> Iterator[str]:
     gg.uninstrument()
     try:
         if request.param == "fastapi":
             with serve_asgi(fastapi_app(upstream)) as url:
+                yield url
+        elif request.param == "fastapi-aiohttp":
+            with serve_asgi(fastapi_aiohttp_app(upstream)) as url:
+                yield url
+        elif request.param == "flask-requests":
+            with serve_wsgi(flask_requests_app(upstream)) as url:
                 yield url
         else:
             with serve_wsgi(flask_app(upstream)) as url:
