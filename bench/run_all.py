@@ -234,6 +234,16 @@ GOALS: tuple[Goal, ...] = (
         "overload at 3x capacity: served p99 ≤ 2x its p99 at capacity; shed answers ≤ 1 ms",
     ),
     Goal("outage.recovery", "outage", "recovery: back to normal ≤ open_seconds + 1 s"),
+    Goal(
+        "instrument.other",
+        "instrument",
+        "instrumentation adds ≤ 0.5 µs to an httpx call to a host that is not an upstream",
+    ),
+    Goal(
+        "instrument.upstream",
+        "instrument",
+        "an instrumented call to an upstream ≤ 1.01x the explicit guard.client() call",
+    ),
     Goal("fleet.commands", "fleet", "Redis backend: 0.00 Redis commands per guarded call"),
     Goal("fleet.overhead", "fleet", "Redis backend: guarded call ≤ 1.01x the local backend"),
     Goal(
@@ -768,6 +778,53 @@ def observability_blocks(rows: list[dict[str, Any]]) -> list[Block]:
     return [Block("observability", "Outbound with Prometheus metrics and tracing on", [table])]
 
 
+# --- instrumentation ------------------------------------------------------------------------
+
+
+def run_instrument(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _import("instrument").main(quick, quiet=True)
+    return rows
+
+
+def instrument_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    figures = []
+    for r in rows:
+        if r.get("level") != "client":
+            continue
+        baseline = r["candidate"] == r["baseline"]
+        goal_id = {
+            "instrumented, other host": "instrument.other",
+            "instrumented, upstream host": "instrument.upstream",
+        }.get(r["candidate"])
+        figures.append(
+            Figure(
+                [
+                    r["candidate"],
+                    r["baseline"],
+                    f"{r['us_per_call']:.2f}",
+                    "1 (baseline)" if baseline else f"{r['ratio']:.4f}x",
+                    "—" if baseline else f"{r['added_us']:+.3f}",
+                    "" if baseline else _pair(r.get("added_ci"), "+.3f"),
+                ],
+                r.get("goal"),
+                r.get("goal_met"),
+                goal_id,
+                f"{r['added_us']:+.3f} µs"
+                if goal_id == "instrument.other"
+                else f"{r['ratio']:.4f}x",
+            )
+        )
+    rounds = rows[0].get("rounds", "?") if rows else "?"
+    table = Table(
+        "",
+        ["candidate", "baseline", "µs/call", "ratio", "added µs", "95% CI added"],
+        figures,
+        align="<<>>>>",
+        caption=f"Median of {rounds} interleaved rounds; each pair compared within a round.",
+    )
+    return [Block("instrument", "Zero-code instrumentation (httpx)", [table])]
+
+
 # --- outage scenarios -----------------------------------------------------------------------
 
 
@@ -905,6 +962,19 @@ SECTIONS: list[Section] = [
         "hand-built guard) and `gateway_guard`; goals are judged on the gateway_guard rows, "
         "the others are for reference. `no outage` rows are the same apps measured before "
         "the upstream misbehaves. See bench/outage/__init__.py for every scenario.",
+    ),
+    Section(
+        "instrument",
+        "Zero-code instrumentation",
+        "overhead",
+        (6.0, 45.0),
+        run_instrument,
+        instrument_blocks,
+        ("instrument.other", "instrument.upstream"),
+        "bench/instrument.py. Plain `httpx.Client`s over `httpx.MockTransport` (no network) "
+        "with `gg.instrument(guard)` on or off: a call to another host against the same call "
+        "uninstrumented, and a call to the upstream's host against the same call through an "
+        "explicit `guard.client()`.",
     ),
     Section(
         "fleet",

@@ -34,6 +34,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_translations",
                 "_waiters",
                 "_matcher",
+                "_hosts",
                 "_fork",
                 "testing._clock",
                 "testing.upstream",
@@ -107,6 +108,10 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "django.decorators",
                 "django.views",
                 "django.middleware",
+                "_instrument",
+                "_instrument_httpx",
+                "_instrument_requests",
+                "_instrument_aiohttp",
             }
         ),
     ),

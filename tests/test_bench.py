@@ -212,6 +212,31 @@ def outage_rows(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
+def instrument_rows(quick: bool) -> list[dict[str, Any]]:
+    def row(name: str, baseline: str, ratio: float, added: float, goal: str | None) -> Any:
+        return {
+            "bench": "instrument",
+            "level": "client",
+            "candidate": name,
+            "baseline": baseline,
+            "us_per_call": 90.0 * ratio,
+            "ratio": ratio,
+            "ratio_ci": (ratio, ratio),
+            "added_us": added,
+            "added_ci": (added, added),
+            "goal": goal,
+            "goal_met": None if goal is None else True,
+            "rounds": 31,
+        }
+
+    return [
+        row("bare, other host", "bare, other host", 1.0, 0.0, None),
+        row("instrumented, other host", "bare, other host", 1.003, 0.3, "≤ 0.5 µs added"),
+        row("explicit guard.client()", "explicit guard.client()", 1.0, 0.0, None),
+        row("instrumented, upstream host", "explicit guard.client()", 1.004, 0.5, "≤ 1.01x"),
+    ]
+
+
 def fleet_rows(quick: bool) -> list[dict[str, Any]]:
     def row(figure: str, value: float, goal: str, met: bool) -> dict[str, Any]:
         return {"figure": figure, "value": value, "detail": "", "goal": goal, "goal_met": met}
@@ -253,6 +278,7 @@ STUBS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "middleware": middleware_rows,
     "breaker": breaker_rows,
     "outage": outage_rows,
+    "instrument": instrument_rows,
     "fleet": fleet_rows,
     "limiter": limiter_rows,
     "render": render_rows,
@@ -303,7 +329,7 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     for goal in run_all.GOALS:
         assert f"| {goal.text} |" in summary, goal.id
     assert "not measured" not in summary.split("|", 1)[1]
-    assert "23 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
+    assert "25 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
     assert (
         "|  | 50% 503s / tenacity: upstream calls / request = 1.50 | 3.0 | reference |" in summary
     )
@@ -323,13 +349,16 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     )
     assert "| gateway_guard | 9.50 | +2.50 | -0.10 to +3.20 | 1.357x | ≤ 3 µs added | met |" in doc
     assert "| purgatory | ? | with breaker: pass (sync) | not installed (purgatory) |" in doc
-    assert doc.count("#### Notes") == 8 + len({r["scenario"] for r in outage_rows(True)})
+    # One Notes block per section, but the outage section has one per scenario instead.
+    scenarios = len({r["scenario"] for r in outage_rows(True)})
+    assert doc.count("#### Notes") == len(STUBS) - 1 + scenarios
 
     data = json.loads(output.with_suffix(".json").read_text(encoding="utf-8"))
     assert data["quick"] is True
     assert [s["key"] for s in data["sections"]] == list(STUBS)
-    assert data["sections"][5]["rows"][:-1] == outage_rows(True)[:-1]
-    assert data["sections"][5]["rows"][-1]["value"] == "inf"  # strict JSON has no Infinity
+    outage = list(STUBS).index("outage")
+    assert data["sections"][outage]["rows"][:-1] == outage_rows(True)[:-1]
+    assert data["sections"][outage]["rows"][-1]["value"] == "inf"  # strict JSON has no Infinity
     recovery = next(line for line in summary.splitlines() if line.startswith("| recovery"))
     assert f"| {RECOVERY} / gateway_guard: recovery s = 3.60 |" in recovery
     assert "| plain | recovery s (not yet) | inf |  |  |" in doc

@@ -48,6 +48,9 @@ NOT_IMPORTED_ON_PURPOSE = {
     "uvicorn",
 }
 
+# Instrumentation of optional clients, imported only by gg.instrument(clients=...).
+ADAPTER_EXTRAS.update({"_instrument_requests.py": "requests", "_instrument_aiohttp.py": "aiohttp"})
+
 
 def _requirement_name(spec: str) -> str:
     match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec)

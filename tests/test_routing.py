@@ -82,7 +82,29 @@ def test_hostile_paths_do_not_match_by_accident() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "x", "/a/{", "/a/}", "/a/{1x}", "/a/{x:nope}", "/{x}/{x}", "/{p:path}/x", "/a\nb"]
+    "bad",
+    [
+        "",
+        "x/{id}",
+        "/a/{",
+        "/a/}",
+        "/a/{1x}",
+        "/a/{x:nope}",
+        "/{x}/{x}",
+        "/{p:path}/x",
+        "/a\nb",
+        "/a/<",
+        "/a/<int:x",
+        "/a/<x>>",
+        "/a/{x}/<y>",
+        "/a/<str:x>/<float:y>",
+        "/a/<string(length=2):x>",
+        "/a/<any(a,b):x>",
+        "/a/<slug:x>/<x>",
+        "/<path:p>/edit",
+        "orders/<float:x>/",
+        "/a/<hex:x>",
+    ],
 )
 def test_bad_templates(bad: str) -> None:
     with pytest.raises(RouteTemplateError):
@@ -96,7 +118,8 @@ def test_bad_templates(bad: str) -> None:
     )
 )
 def test_any_literal_path_matches_itself_only(segment: str) -> None:
-    literal = "/" + segment.replace("{", "").replace("}", "")
+    # Brackets make parameters (or are refused); nothing else is special.
+    literal = "/" + "".join(c for c in segment if c not in "{}<>")
     rx = re.compile(parse_template(literal), re.DOTALL)
     assert rx.fullmatch(literal)
     assert not rx.fullmatch(literal + "x")

@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from . import events as events
+from ._instrument import instrument, uninstrument
 from .asgi import GatewayGuardMiddleware
 from .breaker import BreakerSnapshot, BreakerState, CircuitBreaker, Transition
 from .context import RequestContext, current_context, current_guard
@@ -60,5 +61,7 @@ __all__ = [
     "__version__",
     "current_context",
     "current_guard",
+    "instrument",
     "load_settings",
+    "uninstrument",
 ]

@@ -18,6 +18,7 @@ __all__ = [
     "BreakerSettings",
     "BulkheadSettings",
     "CallSettings",
+    "InstrumentedClient",
     "MetricsSettings",
     "Priority",
     "RetrySettings",
@@ -49,6 +50,7 @@ MAX_BUFFER_BODY_BYTES: Final = 64 * 1024 * 1024
 MAX_CONCURRENT: Final = 1_000_000
 HttpMethod = Annotated[str, Field(pattern=r"^[A-Za-z]+$", max_length=32)]
 Priority = Literal["critical", "normal", "sheddable"]
+InstrumentedClient = Literal["httpx", "requests", "aiohttp"]
 WindowKind = Literal["count", "time"]
 StateBackend = Literal["local", "redis"]
 # The store's Redis timeouts: bounded because a request never waits on them, but a probe
@@ -189,6 +191,11 @@ class UpstreamSettings(CallSettings):
     """``[upstreams.NAME]``: one upstream; any ``defaults`` key may be overridden."""
 
     base_url: str | None = Field(None, description="http(s) URL the clients are based on.")
+    match: list[str] = Field(
+        [],
+        description="Extra hosts whose calls belong to this upstream under instrumentation: "
+        '"payments.internal", "*.payments.internal:8443".',
+    )
 
 
 class RouteSettings(SettingsModel):
@@ -284,6 +291,11 @@ class Settings(SettingsModel):
     upstreams: dict[str, UpstreamSettings] = {}
     shed: ShedSettings = ShedSettings()
     routes: list[RouteSettings] = []
+    instrument: list[InstrumentedClient] = Field(
+        [],
+        description="HTTP client libraries whose calls to an upstream's hosts are guarded "
+        "without code changes (empty: nothing is patched).",
+    )
     state: StateSettings = StateSettings()
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()

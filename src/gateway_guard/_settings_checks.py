@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ._hosts import HostConflict, HostMap, parse_pattern
 from ._languages import check_languages
 from ._schema import CallSettings, RouteSettings, Settings, SettingsModel, ShedSettings
 from ._settings_errors import show
@@ -79,6 +80,34 @@ def _shadowed_by(routes: list[RouteSettings], i: int) -> int | None:
     return None
 
 
+def _check_hosts(settings: Settings, problems: list[SettingsProblem]) -> None:
+    """``upstreams.NAME.match`` patterns parse, and no two upstreams claim one host."""
+    valid: dict[str, tuple[str | None, list[str]]] = {}
+    for name, upstream in settings.upstreams.items():
+        patterns = []
+        for i, text in enumerate(upstream.match):
+            try:
+                parse_pattern(text)
+            except ValueError as exc:
+                problems.append(SettingsProblem(f"upstreams.{name}.match.{i}", str(exc)))
+            else:
+                patterns.append(text)
+        base_url = upstream.base_url
+        if base_url is not None and _url_problem(base_url, allow_path=False):
+            base_url = None  # reported by its own check
+        valid[name] = (base_url, patterns)
+    try:
+        HostMap(valid)
+    except HostConflict as exc:
+        problems.append(
+            SettingsProblem(
+                f"upstreams.{exc.second}.{exc.key}",
+                f"{exc.what} already belongs to upstream {exc.first!r}: a URL must "
+                "belong to one upstream at most",
+            )
+        )
+
+
 def check_settings(settings: Settings) -> list[SettingsProblem]:
     """Checks that span several keys or need more than a type (run after validation)."""
     problems: list[SettingsProblem] = []
@@ -126,6 +155,7 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
             add(f"{where}.base_url", why)
         _check_call(merge_call(settings.defaults, upstream), where, problems, owner=upstream)
 
+    _check_hosts(settings, problems)
     _check_shed(settings.shed, "shed", problems)
     for i, pattern in enumerate(settings.shed.exempt):
         try:

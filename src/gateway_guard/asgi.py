@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+from ._instrument import apply_settings
 from .context import reset_context, set_context
 from .guard import Guard
 from .inbound import (
@@ -52,6 +53,7 @@ class GatewayGuardMiddleware:
             raise TypeError("give GatewayGuardMiddleware either guard= or settings=, not both")
         self.app = app
         self.guard = guard if guard is not None else Guard(settings)
+        apply_settings(self.guard)  # the `instrument` setting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import os
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
@@ -54,8 +55,11 @@ try:
         GatewayTimeout,
         HTTPException,
         InternalServerError,
+        MethodNotAllowed,
+        NotFound,
         ServiceUnavailable,
     )
+    from werkzeug.routing import RequestRedirect
     from werkzeug.wrappers import Response
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -76,7 +80,7 @@ from .inbound import (
     view_policy,
 )
 from .render import RenderedError
-from .routing import Route
+from .routing import Route, unmatched_routes
 from .settings import Settings, SettingsSource
 from .wsgi import GatewayGuardWSGI
 
@@ -95,6 +99,8 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+logger = logging.getLogger("gateway_guard")
 
 #: The key of the per-app state in ``app.extensions``.
 EXTENSION_KEY: Final = "gateway_guard"
@@ -226,11 +232,12 @@ class GatewayGuardState:
     cached here too, so each app compiles its own against its own settings.
     """
 
-    __slots__ = ("__weakref__", "_policies", "guard")
+    __slots__ = ("__weakref__", "_policies", "guard", "routes_checked")
 
     def __init__(self, guard: Guard) -> None:
         self.guard = guard
         self._policies: dict[tuple[_PolicySpec, str], Route] = {}
+        self.routes_checked = False
 
     def __repr__(self) -> str:
         return f"<GatewayGuardState {self.guard!r}>"
@@ -342,6 +349,8 @@ class GatewayGuard:
                 app.register_error_handler(exc_class, _handle_gateway_error)
         app.extensions[EXTENSION_KEY] = state
         self._states.add(state)
+        if state.guard.policies.routes.routes:
+            _check_routes_on_first_request(app, state)
 
     def _make_guard(self, app: Flask, settings: SettingsSource, guard: Guard | None) -> Guard:
         if guard is not None:
@@ -420,13 +429,18 @@ class GatewayGuard:
         current app) now; returns how many. Call it at the end of an app factory that
         registers blueprints after ``init_app``, so a bad policy fails at startup.
 
-        Raises :class:`~gateway_guard.SettingsError` listing every problem found.
+        Raises :class:`~gateway_guard.SettingsError` listing every problem found. Also logs
+        a warning for each ``[[routes]]`` entry that matches none of the app's URL rules
+        (otherwise logged on the first request).
         """
         if app is None:
             if not has_app_context():
                 raise RuntimeError("validate_policies() needs an app or an app context")
             app = current_app
-        return _validate(app, _state(app))
+        state = _state(app)
+        count = _validate(app, state)
+        _check_routes(app, state)
+        return count
 
 
 def _exclusive(settings: SettingsSource, guard: Guard | None, where: str) -> None:
@@ -449,6 +463,56 @@ def _validate(app: Flask, state: GatewayGuardState) -> int:
     if problems:
         raise SettingsError(problems)
     return count
+
+
+# --- [[routes]] that match none of the app's rules -----------------------------------------
+
+
+def _check_routes_on_first_request(app: Flask, state: GatewayGuardState) -> None:
+    # Views are usually registered after init_app, so the check waits for the first
+    # request, when the url_map is whole; then the hook takes itself out, so later
+    # requests pay nothing. Flask iterates the list it read, so replacing it is safe.
+    def check_once() -> None:
+        funcs = app.before_request_funcs.get(None, [])
+        app.before_request_funcs[None] = [f for f in funcs if f is not check_once]
+        _check_routes(app, state)
+
+    app.before_request(check_once)
+
+
+def _check_routes(app: Flask, state: GatewayGuardState) -> list[str]:
+    """Log (and return) a warning for each ``[[routes]]`` entry that matches none of
+    ``app``'s URL rules; each names its key path. Runs once per app."""
+    if state.routes_checked:
+        return []
+    state.routes_checked = True
+    routes = state.guard.policies.routes.routes
+    try:
+        adapter = app.url_map.bind("localhost")
+        templates = [rule.rule for rule in app.url_map.iter_rules()]
+    except Exception:  # host matching, subdomains: not ours to judge
+        return []
+
+    def matches(path: str) -> bool:
+        try:
+            adapter.match(path)
+        except MethodNotAllowed:
+            return True
+        except (NotFound, RequestRedirect):
+            return False
+        except Exception:
+            return True  # stay quiet rather than warn wrongly
+        return True
+
+    warnings = [
+        f"routes.{route.index}.path: {route.pattern!r} matches none of Flask app "
+        f"{app.name!r}'s URL rules, so its deadline, shedding and depends_on never apply "
+        "(write it as the rule is written: /checkout/<path:rest>)"
+        for route in unmatched_routes(routes, matches, templates)
+    ]
+    for warning in warnings:
+        logger.warning("gateway_guard settings: %s", warning)
+    return warnings
 
 
 # --- per-view policies at request time ----------------------------------------------------

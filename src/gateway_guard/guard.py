@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import httpx
 
 from ._bulkhead import Limiter, TokenLimiter, bulkhead
+from ._hosts import HostMap
 from ._shedding import InboundShedding
 from .breaker import BreakerState, CircuitBreaker, Transition
 from .errors import UpstreamError
@@ -145,6 +146,10 @@ class Guard:
         # Built now, not on the first error: a broken template shows up at startup
         # (renderer.template_problems) and the first outage pays no compile cost.
         self.renderer = ErrorRenderer(self.settings)
+        # Which upstream a URL belongs to, for instrumentation and error logs.
+        self.hosts = HostMap(
+            {name: (up.base_url, up.match) for name, up in self.settings.upstreams.items()}
+        )
         self.shedding = InboundShedding.from_policies(
             self.policies.shed,
             {route.index: route.shed for route in self.policies.routes.routes},
@@ -278,6 +283,12 @@ class Guard:
     @property
     def upstreams(self) -> tuple[str, ...]:
         return tuple(self._upstreams)
+
+    def upstream_for_url(self, url: str) -> str | None:
+        """The upstream an absolute URL belongs to (its ``base_url`` host and port, or one
+        of its ``match`` patterns), or None: ``"http://payments.internal:8080/x"`` gives
+        ``"payments"``. Time linear in the host; no regular expression reads the URL."""
+        return self.hosts.lookup_url(url)
 
     # --- httpx ---------------------------------------------------------------------------
 

@@ -8,15 +8,18 @@ and nothing is ever stored per raw path: the table's size is fixed by the settin
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from ._matcher import (
+    Syntax,
     TemplateSyntaxError,
     Token,
     match_segment,
     needs_check,
+    parse,
+    samples,
     segment_regex,
     token_regex,
     tokenize,
@@ -43,7 +46,9 @@ def parse_template(template: str) -> str:
     """Return the regular expression (without anchors) for a route template.
 
     ``/orders/{id}`` matches one segment, ``{id:int}`` digits, ``{rest:path}`` anything
-    including slashes (only as the last parameter). Raises :class:`RouteTemplateError`.
+    including slashes (only as the last parameter); Werkzeug's ``<int:id>`` and Django's
+    ``orders/<slug:x>/`` mean what their frameworks mean (see _matcher). Raises
+    :class:`RouteTemplateError`.
     This is the meaning of a template; the route table matches it without backtracking.
     """
     return token_regex(_tokens(template))
@@ -60,31 +65,37 @@ class _Check:
     """The exact test of a template some of whose segments the joined expression only
     approximates (see _matcher): run after that expression matched, on the path's segments."""
 
-    __slots__ = ("_last", "_parts", "_segments")
+    __slots__ = ("_parts", "_segments", "_strip")
 
-    def __init__(self, segments: list[list[Token]]) -> None:
+    def __init__(self, segments: list[list[Token]], strip: bool) -> None:
         self._segments = [(i, seg) for i, seg in enumerate(segments) if needs_check(seg)]
         self._parts = len(segments) - 1
-        self._last = self._parts
+        self._strip = strip
 
     def __call__(self, path: str) -> bool:
         # The joined expression matched, so the path has the template's slashes where the
-        # template has them; a trailing path parameter's segment runs to the first slash.
+        # template has them (after the leading ones Werkzeug ignores); a trailing path
+        # parameter's segment runs to the end.
+        if self._strip:
+            path = "/" + path.lstrip("/")
         parts = path.split("/", self._parts)
-        for i, segment in self._segments:
-            seg = parts[i]
-            if i == self._last:
-                seg = seg.partition("/")[0]
-            if not match_segment(segment, seg):
-                return False
-        return True
+        return all(match_segment(segment, parts[i]) for i, segment in self._segments)
 
 
 def _compile(template: str) -> tuple[str, _Check | None]:
     """The template's part of a joined expression, and the check that makes it exact."""
-    segments = _split(_tokens(template))
+    try:
+        syntax, tokens = parse(template)
+    except TemplateSyntaxError as exc:
+        raise RouteTemplateError(str(exc)) from None
+    segments = _split(tokens)
     rx = "/".join(segment_regex(seg) for seg in segments)
-    return rx, (_Check(segments) if any(needs_check(seg) for seg in segments) else None)
+    strip = syntax == "werkzeug"
+    if strip:
+        # Werkzeug matches the path with its leading slashes made one ("//orders/1" is
+        # "/orders/1"). No segment's expression can start with "/", so "/+" cannot backtrack.
+        rx = "/+" + rx.removeprefix("/")
+    return rx, (_Check(segments, strip) if any(needs_check(seg) for seg in segments) else None)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -203,3 +214,43 @@ class RouteTable:
 
     def __len__(self) -> int:
         return len(self.routes)
+
+
+def template_syntax(template: str) -> Syntax:
+    """Which framework's syntax a valid template is read in ("starlette" when it has no
+    parameters: all three read those alike). Raises :class:`RouteTemplateError`."""
+    try:
+        return parse(template)[0]
+    except TemplateSyntaxError as exc:
+        raise RouteTemplateError(str(exc)) from None
+
+
+def sample_paths(template: str) -> list[str]:
+    """A few concrete paths the template matches (``/orders/<int:id>`` gives
+    ``/orders/1``). Raises :class:`RouteTemplateError`."""
+    return samples(_tokens(template))
+
+
+def unmatched_routes(
+    routes: Sequence[Route], app_matches: Callable[[str], bool], app_templates: Iterable[str]
+) -> list[Route]:
+    """The routes that match none of an app's URL patterns, for the adapters' startup
+    warnings. ``app_matches(path)`` asks the app's own router (Flask's url_map, Django's
+    resolver); ``app_templates`` are its patterns, read here as templates where they parse,
+    so that a broad route (``/api/{rest:path}``) is found covering ``/api/orders/<int:id>``.
+    Methods are not compared: a path the app serves under some method counts."""
+    app_paths: list[str] = []
+    for template in app_templates:
+        try:
+            app_paths.extend(sample_paths(template))
+        except RouteTemplateError:
+            continue  # a custom converter or a regex pattern: app_matches still covers it
+    out: list[Route] = []
+    for route in routes:
+        if any(app_matches(path) for path in sample_paths(route.pattern)):
+            continue
+        table = RouteTable([Route(index=0, pattern=route.pattern, name=route.name)])
+        if any(table.resolve("GET", path)[1] is not None for path in app_paths):
+            continue
+        out.append(route)
+    return out

@@ -16,6 +16,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
+from ._instrument import apply_settings
 from .context import RequestContext, reset_context, set_context
 from .errors import UpstreamError
 from .guard import Guard
@@ -54,6 +55,7 @@ class GatewayGuardWSGI:
             raise TypeError("give GatewayGuardWSGI either guard= or settings=, not both")
         self.app = app
         self.guard = guard if guard is not None else Guard(settings)
+        apply_settings(self.guard)  # the `instrument` setting
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")

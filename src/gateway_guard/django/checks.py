@@ -15,6 +15,9 @@ gateway_guard.W002     warning  GatewayGuardMiddleware comes after middleware th
                                 below it
 gateway_guard.W003     warning  ``debug`` is on while Django's DEBUG is off
 gateway_guard.W004     warning  the brand template cannot be used (the built-in page is)
+gateway_guard.W011     warning  a ``[[routes]]`` entry matches none of the URLconf's patterns
+gateway_guard.W012     warning  a ``[[routes]]`` path is read in Werkzeug's syntax, which a
+                                Django project would write differently
 =====================  =======  ==========================================================
 
 All are tagged ``gateway_guard`` (``manage.py check --tag gateway_guard``). Registered in
@@ -25,20 +28,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from django.apps import AppConfig
 from django.conf import settings
 from django.core import checks
 from django.core.checks import CheckMessage
-from django.urls import get_resolver
+from django.urls import Resolver404, URLResolver, get_resolver
+from django.urls.resolvers import RoutePattern
 from django.utils.module_loading import import_string
 
 from gateway_guard._settings_load import ENV_PREFIX
 from gateway_guard.asgi import GatewayGuardMiddleware as ASGIMiddleware
 from gateway_guard.errors import SettingsError
 from gateway_guard.guard import Guard
+from gateway_guard.routing import template_syntax, unmatched_routes
 from gateway_guard.settings import Settings
 from gateway_guard.wsgi import GatewayGuardWSGI
 
@@ -217,7 +222,72 @@ def check_view_policies(
     return errors
 
 
-CHECKS = (check_settings, check_middleware, check_view_policies)
+def check_routes(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W011, W012: each ``[[routes]]`` path matches some URL pattern, read as Django reads it."""
+    try:
+        guard = get_guard()
+    except SettingsError:
+        return []  # E001 / E002 say why
+    routes = guard.policies.routes.routes
+    if not routes or not getattr(settings, "ROOT_URLCONF", None):
+        return []
+    try:
+        resolver = get_resolver()
+        templates = list(_url_templates(resolver.url_patterns, ""))
+    except Exception:  # a broken URLconf is reported by Django's own checks
+        return []
+
+    def matches(path: str) -> bool:
+        try:
+            resolver.resolve(path)
+        except Resolver404:
+            return False
+        except Exception:
+            return True  # not ours to judge: stay quiet rather than warn wrongly
+        return True
+
+    messages: list[CheckMessage] = []
+    for route in routes:
+        if template_syntax(route.pattern) == "werkzeug":
+            messages.append(
+                checks.Warning(
+                    f"{SETTING}: routes.{route.index}.path: {route.pattern!r} is read in "
+                    "Werkzeug's (Flask's) syntax, whose int, uuid and path converters differ "
+                    "from Django's on edge cases.",
+                    hint=f"Write it as in urls.py, without the leading slash: "
+                    f"{route.pattern.lstrip('/')!r} (see {SETTINGS_DOC}#route-templates).",
+                    id="gateway_guard.W012",
+                )
+            )
+    messages.extend(
+        checks.Warning(
+            f"{SETTING}: routes.{route.index}.path: {route.pattern!r} matches none of the "
+            "URL patterns, so its deadline, shedding and depends_on never apply.",
+            hint=f"Write the path of a URL pattern, as in urls.py: 'orders/<int:id>/' "
+            f"(see {SETTINGS_DOC}#route-templates).",
+            id="gateway_guard.W011",
+        )
+        for route in unmatched_routes(routes, matches, templates)
+    )
+    return messages
+
+
+def _url_templates(patterns: Sequence[Any], prefix: str) -> Iterator[str]:
+    # Only path() patterns read as templates; re_path() ones are still found by resolve().
+    for entry in patterns:
+        pattern = entry.pattern
+        if not isinstance(pattern, RoutePattern):
+            continue
+        route = prefix + str(pattern)
+        if isinstance(entry, URLResolver):
+            yield from _url_templates(entry.url_patterns, route)
+        else:
+            yield "/" + route
+
+
+CHECKS = (check_settings, check_middleware, check_view_policies, check_routes)
 
 
 def _resolve(path: str) -> object:

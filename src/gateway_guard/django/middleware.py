@@ -23,6 +23,7 @@ from django.core.signals import got_request_exception
 from django.http import HttpRequest, HttpResponse
 from django.http.response import HttpResponseBase
 
+from gateway_guard._instrument import apply_settings
 from gateway_guard.context import RequestContext, get_context, reset_context, set_context
 from gateway_guard.errors import UpstreamError
 from gateway_guard.inbound import (
@@ -85,8 +86,8 @@ class GatewayGuardMiddleware:
         if self.async_mode:
             markcoroutinefunction(self)
         # Django loads middleware at startup: invalid settings stop the server here rather
-        # than turning the first request into a 500.
-        get_guard()
+        # than turning the first request into a 500. The `instrument` setting applies here.
+        apply_settings(get_guard())
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self.async_mode:

@@ -1,0 +1,289 @@
+"""Zero-code instrumentation: gg.instrument / gg.uninstrument, and the httpx seam.
+
+Unit tests script the upstream with httpx.MockTransport (the SDK-like client's own
+transport); tests/test_e2e_instrument.py runs real servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+import gateway_guard as gg
+from gateway_guard._instrument import apply_settings, instrumented
+
+SETTINGS = {
+    "service": "shop",
+    "defaults": {"retry": {"attempts": 3, "backoff_initial": 0.0, "jitter": False}},
+    "upstreams": {
+        "payments": {"base_url": "http://payments.internal:8080", "match": ["*.pay.test"]},
+        "other": {"base_url": "http://other.internal"},
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _clean() -> Iterator[None]:
+    gg.uninstrument()
+    yield
+    gg.uninstrument()
+
+
+class Upstream:
+    """A MockTransport handler that answers ``status`` and counts what it saw."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.status = status
+        self.seen: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(request)
+        return httpx.Response(self.status, text="hello")
+
+
+class SDK:
+    """What a third-party SDK does: build its own httpx.Client, its own transport."""
+
+    def __init__(self, base_url: str, handler: Upstream) -> None:
+        self.http = httpx.Client(base_url=base_url, transport=httpx.MockTransport(handler))
+
+    def charge(self, method: str = "GET", **kwargs: Any) -> httpx.Response:
+        return self.http.request(method, "/charges", **kwargs)
+
+
+def test_uninstrument_restores_exactly_and_instrument_is_idempotent() -> None:
+    before = (
+        httpx.Client.__dict__["_transport_for_url"],
+        httpx.AsyncClient.__dict__["_transport_for_url"],
+    )
+    guard = gg.Guard(SETTINGS)
+    gg.instrument(guard, clients=("httpx",))
+    patched = httpx.Client.__dict__["_transport_for_url"]
+    assert patched is not before[0]
+    gg.instrument(guard, clients=["httpx"])
+    assert httpx.Client.__dict__["_transport_for_url"] is patched
+    assert instrumented() == (guard, ("httpx",))
+    gg.uninstrument()
+    gg.uninstrument()
+    after = (
+        httpx.Client.__dict__["_transport_for_url"],
+        httpx.AsyncClient.__dict__["_transport_for_url"],
+    )
+    assert after == before
+    assert instrumented() == (None, ())
+
+
+def test_unknown_client_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown client 'urllib' to instrument"):
+        gg.instrument(gg.Guard(SETTINGS), clients=("urllib",))
+
+
+def test_a_call_to_an_upstream_host_is_guarded() -> None:
+    guard = gg.Guard(SETTINGS)
+    handler = Upstream(503)
+    sdk = SDK("http://payments.internal:8080", handler)
+    assert sdk.charge().status_code == 503  # not instrumented: the SDK's own answer
+    assert len(handler.seen) == 1
+    handler.seen.clear()
+    gg.instrument(guard, clients=("httpx",))
+    with pytest.raises(gg.UpstreamStatusError) as info:
+        sdk.charge()
+    assert info.value.upstream == "payments"
+    assert len(handler.seen) == 3  # retried by the payments policy
+
+
+def test_a_post_without_idempotency_key_is_sent_once() -> None:
+    gg.instrument(gg.Guard(SETTINGS), clients=("httpx",))
+    handler = Upstream(503)
+    with pytest.raises(gg.UpstreamStatusError):
+        SDK("http://payments.internal:8080", handler).charge("POST", json={"amount": 1})
+    assert len(handler.seen) == 1
+
+
+def test_match_patterns_and_other_hosts() -> None:
+    gg.instrument(gg.Guard(SETTINGS), clients=("httpx",))
+    handler = Upstream(503)
+    with pytest.raises(gg.UpstreamStatusError):
+        SDK("https://eu.pay.test", handler).charge()
+    handler.seen.clear()
+    # Another host, and the upstream's host on another port: untouched.
+    assert SDK("https://example.com", handler).charge().status_code == 503
+    assert SDK("http://payments.internal:9999", handler).charge().status_code == 503
+    assert len(handler.seen) == 2
+
+
+def test_an_explicitly_guarded_client_is_not_guarded_twice() -> None:
+    guard = gg.Guard(SETTINGS)
+    gg.instrument(guard, clients=("httpx",))
+    handler = Upstream(503)
+    client = guard.client("payments", transport=httpx.MockTransport(handler))
+    with client, pytest.raises(gg.UpstreamStatusError):
+        client.get("/charges")
+    assert len(handler.seen) == 3  # not 9
+
+
+def test_async_clients_are_guarded() -> None:
+    gg.instrument(gg.Guard(SETTINGS), clients=("httpx",))
+    handler = Upstream(503)
+
+    async def main() -> None:
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport) as client:
+            with pytest.raises(gg.UpstreamStatusError):
+                await client.get("http://payments.internal:8080/charges")
+            assert (await client.get("http://example.com/")).status_code == 503
+
+    asyncio.run(main())
+    assert len(handler.seen) == 4
+
+
+def test_the_last_guard_instrumented_wins() -> None:
+    first, second = gg.Guard(SETTINGS), gg.Guard(SETTINGS)
+    gg.instrument(first, clients=("httpx",))
+    gg.instrument(second, clients=("httpx",))
+    with pytest.raises(gg.UpstreamStatusError):
+        SDK("http://payments.internal:8080", Upstream(503)).charge()
+    assert second.breaker("payments").snapshot().calls == 1
+    assert first.breaker("payments").snapshot().calls == 0
+
+
+def test_the_setting_applies_when_a_middleware_is_created() -> None:
+    guard = gg.Guard({**SETTINGS, "instrument": ["httpx"]})
+    assert instrumented() == (None, ())
+    gg.GatewayGuardWSGI(lambda environ, start_response: [], guard=guard)
+    assert instrumented() == (guard, ("httpx",))
+    gg.uninstrument()
+    apply_settings(gg.Guard(SETTINGS))  # instrument = [] (the default): nothing patched
+    assert instrumented() == (None, ())
+
+
+def test_the_setting_is_validated() -> None:
+    with pytest.raises(gg.SettingsError, match="instrument.0"):
+        gg.Guard({"instrument": ["urllib"]})
+
+
+# --- OpenTelemetry and Sentry, in either order ----------------------------------------------
+
+
+def _run(script: str) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+STACKED = """
+import json, threading, httpx, gateway_guard as gg
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+hits = []
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        hits.append((self.headers.get("traceparent"), self.headers.get("sentry-trace")))
+        self.send_response(503); self.send_header("content-length", "0"); self.end_headers()
+    def log_message(self, *a): pass
+server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+port = server.server_address[1]
+guard = gg.Guard({{"defaults": {{"retry": {{"attempts": 3, "backoff_initial": 0.0}}}},
+                  "upstreams": {{"up": {{"base_url": f"http://127.0.0.1:{{port}}"}}}}}})
+
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+import sentry_sdk
+from sentry_sdk.integrations.httpx import HttpxIntegration
+events = []
+
+def otel(): HTTPXClientInstrumentor().instrument(tracer_provider=provider)
+def sentry():
+    sentry_sdk.init(dsn="https://key@sentry.invalid/1", integrations=[HttpxIntegration()],
+                    default_integrations=False, traces_sample_rate=1.0,
+                    transport=lambda envelope: events.append(envelope))
+def ours(): gg.instrument(guard, clients=("httpx",))
+
+for step in {order}:
+    globals()[step]()
+
+def call():
+    with httpx.Client() as client:
+        try:
+            client.get(f"http://127.0.0.1:{{port}}/x")
+        except gg.UpstreamStatusError as exc:
+            return exc.attempts
+    return None
+
+with sentry_sdk.start_span(name="t"):
+    attempts = call()
+# Another host: passes untouched (the bare 503 comes back, not an exception).
+other = httpx.get(f"http://localhost:{{port}}/y").status_code
+spans = [s.name for s in exporter.get_finished_spans()]
+print(json.dumps({{"attempts": attempts, "hits": len(hits), "other": other,
+                  "spans": len(spans), "traceparents": sum(1 for t, _ in hits if t),
+                  "sentry": sum(1 for _, s in hits if s)}}))
+gg.uninstrument()
+HTTPXClientInstrumentor().uninstrument()
+server.shutdown()
+"""
+
+
+@pytest.mark.parametrize(
+    "order",
+    [
+        ["otel", "sentry", "ours"],
+        ["ours", "otel", "sentry"],
+        ["sentry", "ours", "otel"],
+    ],
+)
+def test_works_with_opentelemetry_and_sentry_in_any_order(order: list[str]) -> None:
+    import json
+
+    pytest.importorskip("opentelemetry.instrumentation.httpx")
+    pytest.importorskip("sentry_sdk")
+    result = json.loads(_run(textwrap.dedent(STACKED.format(order=order))).splitlines()[-1])
+    # Guarded once: three attempts reached the server, then the status error.
+    assert result["attempts"] == 3
+    assert result["hits"] == 4  # 3 guarded attempts + 1 call to the other host
+    assert result["other"] == 503
+    # OpenTelemetry saw the calls (a span per attempt, or per guarded call when it was
+    # installed after us) and propagated its trace to each request that reached the server.
+    assert result["spans"] >= 2
+    assert result["traceparents"] == 4
+    # Sentry's integration ran too: it put its trace header on the guarded call's requests.
+    assert result["sentry"] >= 3
+
+
+def test_the_setting_applies_when_django_loads_the_middleware() -> None:
+    from django.http import HttpRequest, HttpResponse
+    from django.test import override_settings
+
+    import django_setup  # noqa: F401 - configures Django once for the process
+    from gateway_guard.django import GatewayGuardMiddleware, get_guard
+
+    def view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse()
+
+    with override_settings(GATEWAY_GUARD={**SETTINGS, "instrument": ["httpx"]}):
+        GatewayGuardMiddleware(view)
+        assert instrumented() == (get_guard(), ("httpx",))
