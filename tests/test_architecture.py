@@ -32,6 +32,9 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_waiters",
                 "_matcher",
                 "_fork",
+                "log",
+                "_sentry",
+                "_recent",
                 "testing._clock",
                 "testing.upstream",
             }
@@ -64,6 +67,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_call",
                 "inbound",
                 "inbound._admission",
+                "inbound._endpoints",
+                "inbound._ids",
                 "inbound._errors",
                 "inbound._response",
                 "inbound._start",
@@ -71,6 +76,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_bodies",
                 "_body_cache",
                 "_templates",
+                "_status",
+                "_status_page",
             }
         ),
     ),

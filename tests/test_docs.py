@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from gateway_guard import SettingsError
+from gateway_guard._schema import HealthSettings, StatusSettings
 from gateway_guard.policy import compile_policies
 from gateway_guard.settings import (
     BrandSettings,
@@ -51,6 +52,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "`[[routes]]`": RouteSettings,
     "Route `retry`": RetrySettings,
     "Route `shed`": ShedSettings,
+    "`[status]`": StatusSettings,
+    "`[health]`": HealthSettings,
 }
 
 _HEADING = re.compile(r"^(#{1,6}) +(.+?) *$")

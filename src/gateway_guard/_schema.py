@@ -18,12 +18,14 @@ __all__ = [
     "BreakerSettings",
     "BulkheadSettings",
     "CallSettings",
+    "HealthSettings",
     "Priority",
     "RetrySettings",
     "RouteSettings",
     "Settings",
     "SettingsModel",
     "ShedSettings",
+    "StatusSettings",
     "UpstreamSettings",
     "WindowKind",
 ]
@@ -206,6 +208,34 @@ class BrandSettings(SettingsModel):
     lang: str = Field("en", pattern=r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
 
 
+# A path the middleware serves itself: absolute, plain characters, no query or fragment.
+EndpointPath = Annotated[
+    str,
+    Field(
+        pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@%-][A-Za-z0-9._~!$&'()*+,;=:@%/-]*$", max_length=200
+    ),
+]
+
+
+class StatusSettings(SettingsModel):
+    """``[status]``: the operator's status page (docs/status-page.md)."""
+
+    path: EndpointPath | None = Field(None, description="Where it is served; unset: no page.")
+    token: str | None = Field(
+        None,
+        min_length=16,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Bearer token for actions, and for reads not from loopback.",
+    )
+
+
+class HealthSettings(SettingsModel):
+    """``[health]``: a liveness endpoint served by the middleware."""
+
+    path: EndpointPath | None = Field(None, description="Where it is served; unset: none.")
+
+
 class Settings(SettingsModel):
     """The whole gateway_guard configuration (DESIGN §2)."""
 
@@ -219,3 +249,5 @@ class Settings(SettingsModel):
     upstreams: dict[str, UpstreamSettings] = {}
     shed: ShedSettings = ShedSettings()
     routes: list[RouteSettings] = []
+    status: StatusSettings = StatusSettings()
+    health: HealthSettings = HealthSettings()

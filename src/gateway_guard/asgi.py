@@ -55,6 +55,14 @@ class GatewayGuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        endpoints = self.guard.endpoints
+        if endpoints is not None and endpoints.wants(scope["path"]):
+            client = scope.get("client")
+            answer = endpoints.serve(
+                scope["method"], scope["path"], scope["headers"], _read, client and client[0]
+            )
+            await _send_page(send, answer)
+            return
         # Only the two headers every request needs are looked for here; Accept matters
         # only to an error page, and is read from the scope when one is rendered.
         request_id = traceparent = None
@@ -65,6 +73,8 @@ class GatewayGuardMiddleware:
                 traceparent = value
         method = scope["method"]
         ctx = start(self.guard, method, scope["path"], request_id, traceparent)
+        if ctx.foreign_id is not None and ctx.foreign_id.pass_on:
+            scope = _with_request_id(scope, ctx.request_id)
         # The common case takes a free slot without creating a coroutine: -3,660 simulated
         # cycles a request (bench/middleware.py --cachegrind-only, 2026-12-07).
         if not try_admit(ctx):
@@ -124,6 +134,13 @@ def _read(headers: Iterable[tuple[bytes, bytes]], name: str) -> str | None:
         if field == key:
             return value.decode("latin-1")
     return None
+
+
+def _with_request_id(scope: Scope, request_id: str) -> Scope:
+    """A copy of ``scope`` whose request carries our id, for an id library inside us."""
+    headers = [(k, v) for k, v in scope["headers"] if k != _REQUEST_ID]
+    headers.append((_REQUEST_ID, request_id.encode()))
+    return {**scope, "headers": headers}
 
 
 def _accept(scope: Scope) -> str | None:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ._schema import Priority
     from .errors import CircuitOpenError
     from .guard import Guard
+    from .inbound._ids import ForeignId
     from .routing import Route
 
 __all__ = ["RequestContext", "current_context", "current_guard"]
@@ -47,13 +48,17 @@ class RequestContext:
         "blocked",
         "deadline_at",
         "exempt",
+        "foreign_id",
         "guard",
+        "method",
+        "path",
         "priority",
         "request_id",
         "route",
         "route_key",
         "started",
         "trace_id",
+        "upstream",
     )
 
     def __init__(
@@ -66,6 +71,8 @@ class RequestContext:
         started: float = 0.0,
         exempt: bool = False,
         blocked: CircuitOpenError | None = None,
+        method: str = "-",
+        path: str = "-",
     ) -> None:
         self.guard = guard
         self.request_id = request_id
@@ -90,6 +97,15 @@ class RequestContext:
             # The key of the route's own shedding limiter, when it has one.
             self.route_key = route.shed_key
         self._calls: list[CallRecord] | None = None
+        # For log lines and the status page: the raw path is only ever shown bounded and
+        # escaped (gateway_guard.log), never used as a key.
+        self.method = method
+        self.path = path
+        # The upstream this request is calling, or called last (log records' ``upstream``).
+        self.upstream: str | None = None
+        # Set when another library (asgi-correlation-id, django-guid) owns the request id:
+        # see gateway_guard.inbound._ids.
+        self.foreign_id: ForeignId | None = None
 
     @property
     def calls(self) -> list[CallRecord]:

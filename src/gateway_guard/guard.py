@@ -13,9 +13,11 @@ from typing import Any, ParamSpec, TypeVar
 import httpx
 
 from ._bulkhead import Limiter, TokenLimiter, bulkhead
+from ._recent import RecentErrors
 from ._shedding import InboundShedding
 from .breaker import BreakerState, CircuitBreaker
 from .errors import UpstreamError
+from .inbound._endpoints import Endpoints
 from .policy import CallPolicy, Policies, compile_policies, compile_view_policy
 from .render import ErrorRenderer
 from .retry import RetryBudget
@@ -107,6 +109,10 @@ class Guard:
         # Built now, not on the first error: a broken template shows up at startup
         # (renderer.template_problems) and the first outage pays no compile cost.
         self.renderer = ErrorRenderer(self.settings)
+        # What the status page remembers, and the paths the middleware answers itself
+        # ([status], [health]); None when unset, so a request only compares with None.
+        self.recent_errors = RecentErrors() if self.settings.status.path else None
+        self.endpoints = Endpoints.for_guard(self)
         self.shedding = InboundShedding.from_policies(
             self.policies.shed,
             {route.index: route.shed for route in self.policies.routes.routes},

@@ -59,6 +59,12 @@ class GatewayGuardWSGI:
         if not path.isascii():
             # PEP 3333 hands us the raw bytes as latin-1; routes are written in UTF-8.
             path = path.encode("latin-1").decode("utf-8", "replace")
+        endpoints = self.guard.endpoints
+        if endpoints is not None and endpoints.wants(path):
+            answer = endpoints.serve(
+                method, path, environ, _read_environ, environ.get("REMOTE_ADDR")
+            )
+            return _send_page(start_response, answer)
         ctx = start(
             self.guard,
             method,
@@ -66,6 +72,8 @@ class GatewayGuardWSGI:
             environ.get("HTTP_X_REQUEST_ID"),
             environ.get("HTTP_TRACEPARENT"),
         )
+        if ctx.foreign_id is not None and ctx.foreign_id.pass_on:
+            environ["HTTP_X_REQUEST_ID"] = ctx.request_id  # for an id library inside us
         accept = environ.get("HTTP_ACCEPT")
         refusal = admit(ctx)
         if refusal is not None:
@@ -86,6 +94,11 @@ class GatewayGuardWSGI:
 
 
 _REASONS = {
+    200: "OK",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
@@ -102,6 +115,11 @@ def _send_page(
     else:
         start_response(status, list(rendered.headers))
     return [rendered.body]
+
+
+def _read_environ(environ: dict[str, Any], name: str) -> str | None:
+    value = environ.get("HTTP_" + name.upper().replace("-", "_"))
+    return value if isinstance(value, str) else None
 
 
 def _read(headers: list[tuple[str, str]], name: str) -> str | None:

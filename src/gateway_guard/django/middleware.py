@@ -90,6 +90,9 @@ class GatewayGuardMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
         if self.async_mode:
             return self.__acall__(request)
+        served = _served(request)
+        if served is not None:
+            return served
         ctx = _context(request)
         refusal = admit(ctx)
         if refusal is not None:
@@ -103,6 +106,9 @@ class GatewayGuardMiddleware:
         return _finish(request, ctx, response)
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
+        served = _served(request)
+        if served is not None:
+            return served
         ctx = _context(request)
         # The common case takes a free slot without suspending.
         if not try_admit(ctx):
@@ -132,13 +138,45 @@ class GatewayGuardMiddleware:
 
 def _context(request: HttpRequest) -> RequestContext:
     meta = request.META
-    return start(
+    ctx = start(
         get_guard(),
         request.method or "GET",
         request.path_info,
         meta.get("HTTP_X_REQUEST_ID"),
         meta.get("HTTP_TRACEPARENT"),
     )
+    if ctx.foreign_id is not None and ctx.foreign_id.pass_on:
+        _pass_on(request, ctx.request_id)
+    return ctx
+
+
+def _pass_on(request: HttpRequest, request_id: str) -> None:
+    """Our id in the request, for an id library below us (django-guid reads its header)."""
+    meta = request.META
+    meta["HTTP_X_REQUEST_ID"] = request_id
+    config = sys.modules.get("django_guid.config")
+    name = getattr(getattr(config, "settings", None), "guid_header_name", None)
+    if isinstance(name, str):
+        meta["HTTP_" + name.upper().replace("-", "_")] = request_id
+    vars(request).pop("headers", None)  # a cached HttpRequest.headers would miss it
+
+
+def _meta_read(meta: dict[str, Any], name: str) -> str | None:
+    value = meta.get("HTTP_" + name.upper().replace("-", "_"))
+    return value if isinstance(value, str) else None
+
+
+def _served(request: HttpRequest) -> GatewayErrorResponse | None:
+    """The answer for a path the middleware serves itself (status page, health)."""
+    endpoints = get_guard().endpoints
+    path = request.path_info
+    if endpoints is None or not endpoints.wants(path):
+        return None
+    meta = request.META
+    answer = endpoints.serve(
+        request.method or "GET", path, meta, _meta_read, meta.get("REMOTE_ADDR")
+    )
+    return GatewayErrorResponse(answer)
 
 
 def _finish(

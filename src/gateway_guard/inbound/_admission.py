@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 from gateway_guard.breaker import BreakerState
 from gateway_guard.errors import CircuitOpenError, LoadShedError, UpstreamError
 
+from ._ids import forget
+
 if TYPE_CHECKING:
     from gateway_guard.context import RequestContext
     from gateway_guard.guard import Guard
@@ -96,3 +98,5 @@ def release(ctx: RequestContext) -> None:
     if ctx.admitted:
         ctx.admitted = False
         ctx.guard.shedding.release(ctx.route_key)
+    if ctx.foreign_id is not None:
+        forget(ctx.foreign_id)
