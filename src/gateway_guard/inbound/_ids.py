@@ -35,34 +35,50 @@ _modules = sys.modules
 
 
 class ForeignId:
-    """Another library's request id, as found when the request started."""
+    """The id libraries in use, as the request found them when it started."""
 
-    __slots__ = ("answers_header", "found", "outer", "pass_on", "var")
+    __slots__ = ("answers_header", "found", "outer", "pass_on")
 
-    def __init__(self, var: ContextVar[Any], found: object, answers_header: bool) -> None:
-        self.var = var
+    def __init__(
+        self, found: list[tuple[ContextVar[Any], object]], outer: str | None, answers: bool
+    ) -> None:
+        # Each library's context variable and its value when we started.
         self.found = found
-        # The outer library's id, when it set one we can use.
-        self.outer = valid_request_id(found) if isinstance(found, str) and found else None
-        self.answers_header = answers_header and self.outer is not None
+        # The outer library's id, when one set an id we can use.
+        self.outer = outer
+        self.answers_header = answers
         # Set by start(): the adapter hands our id to an inner library in the request.
         self.pass_on = False
 
 
 def foreign_id() -> ForeignId | None:
-    """The first id library in use, or None (the common case: two dict lookups)."""
-    for module_name, name, answers in _LIBRARIES:
+    """The id libraries in use, or None (the common case: two dict lookups)."""
+    found: list[tuple[ContextVar[Any], object]] | None = None
+    outer: str | None = None
+    answers = False
+    for module_name, name, answers_header in _LIBRARIES:
         module = _modules.get(module_name)
-        if module is not None:
-            var = getattr(module, name, None)
-            if isinstance(var, ContextVar):
-                return ForeignId(var, var.get(), answers)
-    return None
+        if module is None:
+            continue
+        var = getattr(module, name, None)
+        if not isinstance(var, ContextVar):
+            continue
+        value = var.get()
+        if found is None:
+            found = []
+        found.append((var, value))
+        if outer is None and isinstance(value, str) and value:
+            outer = valid_request_id(value)
+            answers = answers_header and outer is not None
+    if found is None:
+        return None
+    return ForeignId(found, outer, answers)
 
 
 def forget(foreign: ForeignId) -> None:
-    """Put an inner library's context variable back as the request found it."""
+    """Put inner libraries' context variables back as the request found them."""
     # Never let interop break a request's release.
     with contextlib.suppress(Exception):
-        if foreign.var.get() != foreign.found:
-            foreign.var.set(foreign.found)
+        for var, value in foreign.found:
+            if var.get() != value:
+                var.set(value)
