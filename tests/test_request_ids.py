@@ -131,9 +131,10 @@ OURS = "gateway_guard.django.GatewayGuardMiddleware"
 
 @contextmanager
 def _django(order: str, up: MisbehavingUpstream) -> Iterator[str]:
-    import django_setup  # noqa: F401 - configures Django once for the process
     from django.core.handlers.wsgi import WSGIHandler
     from django.test import override_settings
+
+    import django_setup  # noqa: F401 - configures Django once for the process
 
     stack = [GUID, OURS] if order == "theirs-outside" else [OURS, GUID]
     with override_settings(
@@ -143,9 +144,8 @@ def _django(order: str, up: MisbehavingUpstream) -> Iterator[str]:
         GATEWAY_GUARD={
             "upstreams": {"up": {"base_url": up.url, "retry": {"attempts": 1}}},
         },
-    ):
-        with serve_wsgi(WSGIHandler()) as url:
-            yield url
+    ), serve_wsgi(WSGIHandler()) as url:
+        yield url
 
 
 def _django_view(request: Any) -> Any:
