@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import io
 import json
 import logging
 import logging.config
@@ -361,3 +362,61 @@ def test_uvicorn_log_config_from_the_cli_names_each_line_s_request(
     assert error_line is not None, output
     # uvicorn's own lines go through the same handler: outside a request, dashes.
     assert re.search(r"INFO \[- - -\] uvicorn.error: Application startup complete", output)
+
+    access = re.search(r"INFO \[req-uv-1 /orders/\{id\} payments\] uvicorn.access: ", output)
+    assert access is not None, output
+
+
+# --- the documented snippets run as written -----------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "logging.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+
+
+def test_the_documented_setups_run_and_attach_the_filter() -> None:
+    django_block, flask_block, anything_block = _python_blocks()
+    namespace: dict[str, Any] = {}
+    exec(compile(django_block, "logging.md:django", "exec"), namespace)
+    logging_config = namespace["LOGGING"]
+    handler = logging_config["handlers"]["gateway_guard"]
+    assert logging_config["filters"][handler["filters"][0]]["()"] == (
+        "gateway_guard.log.RequestContextFilter"
+    )
+
+    namespace = {"__name__": "docs_flask_app"}
+    exec(compile(flask_block, "logging.md:flask", "exec"), namespace)
+    app = namespace["app"]
+    [flask_handler] = app.logger.handlers
+    assert any(isinstance(f, RequestContextFilter) for f in flask_handler.filters)
+    try:
+        flask_handler.stream = io.StringIO()
+
+        @app.get("/hello")
+        def hello() -> str:
+            app.logger.warning("hello from the view")
+            return "ok"
+
+        app.test_client().get("/hello", headers={"X-Request-ID": "req-flask-doc"})
+        line = flask_handler.stream.getvalue()
+        assert "WARNING [req-flask-doc /hello -] docs_flask_app: hello from the view" in line
+    finally:
+        flask_handler.stream = sys.stderr
+        for f in list(flask_handler.filters):
+            flask_handler.removeFilter(f)
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    try:
+        exec(compile(anything_block, "logging.md:any", "exec"), {})
+        assert all(
+            any(isinstance(f, RequestContextFilter) for f in h.filters) for h in root.handlers
+        )
+    finally:
+        for h in root.handlers[:]:
+            for f in [f for f in h.filters if isinstance(f, RequestContextFilter)]:
+                h.removeFilter(f)
+            if h not in saved:
+                root.removeHandler(h)

@@ -137,14 +137,17 @@ def _django(order: str, up: MisbehavingUpstream) -> Iterator[str]:
     import django_setup  # noqa: F401 - configures Django once for the process
 
     stack = [GUID, OURS] if order == "theirs-outside" else [OURS, GUID]
-    with override_settings(
-        INSTALLED_APPS=["gateway_guard.django", "django_guid"],
-        MIDDLEWARE=stack,
-        ROOT_URLCONF="test_request_ids",
-        GATEWAY_GUARD={
-            "upstreams": {"up": {"base_url": up.url, "retry": {"attempts": 1}}},
-        },
-    ), serve_wsgi(WSGIHandler()) as url:
+    with (
+        override_settings(
+            INSTALLED_APPS=["gateway_guard.django", "django_guid"],
+            MIDDLEWARE=stack,
+            ROOT_URLCONF="test_request_ids",
+            GATEWAY_GUARD={
+                "upstreams": {"up": {"base_url": up.url, "retry": {"attempts": 1}}},
+            },
+        ),
+        serve_wsgi(WSGIHandler()) as url,
+    ):
         yield url
 
 
