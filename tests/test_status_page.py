@@ -114,19 +114,21 @@ def stack(kind: str, settings: dict[str, Any]) -> Iterator[tuple[str, gg.Guard]]
         with serve_wsgi(app) as url:
             yield url, get_guard(app)
     else:
-        import django_setup  # noqa: F401 - configures Django once for the process
         from django.core.handlers.wsgi import WSGIHandler
         from django.test import override_settings
 
+        import django_setup  # noqa: F401 - configures Django once for the process
         from gateway_guard.django import get_guard as django_guard
 
-        with override_settings(
-            MIDDLEWARE=["gateway_guard.django.GatewayGuardMiddleware"],
-            ROOT_URLCONF="test_status_page",
-            GATEWAY_GUARD=settings,
+        with (
+            override_settings(
+                MIDDLEWARE=["gateway_guard.django.GatewayGuardMiddleware"],
+                ROOT_URLCONF="test_status_page",
+                GATEWAY_GUARD=settings,
+            ),
+            serve_wsgi(WSGIHandler()) as url,
         ):
-            with serve_wsgi(WSGIHandler()) as url:
-                yield url, django_guard()
+            yield url, django_guard()
 
 
 urlpatterns = _urlpatterns()

@@ -45,9 +45,10 @@ button{font:inherit;padding:.3rem .65rem;border-radius:4px;border:1px solid var(
 background:#fff;color:var(--link);cursor:pointer}
 button.primary{background:var(--link);color:#fff}
 :focus-visible{outline:3px solid var(--link);outline-offset:2px}
-.actions{display:flex;gap:.3rem;flex-wrap:wrap}
+.actions{display:flex;gap:.3rem}
 #message{min-height:1.5em}
 pre{background:#fff;border:1px solid var(--line);padding:.75rem;overflow-x:auto}
+pre:empty{display:none}
 """
 
 _SCRIPT = r"""
@@ -185,13 +186,15 @@ _PAGE = """<!DOCTYPE html>
 for actions)<input id="token" type="password" autocomplete="off"></label>
 <button class="primary" type="submit">Use token</button></form>
 <h2 id="upstreams-h">Upstreams</h2>
-<div class="scroll"><table aria-labelledby="upstreams-h"><thead><tr><th scope="col">Upstream</th>
+<div class="scroll" tabindex="0" role="region" aria-labelledby="upstreams-h">
+<table aria-labelledby="upstreams-h"><thead><tr><th scope="col">Upstream</th>
 <th scope="col">Breaker</th><th scope="col">Failure rate</th><th scope="col">Slow calls</th>
 <th scope="col">Calls in window</th><th scope="col">Half-open in</th>
 <th scope="col">Retries left</th><th scope="col">Bulkhead</th><th scope="col">Actions</th>
 </tr></thead><tbody id="upstreams"></tbody></table></div>
 <h2 id="routes-h">Inbound</h2>
-<div class="scroll"><table aria-labelledby="routes-h"><thead><tr><th scope="col">Route</th>
+<div class="scroll" tabindex="0" role="region" aria-labelledby="routes-h">
+<table aria-labelledby="routes-h"><thead><tr><th scope="col">Route</th>
 <th scope="col">In flight</th><th scope="col">Queued</th><th scope="col">Shed</th>
 </tr></thead><tbody id="routes"></tbody></table></div>
 <h2 id="errors-h">Recent gateway errors</h2>
@@ -199,7 +202,8 @@ for actions)<input id="token" type="password" autocomplete="off"></label>
 <input id="reference" maxlength="128" autocomplete="off"></label>
 <button type="submit">Find</button></form>
 <pre id="record" aria-live="polite"></pre>
-<div class="scroll"><table aria-labelledby="errors-h"><thead><tr><th scope="col">Time (UTC)</th>
+<div class="scroll" tabindex="0" role="region" aria-labelledby="errors-h">
+<table aria-labelledby="errors-h"><thead><tr><th scope="col">Time (UTC)</th>
 <th scope="col">Reference</th><th scope="col">Upstream</th><th scope="col">Request</th>
 <th scope="col">Status</th><th scope="col">Error</th><th scope="col">Attempts</th>
 <th scope="col">Elapsed</th></tr></thead><tbody id="errors"></tbody></table></div>
