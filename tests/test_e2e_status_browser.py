@@ -70,6 +70,19 @@ def _wait(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> Any
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _click(browser: Browser, selector: str) -> None:
+    """Click, again if the page's refresh replaced the element meanwhile (every 5 s)."""
+
+    def clicked() -> bool:
+        try:
+            browser.driver.find_element("css selector", selector).click()
+        except Exception:  # noqa: BLE001 - not rendered yet, or replaced by a refresh
+            return False
+        return True
+
+    _wait(clicked, f"a click on {selector}")
+
+
 def _text(browser: Browser, element_id: str) -> str:
     return str(browser.driver.find_element("id", element_id).text)
 
@@ -110,13 +123,7 @@ def test_force_open_from_the_page_needs_the_token(
         return str(data["upstreams"]["payments"]["state"])
 
     browser.open(f"{site}{STATUS}")
-    button = _wait(
-        lambda: browser.driver.find_elements(
-            "css selector", "button[aria-label='force-open payments']"
-        ),
-        "the force-open button",
-    )[0]
-    button.click()
+    _click(browser, "button[aria-label='force-open payments']")
     _wait(lambda: "refused (401)" in _text(browser, "message"), "the refusal")
     assert state() == "closed"
     assert httpx.get(f"{site}/orders/1").status_code == 200
@@ -124,7 +131,7 @@ def test_force_open_from_the_page_needs_the_token(
     browser.driver.find_element("id", "token").send_keys(TOKEN)
     browser.driver.find_element("css selector", "#token-form button").click()
     _wait(lambda: "Token kept" in _text(browser, "message"), "the token")
-    browser.driver.find_element("css selector", "button[aria-label='force-open payments']").click()
+    _click(browser, "button[aria-label='force-open payments']")
     _wait(lambda: "force-open payments: done" in _text(browser, "message"), "the action")
     _wait(lambda: "forced open" in _text(browser, "upstreams"), "the new state")
     browser.screenshot("status-page-forced-open")
