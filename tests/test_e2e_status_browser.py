@@ -76,7 +76,7 @@ def _click(browser: Browser, selector: str) -> None:
     def clicked() -> bool:
         try:
             browser.driver.find_element("css selector", selector).click()
-        except Exception:  # noqa: BLE001 - not rendered yet, or replaced by a refresh
+        except Exception:  # not rendered yet, or replaced by a refresh
             return False
         return True
 
