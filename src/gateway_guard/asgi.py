@@ -50,12 +50,13 @@ class GatewayGuardMiddleware:
             raise TypeError("give GatewayGuardMiddleware either guard= or settings=, not both")
         self.app = app
         self.guard = guard if guard is not None else Guard(settings)
+        self._endpoints = self.guard.endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoints = self.guard.endpoints
+        endpoints = self._endpoints
         if endpoints is not None and endpoints.wants(scope["path"]):
             client = scope.get("client")
             answer = endpoints.serve(

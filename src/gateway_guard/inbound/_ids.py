@@ -32,6 +32,8 @@ _LIBRARIES = (
     ("django_guid.context", "guid", False),
 )
 _modules = sys.modules
+#: The modules whose presence means an id library may be in use (checked per request).
+ID_MODULES = tuple(module for module, _, _ in _LIBRARIES)
 
 
 class ForeignId:

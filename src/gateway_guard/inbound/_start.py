@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -10,11 +11,14 @@ from gateway_guard.context import RequestContext, get_context
 from gateway_guard.headers import new_request_id, parse_traceparent, valid_request_id
 
 from ._admission import dependency_down
-from ._ids import foreign_id
+from ._ids import ID_MODULES, foreign_id
 
 if TYPE_CHECKING:
     from gateway_guard.guard import Guard
     from gateway_guard.routing import Route
+
+_modules = sys.modules
+_ASGI_IDS, _DJANGO_IDS = ID_MODULES
 
 
 def start(
@@ -27,7 +31,8 @@ def start(
     """Exemption, route, request id (a valid inbound one is echoed), trace, deadline, and
     whether a dependency of the route is down (``ctx.blocked``)."""
     rid = valid_request_id(request_id) if request_id is not None else None
-    foreign = foreign_id()
+    # Two dict lookups when no id library is loaded (the common case), and no call.
+    foreign = foreign_id() if _ASGI_IDS in _modules or _DJANGO_IDS in _modules else None
     if foreign is not None and foreign.outer is not None:
         rid = foreign.outer
     elif rid is None:
