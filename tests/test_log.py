@@ -420,3 +420,20 @@ def test_the_documented_setups_run_and_attach_the_filter() -> None:
                 h.removeFilter(f)
             if h not in saved:
                 root.removeHandler(h)
+
+
+def test_a_configuration_error_is_ours_error_with_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway_guard")
+    error = gg.UpstreamConfigError("bad base_url", upstream="up")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raise error
+
+    with serve_asgi(gg.GatewayGuardMiddleware(app, settings={})) as url:
+        assert httpx.get(f"{url}/x").status_code == 500
+    [record] = [r for r in _records(caplog, "gateway_guard") if "gateway error" in r.msg]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None and record.exc_info[1] is error

@@ -353,3 +353,26 @@ def test_settings_are_checked_at_startup() -> None:
     with pytest.raises(gg.SettingsError, match=r"health\.path"):
         gg.Guard({"health": {"path": "/"}})
     assert gg.Guard({}).endpoints is None  # nothing configured: nothing on the request path
+
+
+def test_django_async_serves_the_endpoints(upstream: MisbehavingUpstream) -> None:
+    import asyncio
+
+    from django.test import AsyncClient, override_settings
+
+    import django_setup  # noqa: F401 - configures Django once for the process
+
+    with override_settings(
+        MIDDLEWARE=["gateway_guard.django.GatewayGuardMiddleware"],
+        ROOT_URLCONF="test_status_page",
+        GATEWAY_GUARD=settings_for(upstream),
+    ):
+        client = AsyncClient()
+        health = asyncio.run(client.get("/healthz"))
+        status = asyncio.run(client.get(STATUS, headers=JSON))
+        remote = asyncio.run(client.get(STATUS, headers=REMOTE))
+        action = asyncio.run(client.post(f"{STATUS}/upstreams/payments/force-open"))
+    assert health.status_code == 200
+    assert status.status_code == 200  # the test client's REMOTE_ADDR is 127.0.0.1
+    assert remote.status_code == 401
+    assert action.status_code == 401
