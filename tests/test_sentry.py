@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sentry_sdk
 
 from gateway_guard.testing import MisbehavingUpstream
 
@@ -112,6 +113,12 @@ def test_without_sentry_init_nothing_is_captured_and_nothing_breaks(
     result = _run(upstream, "uvicorn", "off")
     assert result["statuses"] == [502, 502, 502]
     assert result["events"] == []
+
+
+def test_the_sentry_api_we_use_exists() -> None:
+    # The subprocesses use it; a missing or too old sentry-sdk fails here, clearly.
+    assert callable(sentry_sdk.get_client().is_active)
+    assert callable(sentry_sdk.capture_exception)
 
 
 def test_importing_gateway_guard_never_imports_sentry_sdk() -> None:
