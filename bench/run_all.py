@@ -189,6 +189,8 @@ class Goal:
 GOALS: tuple[Goal, ...] = (
     Goal("transport.sync", "transport", "guarded httpx call ≤ 1.03x bare httpx (sync)"),
     Goal("transport.async", "transport", "guarded httpx call ≤ 1.03x bare httpx (async)"),
+    Goal("clients.requests", "clients", "guarded requests.Session ≤ 1.03x bare requests"),
+    Goal("clients.aiohttp", "clients", "guarded aiohttp session ≤ 1.05x bare aiohttp"),
     Goal("middleware", "middleware", "GatewayGuardMiddleware adds ≤ 3 µs per request"),
     Goal("breaker", "breaker", "breaker admit + record ≤ 0.5 µs per call"),
     Goal(
@@ -222,6 +224,13 @@ GOALS: tuple[Goal, ...] = (
         "overload at 3x capacity: served p99 ≤ 2x its p99 at capacity; shed answers ≤ 1 ms",
     ),
     Goal("outage.recovery", "outage", "recovery: back to normal ≤ open_seconds + 1 s"),
+    Goal("fleet.commands", "fleet", "Redis backend: 0.00 Redis commands per guarded call"),
+    Goal("fleet.overhead", "fleet", "Redis backend: guarded call ≤ 1.01x the local backend"),
+    Goal(
+        "fleet.propagation",
+        "fleet",
+        "Redis backend: a state change reaches another process ≤ 100 ms p50, ≤ 1 s p99",
+    ),
 )
 
 # How an outage scenario's name maps to the goal it measures (first match wins: recovery
@@ -436,6 +445,54 @@ def transport_blocks(rows: list[dict[str, Any]]) -> list[Block]:
     return [Block("transport", "Guarded httpx calls against bare httpx and the libraries", tables)]
 
 
+# --- clients (requests, aiohttp) ------------------------------------------------------------
+
+
+def run_clients(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _import("clients").main(quick)
+    return rows
+
+
+def clients_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    figures = []
+    for r in rows:
+        baseline = r["candidate"] == r["baseline"]
+        goal = f"≤ {r['goal_ratio']}x" if r.get("goal_ratio") is not None else None
+        cells = [
+            r["mode"],
+            r["candidate"],
+            r["version"],
+            f"{r['us_per_call']:.2f}",
+            "1 (baseline)" if baseline else f"{r['ratio']:.3f}x",
+            "" if baseline else _pair(r.get("ratio_ci"), ".3f"),
+            "—" if baseline else f"{r['added_us']:+.2f}",
+        ]
+        figures.append(
+            Figure(
+                cells,
+                goal,
+                r.get("goal_met"),
+                f"clients.{r['mode']}" if goal else None,
+                f"{r['candidate']} / {r['baseline']}: {r['ratio']:.3f}x "
+                f"(95% CI {_pair(r.get('ratio_ci'), '.3f')})",
+            )
+        )
+    runs = "; ".join(
+        f"{mode}: {r['rounds']} rounds x {r['number']} calls"
+        for mode, r in {r["mode"]: r for r in rows}.items()
+    )
+    table = Table(
+        "",
+        ["client", "candidate", "version", "µs/call", "ratio (median)", "ratio 95% CI", "+µs/call"],
+        figures,
+        align="<<<>>>>",
+        caption=f"{runs}. Clock: {rows[0].get('clock', 'cpu') if rows else 'cpu'} time.",
+    )
+    return [
+        Block("clients", "Guarded requests and aiohttp sessions against the bare clients", [table])
+    ]
+
+
 # --- middleware -----------------------------------------------------------------------------
 
 
@@ -561,6 +618,35 @@ def breaker_blocks(rows: list[dict[str, Any]]) -> list[Block]:
         "like them, calls a no-op function.",
     )
     return [Block("breaker", "Closed circuit breaker: one admitted, successful call", [table])]
+
+
+def run_fleet(quick: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = _import("fleet").run(quick=quick)
+    return rows
+
+
+_FLEET_GOALS = ("fleet.commands", "fleet.overhead", "fleet.propagation", "fleet.propagation")
+
+
+def fleet_blocks(rows: list[dict[str, Any]]) -> list[Block]:
+    figures = [
+        Figure(
+            [r["figure"], _num(r["value"]), r["detail"]],
+            r["goal"],
+            r["goal_met"],
+            goal_id,
+            f"{r['figure']}: {_num(r['value'])}",
+        )
+        for r, goal_id in zip(rows, _FLEET_GOALS, strict=False)
+    ]
+    table = Table(
+        "",
+        ["figure", "value", "detail"],
+        figures,
+        align="<><",
+        caption="One real redis-server on 127.0.0.1; guarded calls through httpx.MockTransport.",
+    )
+    return [Block("fleet", "Fleet state through Redis", [table])]
 
 
 def run_limiter(quick: bool) -> list[dict[str, Any]]:
@@ -698,6 +784,20 @@ SECTIONS: list[Section] = [
         "diagnostics record, as inside the middleware.",
     ),
     Section(
+        "clients",
+        "Outbound: guarded requests and aiohttp sessions",
+        "overhead",
+        (10.0, 45.0),
+        run_clients,
+        clients_blocks,
+        ("clients.requests", "clients.aiohttp"),
+        "bench/clients.py. Every candidate makes the same `GET /items/42` to the project's "
+        "misbehaving upstream (ok mode) in another process on 127.0.0.1, over a kept-alive "
+        "connection; the clock is this process's CPU time, so the figures are the client's "
+        "own cost. gateway_guard runs with its defaults; `urllib3 Retry(total=3)` is the "
+        "usual hand-built alternative for requests, for reference.",
+    ),
+    Section(
         "middleware",
         "Inbound: GatewayGuardMiddleware",
         "overhead",
@@ -743,6 +843,18 @@ SECTIONS: list[Section] = [
         "hand-built guard) and `gateway_guard`; goals are judged on the gateway_guard rows, "
         "the others are for reference. `no outage` rows are the same apps measured before "
         "the upstream misbehaves. See bench/outage/__init__.py for every scenario.",
+    ),
+    Section(
+        "fleet",
+        "Fleet state through Redis",
+        "overhead",
+        (12.0, 40.0),
+        run_fleet,
+        fleet_blocks,
+        ("fleet.commands", "fleet.overhead", "fleet.propagation"),
+        'bench/fleet.py. `[state] backend = "redis"`: what sharing breakers and budgets '
+        "through Redis costs a call (nothing on its path) and how fast a decision reaches "
+        "another process.",
     ),
     Section(
         "limiter",

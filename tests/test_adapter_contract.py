@@ -18,6 +18,7 @@ their own test clients. Every wait is bounded by ``WAIT``.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
 import re
@@ -38,9 +39,13 @@ from http import HTTPStatus
 from typing import Any
 from wsgiref.validate import validator
 
+import aiohttp
+import aiohttp.http_exceptions
 import http_sf
 import httpx
 import pytest
+import requests
+import urllib3
 
 import django_setup
 import gateway_guard as gg
@@ -171,7 +176,111 @@ ERRORS: dict[str, tuple[Callable[[], Exception], int, dict[str, Any], str | None
         None,
         "decompressing",
     ),
+    # Uncaught raise_for_status() for a 5xx: the upstream's failure, with what it answered.
+    "httpx-5xx": (
+        lambda: httpx.HTTPStatusError(
+            "Server error '503 Service Unavailable' for url 'http://10.1.2.3:8080/x'",
+            request=httpx.Request("GET", "http://10.1.2.3:8080/x"),
+            response=httpx.Response(503, headers={"Retry-After": "9"}),
+        ),
+        502,
+        {"received-status": 503},
+        "9",
+        "10.1.2.3",
+    ),
+    # The optional clients' failures, known by name (gateway_guard never imports them).
+    "requests-connect": (
+        lambda: requests.ConnectionError(
+            urllib3.exceptions.MaxRetryError(
+                None,  # type: ignore[arg-type]
+                "/charges",
+                urllib3.exceptions.NewConnectionError(
+                    None,  # type: ignore[arg-type]
+                    "Failed to establish a new connection: [Errno 111] Connection refused",
+                ),
+            )
+        ),
+        502,
+        {"error": "connection_refused"},
+        None,
+        "Errno",
+    ),
+    "requests-read-timeout": (
+        lambda: requests.ReadTimeout(
+            urllib3.exceptions.ReadTimeoutError(
+                None,  # type: ignore[arg-type]
+                "/x",
+                "HTTPConnectionPool(host='10.1.2.3', port=8080): Read timed out.",
+            )
+        ),
+        504,
+        {"error": "connection_read_timeout"},
+        None,
+        "10.1.2.3",
+    ),
+    "requests-5xx": (
+        lambda: requests.HTTPError(
+            "503 Server Error: Service Unavailable for url: http://10.1.2.3:8080/charges",
+            response=requests_response(503, {"Retry-After": "7"}),
+        ),
+        502,
+        {"received-status": 503},
+        "7",
+        "10.1.2.3",
+    ),
+    "urllib3-disconnected": (
+        lambda: urllib3.exceptions.ProtocolError(
+            "Connection aborted.",
+            http.client.RemoteDisconnected("Remote end closed connection without response"),
+        ),
+        502,
+        {"error": "connection_terminated"},
+        None,
+        "aborted",
+    ),
+    "aiohttp-disconnected": (
+        aiohttp.ServerDisconnectedError,
+        502,
+        {"error": "connection_terminated"},
+        None,
+        None,
+    ),
+    "aiohttp-payload": (
+        lambda: chained(
+            aiohttp.ClientPayloadError("Response payload is not completed"),
+            aiohttp.http_exceptions.ContentLengthError("Not enough data (received 100 of 1000)"),
+        ),
+        502,
+        {"error": "http_response_incomplete"},
+        None,
+        "received 100",
+    ),
+    "aiohttp-5xx": (
+        lambda: aiohttp.ClientResponseError(
+            None,  # type: ignore[arg-type]
+            (),
+            status=502,
+            message="Bad Gateway from 10.1.2.3",
+        ),
+        502,
+        {"received-status": 502},
+        None,
+        "10.1.2.3",
+    ),
 }
+
+
+def requests_response(status: int, headers: dict[str, str]) -> requests.Response:
+    response = requests.Response()
+    response.status_code = status
+    response.headers.update(headers)
+    response.url = "http://10.1.2.3:8080/charges"
+    return response
+
+
+def chained(exc: Exception, cause: Exception) -> Exception:
+    exc.__cause__ = cause
+    return exc
 
 
 @dataclass(frozen=True)
@@ -248,6 +357,18 @@ def plan(path: str) -> Plan | None:
         return fixed[path]
     if path.startswith("/raise/") and path[7:] in ERRORS:
         return Raise(ERRORS[path[7:]][0])
+    if path == "/raise/requests-4xx":
+        return Raise(
+            lambda: requests.HTTPError("404 Client Error", response=requests_response(404, {}))
+        )
+    if path == "/raise/httpx-4xx":
+        return Raise(
+            lambda: httpx.HTTPStatusError(
+                "404",
+                request=httpx.Request("GET", "http://up.test/x"),
+                response=httpx.Response(404),
+            )
+        )
     for status in (404, 500, 502, 503, 504):
         if path == f"/app/{status}":
             return app_page(status)
@@ -1005,7 +1126,7 @@ def test_a_gateway_error_gets_its_status_proxy_status_and_retry_after(
     assert proxy_status(reply) == ("shop", params)
     assert reply.get("retry-after") == retry_after
     assert reply["cache-control"] == "no-store"
-    assert reply["vary"] == "Accept"
+    assert reply["vary"] == "Accept, Accept-Language"
     assert reply["content-type"] == "application/problem+json"
     assert reply.all("x-request-id") == ["rid-1"]
     assert int(reply["content-length"]) == len(reply.body)
@@ -1017,6 +1138,16 @@ def test_a_gateway_error_gets_its_status_proxy_status_and_retry_after(
     if secret is not None:  # never the exception's text, upstream addresses included
         assert secret.encode() not in reply.body
         assert secret not in repr(reply.headers)
+
+
+@pytest.mark.parametrize("kind", ["requests-4xx", "httpx-4xx"])
+def test_a_4xx_raise_for_status_stays_the_apps_error(make_client: MakeClient, kind: str) -> None:
+    try:
+        reply = make_client().request(f"/raise/{kind}", headers={"Accept": JSON})
+    except (requests.HTTPError, httpx.HTTPStatusError):
+        return  # propagated out of the app untouched: the app's own error
+    assert reply.status == 500
+    assert reply.get("proxy-status") is None
 
 
 @pytest.mark.parametrize("accept", [HTML, JSON, "*/*", None], ids=["html", "json", "any", "none"])

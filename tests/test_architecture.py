@@ -29,6 +29,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_copy",
                 "_estimator",
                 "_negotiate",
+                "_languages",
+                "_translations",
                 "_waiters",
                 "_matcher",
                 "_fork",
@@ -81,8 +83,20 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("drivers", frozenset({"transport", "_httpx_bodies", "_httpx_deadlines"})),
-    ("runtime", frozenset({"guard"})),
+    (
+        "drivers",
+        frozenset(
+            {
+                "transport",
+                "_httpx_bodies",
+                "_httpx_deadlines",
+                "_requests",
+                "_urllib3_deadlines",
+                "_aiohttp",
+            }
+        ),
+    ),
+    ("runtime", frozenset({"guard", "_fleet"})),
     (
         "adapters",
         frozenset(

@@ -77,6 +77,33 @@ def transport_rows(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def clients_rows(quick: bool) -> list[dict[str, Any]]:
+    def row(mode: str, candidate: str, ratio: float, goal: float | None) -> dict[str, Any]:
+        return {
+            "mode": mode,
+            "candidate": candidate,
+            "baseline": f"bare {mode}",
+            "version": "1.0",
+            "us_per_call": 200.0 * ratio,
+            "ratio": ratio,
+            "ratio_ci": (ratio - 0.01, ratio + 0.01),
+            "added_us": 200.0 * (ratio - 1),
+            "goal_ratio": goal,
+            "goal_met": ratio <= goal if goal else None,
+            "rounds": 21,
+            "number": 20,
+            "clock": "cpu",
+        }
+
+    return [
+        row("requests", "bare requests", 1.0, None),
+        row("requests", "urllib3 Retry(total=3)", 1.01, None),
+        row("requests", "gateway_guard", 1.02, 1.03),
+        row("aiohttp", "bare aiohttp", 1.0, None),
+        row("aiohttp", "gateway_guard", 1.04, 1.05),
+    ]
+
+
 def middleware_rows(quick: bool) -> list[dict[str, Any]]:
     return [
         {"candidate": "bare", "median_us": 7.0, "added_us": 0.0, "added_ci": "0.00-0.00"},
@@ -185,11 +212,25 @@ def outage_rows(quick: bool) -> list[dict[str, Any]]:
     ]
 
 
+def fleet_rows(quick: bool) -> list[dict[str, Any]]:
+    def row(figure: str, value: float, goal: str, met: bool) -> dict[str, Any]:
+        return {"figure": figure, "value": value, "detail": "", "goal": goal, "goal_met": met}
+
+    return [
+        row("Redis commands per guarded call (steady state)", 0.0004, "≤ 0.005 (0.00)", True),
+        row("guarded call, Redis backend / local", 1.004, "≤ 1.01x", True),
+        row("state change seen by another process, p50", 3.1, "≤ 100 ms", True),
+        row("state change seen by another process, p99", 12.0, "≤ 1000 ms", True),
+    ]
+
+
 STUBS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
     "transport": transport_rows,
+    "clients": clients_rows,
     "middleware": middleware_rows,
     "breaker": breaker_rows,
     "outage": outage_rows,
+    "fleet": fleet_rows,
     "limiter": limiter_rows,
     "render": render_rows,
 }
@@ -239,7 +280,7 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     for goal in run_all.GOALS:
         assert f"| {goal.text} |" in summary, goal.id
     assert "not measured" not in summary.split("|", 1)[1]
-    assert "15 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
+    assert "21 goal figures met, 1 NOT met, 0 goals not measured; 1 reference figures." in summary
     assert (
         "|  | 50% 503s / tenacity: upstream calls / request = 1.50 | 3.0 | reference |" in summary
     )
@@ -259,13 +300,13 @@ def test_doc_has_the_summary_and_every_goal(run_all: ModuleType, tmp_path: Path)
     )
     assert "| gateway_guard | 9.50 | +2.50 | -0.10 to +3.20 | 1.357x | ≤ 3 µs added | met |" in doc
     assert "| purgatory | ? | with breaker: pass (sync) | not installed (purgatory) |" in doc
-    assert doc.count("#### Notes") == 5 + len({r["scenario"] for r in outage_rows(True)})
+    assert doc.count("#### Notes") == 7 + len({r["scenario"] for r in outage_rows(True)})
 
     data = json.loads(output.with_suffix(".json").read_text(encoding="utf-8"))
     assert data["quick"] is True
     assert [s["key"] for s in data["sections"]] == list(STUBS)
-    assert data["sections"][3]["rows"][:-1] == outage_rows(True)[:-1]
-    assert data["sections"][3]["rows"][-1]["value"] == "inf"  # strict JSON has no Infinity
+    assert data["sections"][4]["rows"][:-1] == outage_rows(True)[:-1]
+    assert data["sections"][4]["rows"][-1]["value"] == "inf"  # strict JSON has no Infinity
     recovery = next(line for line in summary.splitlines() if line.startswith("| recovery"))
     assert f"| {RECOVERY} / gateway_guard: recovery s = 3.60 |" in recovery
     assert "| plain | recovery s (not yet) | inf |  |  |" in doc
@@ -411,6 +452,19 @@ def test_quick_run_of_the_middleware_and_breaker_benchmarks(
         else:
             assert "not measured: no section measures it" in line, line
     assert "middleware overhead" in capsys.readouterr().out  # the script's own table
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(60)
+def test_quick_run_of_the_clients_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    clients = importlib.import_module("bench.clients")
+    rows = clients.main(quick=True)
+    ours = {r["mode"]: r for r in rows if r["candidate"] == "gateway_guard"}
+    assert set(ours) == {"requests", "aiohttp"}
+    for row in ours.values():
+        assert row["us_per_call"] > 0 and isinstance(row["goal_met"], bool)
+    assert {r["candidate"] for r in rows} >= {"bare requests", "urllib3 Retry(total=3)"}
+    assert "gateway_guard" in capsys.readouterr().out
 
 
 # --- the simulated-cache view (bench/middleware.py --cachegrind) ---------------------------

@@ -23,6 +23,12 @@ SRC = ROOT / "src" / "gateway_guard"
 ADAPTER_EXTRAS = {
     "flask.py": "flask",
     "django": "django",
+    # The drivers of optional clients, imported by Guard only when asked for.
+    "_requests.py": "requests",
+    "_urllib3_deadlines.py": "requests",
+    "_aiohttp.py": "aiohttp",
+    # The fleet store: imported by Guard only for [state] backend = "redis".
+    "_fleet.py": "redis",
 }
 # Declared for a reason the imports cannot show.
 NOT_IMPORTED_ON_PURPOSE = {

@@ -31,6 +31,7 @@ from gateway_guard.settings import (
     RouteSettings,
     Settings,
     ShedSettings,
+    StateSettings,
     UpstreamSettings,
     load_settings,
 )
@@ -54,6 +55,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "Route `shed`": ShedSettings,
     "`[status]`": StatusSettings,
     "`[health]`": HealthSettings,
+    "`[state]`": StateSettings,
 }
 
 _HEADING = re.compile(r"^(#{1,6}) +(.+?) *$")

@@ -234,13 +234,13 @@ def assert_error_response(
         assert response.headers["retry-after"] == retry_after
     assert response.headers["x-request-id"] == rid
     assert response.headers["cache-control"] == "no-store"
-    assert response.headers["vary"] == "Accept"
+    assert response.headers["vary"] == "Accept, Accept-Language"
     assert "server-timing" not in response.headers
     body = response.text
     if kind == "html":
         assert response.headers["content-type"] == "text/html; charset=utf-8"
         assert body.startswith("<!doctype html>")
-        assert '<html lang="en">' in body
+        assert '<html lang="en" dir="ltr">' in body
         assert f"<code>{rid}</code>" in body
         assert "Acme Shop" in body and "https://status.acme.example" in body
         assert "<script" not in body.lower()

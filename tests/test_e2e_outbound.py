@@ -13,7 +13,9 @@ upstream), not benchmarks.
 from __future__ import annotations
 
 import asyncio
+import socket
 import statistics
+import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -143,19 +145,26 @@ class SyncDriver:
         *,
         context: ContextFactory | None = None,
         before: Callable[[int], None] = lambda phase: None,
+        transport: Any = None,
     ) -> list[list[Outcome]]:
         """Sequential calls on ONE client, in phases; ``before(i)`` runs before phase i."""
         results: list[list[Outcome]] = []
-        with guard.client(UP) as client, _in_context(guard, context):
+        with guard.client(UP, transport=transport) as client, _in_context(guard, context):
             for phase, count in enumerate(counts):
                 before(phase)
                 results.append([_send(client, req) for _ in range(count)])
         return results
 
     def sequential(
-        self, guard: gg.Guard, count: int, req: Req = GET, *, context: ContextFactory | None = None
+        self,
+        guard: gg.Guard,
+        count: int,
+        req: Req = GET,
+        *,
+        context: ContextFactory | None = None,
+        transport: Any = None,
     ) -> list[Outcome]:
-        return self.phases(guard, [count], req, context=context)[0]
+        return self.phases(guard, [count], req, context=context, transport=transport)[0]
 
     def concurrent(
         self, guard: gg.Guard, count: int, req: Req = GET, *, workers: int | None = None
@@ -204,10 +213,11 @@ class AsyncDriver:
         *,
         context: ContextFactory | None = None,
         before: Callable[[int], None] = lambda phase: None,
+        transport: Any = None,
     ) -> list[list[Outcome]]:
         async def main() -> list[list[Outcome]]:
             results: list[list[Outcome]] = []
-            async with guard.async_client(UP) as client:
+            async with guard.async_client(UP, transport=transport) as client:
                 with _in_context(guard, context):
                     for phase, count in enumerate(counts):
                         before(phase)
@@ -217,9 +227,15 @@ class AsyncDriver:
         return _run(main())
 
     def sequential(
-        self, guard: gg.Guard, count: int, req: Req = GET, *, context: ContextFactory | None = None
+        self,
+        guard: gg.Guard,
+        count: int,
+        req: Req = GET,
+        *,
+        context: ContextFactory | None = None,
+        transport: Any = None,
     ) -> list[Outcome]:
-        return self.phases(guard, [count], req, context=context)[0]
+        return self.phases(guard, [count], req, context=context, transport=transport)[0]
 
     def concurrent(
         self, guard: gg.Guard, count: int, req: Req = GET, *, workers: int | None = None
@@ -653,15 +669,15 @@ FAILURES = [
         requests=3,
         cause=(httpx.RemoteProtocolError,),
     ),
-    # The headers said 200: the body breaks off after the transport returned, so there is
-    # nothing to retry, and the call counts once, as a failure (not a success, then one).
+    # The headers said 200, then the body breaks off: a GET's body is read within the
+    # attempt, so it is retried like any other failure, and counts once, as a failure.
     Failure(
         "truncated",
         gg.UpstreamProtocolError,
         502,
         "http_response_incomplete",
-        attempts=1,
-        requests=1,
+        attempts=3,
+        requests=3,
         cause=(httpx.RemoteProtocolError,),
     ),
     # 500 is a failure but not in retry.on_status: answered once, raised at once.
@@ -824,3 +840,184 @@ def test_connections_are_reused_across_retries(
     stats = upstream.stats()
     assert stats.requests == 30
     assert stats.connections <= 2, stats  # closed unread, it was one per retry: 21
+
+
+# --- 12: a body that breaks off after the headers (issue #15, defect 6) ----------------------
+
+
+class SwitchToOk(httpx.HTTPTransport):
+    """httpx's own transport (sockets, pool, deadlines as ever), switching the upstream to
+    ``ok`` once the first answer's headers arrived: the next attempt gets a whole answer."""
+
+    def __init__(self, upstream: MisbehavingUpstream) -> None:
+        super().__init__()
+        self._upstream = upstream
+        self._first = True
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if self._first:
+            self._first = False
+            self._upstream.set_mode("ok")
+        return response
+
+
+class AsyncSwitchToOk(httpx.AsyncHTTPTransport):
+    def __init__(self, upstream: MisbehavingUpstream) -> None:
+        super().__init__()
+        self._upstream = upstream
+        self._first = True
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if self._first:
+            self._first = False
+            self._upstream.set_mode("ok")  # the upstream's own loop: a short blocking call
+        return response
+
+
+def switch_to_ok(driver: Driver, upstream: MisbehavingUpstream) -> Any:
+    return SwitchToOk(upstream) if isinstance(driver, SyncDriver) else AsyncSwitchToOk(upstream)
+
+
+# (mode, its options, the guard's settings): an answer whose body never arrives whole.
+BROKEN_BODIES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "truncated": ("truncated", {}, {}),
+    # A byte every 2 s: the first body read outlasts the read timeout.
+    "stalled": ("drip_body", {"drip_ms": 2000}, {"read_timeout": SHORT_READ}),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_BODIES))
+@pytest.mark.parametrize("req", [GET, IDEMPOTENT_POST], ids=["GET", "POST-with-key"])
+def test_body_breaking_off_is_retried_when_replayable(
+    driver: Driver, upstream: MisbehavingUpstream, no_backoff: None, case: str, req: Req
+) -> None:
+    mode, options, settings = BROKEN_BODIES[case]
+    upstream.set_mode(mode, **options)
+    guard = make_guard(upstream, retry={"attempts": 3}, breaker=QUIET_BREAKER, **settings)
+
+    outcome = one(driver, guard, req, transport=switch_to_ok(driver, upstream))
+
+    assert outcome.ok().json()["mode"] == "ok"
+    assert upstream.stats().methods == {req.method: 2}
+    assert outcome.elapsed < 1.5  # not the 2 s of the next dripped byte
+    snapshot = guard.breaker(UP).snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 0)
+    assert guard.bulkhead(UP).in_flight == 0
+
+
+@pytest.mark.parametrize("case", list(BROKEN_BODIES))
+def test_body_breaking_off_is_never_sent_twice_for_a_post(
+    driver: Driver, upstream: MisbehavingUpstream, no_backoff: None, case: str
+) -> None:
+    mode, options, settings = BROKEN_BODIES[case]
+    upstream.set_mode(mode, **options)
+    guard = make_guard(upstream, retry={"attempts": 3}, breaker=QUIET_BREAKER, **settings)
+
+    error = one(driver, guard, POST, transport=switch_to_ok(driver, upstream)).failed(
+        gg.UpstreamError
+    )
+
+    assert isinstance(error, gg.UpstreamProtocolError | gg.UpstreamTimeout)
+    assert error.attempts == 1
+    assert upstream.stats().methods == {"POST": 1}
+    assert guard.breaker(UP).snapshot().failures == 1
+
+
+def test_body_dripping_past_the_deadline_ends_at_the_deadline(
+    driver: Driver, upstream: MisbehavingUpstream, no_backoff: None
+) -> None:
+    # Every read is well inside the read timeout: only the deadline stops it, and with
+    # no time left there is no retry.
+    upstream.set_mode("drip_body", drip_ms=100)
+    guard = make_guard(upstream, retry={"attempts": 3}, read_timeout=0.5, deadline=1.0)
+
+    outcome = one(driver, guard)
+
+    error = outcome.failed(gg.UpstreamTimeout)
+    assert (error.status, error.proxy_error) == (504, "http_response_timeout")
+    assert 0.9 < outcome.elapsed < 2.0
+    assert upstream.stats().requests == 1
+
+
+class ResetMidBody:
+    """A raw HTTP/1.1 upstream on 127.0.0.1 whose first answer promises 100 bytes, sends 7,
+    then resets the connection (TCP RST); later answers are whole. (MisbehavingUpstream's
+    ``reset`` resets before any answer.) One connection at a time, which is all a
+    sequential client uses."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.methods: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="reset-mid-body", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def __enter__(self) -> ResetMidBody:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(WAIT)
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(
+            (
+                int(line.partition(":")[2])
+                for line in lines
+                if line.lower().startswith("content-length:")
+            ),
+            0,
+        )
+        while len(body) < length:
+            body += conn.recv(65536)
+        self.methods.append(lines[0].split(" ")[0])
+        if len(self.methods) == 1:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+            time.sleep(0.2)  # the client has the headers, and waits for the rest
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+
+
+@pytest.mark.parametrize(
+    ("req", "sent"), [(GET, ["GET", "GET"]), (POST, ["POST"])], ids=["GET", "POST"]
+)
+def test_connection_reset_mid_body(
+    driver: Driver, no_backoff: None, req: Req, sent: list[str]
+) -> None:
+    with ResetMidBody() as server:
+        guard = gg.Guard({"upstreams": {UP: {"base_url": server.url}}})
+        outcome = one(driver, guard, req)
+
+    if req is GET:
+        assert outcome.ok().content == b"hello"
+    else:
+        error = outcome.failed(gg.UpstreamProtocolError)
+        assert isinstance(error.__cause__, httpx.ReadError | httpx.RemoteProtocolError)
+    assert server.methods == sent

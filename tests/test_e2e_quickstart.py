@@ -58,10 +58,23 @@ def quickstart_settings(kind: str, base_url: str) -> dict[str, Any]:
     """``toml``: the TOML quickstart; ``django``: the Django quickstart's dict (defaults)."""
     if kind == "toml":
         return tomllib.loads(quickstart_toml(base_url))
-    (literal,) = re.findall(r"(?m)^GATEWAY_GUARD = (\{.*\})$", README)
-    settings: dict[str, Any] = ast.literal_eval(literal)
+    (assignment,) = [
+        node
+        for node in ast.parse(quickstart_code("django")).body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "GATEWAY_GUARD" for t in node.targets)
+    ]
+    settings: dict[str, Any] = ast.literal_eval(assignment.value)
     settings["upstreams"]["payments"]["base_url"] = base_url
     return settings
+
+
+def quickstart_code(name: str) -> str:
+    """The code block under ``<!-- quickstart: name -->`` in README.md, as a user copies it."""
+    (code,) = re.findall(
+        rf"<!-- quickstart: {re.escape(name)} -->\n```\w+\n(.*?)```", README, flags=re.DOTALL
+    )
+    return str(code)
 
 
 # --- FastAPI under uvicorn, as in the README -------------------------------------------------
@@ -248,3 +261,173 @@ def test_gunicorn_sync_worker_breaker_opens_within_10_s(
         f"the breaker was not open after {time.monotonic() - started:.1f} s"
     )
     assert healthz.status_code == 200 and healthz_elapsed < 0.5
+
+
+# --- every quickstart, pasted into a file and run as its first line says ---------------------
+
+README_PAYMENTS_URL = "http://payments.internal:8080"
+# The visitor's browser and a page's script, as Chromium sends them.
+NAVIGATION = {
+    "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+    "Accept-Language": "de-DE,de;q=0.9,en;q=0.8",
+    "Sec-Fetch-Dest": "document",
+    "Sec-Fetch-Mode": "navigate",
+}
+FETCH = {"Accept": "*/*", "Sec-Fetch-Dest": "empty", "Sec-Fetch-Mode": "cors"}
+
+
+def _command(first_line: str, module: str) -> list[str]:
+    """The server command a quickstart's first line names, bound to an ephemeral port."""
+    if "uvicorn" in first_line:
+        return [sys.executable, "-m", "uvicorn", module, "--host", "127.0.0.1", "--port", "0"]
+    assert "gunicorn" in first_line, first_line
+    import gunicorn  # noqa: F401  (a dev dependency: missing, this fails rather than skips)
+
+    return [
+        *(sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "sync"),
+        *("--bind", "127.0.0.1:0", "--timeout", "60", module),
+    ]
+
+
+@contextmanager
+def run_quickstart(name: str, up: MisbehavingUpstream, directory: Path) -> Iterator[str]:
+    """README's ``name`` quickstart in the file its first line names, next to the README's
+    gateway_guard.toml, served by the command of its first line; yields the base URL.
+
+    Only the payments address changes (to the misbehaving upstream's), in both files.
+    """
+    code = quickstart_code(name).replace(README_PAYMENTS_URL, up.url)
+    first_line = code.splitlines()[0]
+    match = re.fullmatch(r"# (\w+)\.py: (?:uvicorn|gunicorn) (\w+:\w+)", first_line)
+    assert match, f"the {name} quickstart's first line names no file and command: {first_line}"
+    (directory / f"{match.group(1)}.py").write_text(code, encoding="utf-8")
+    (directory / "gateway_guard.toml").write_text(quickstart_toml(up.url), encoding="utf-8")
+    path = os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH")) if p)
+    process = subprocess.Popen(
+        _command(first_line, match.group(2)),
+        cwd=directory,
+        env={**os.environ, "PYTHONPATH": path},
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def drain() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.put(line)
+
+    reader = threading.Thread(target=drain, name=f"{name}-stderr", daemon=True)
+    reader.start()
+    try:
+        yield _serving_url(lines, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        reader.join(10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+def _serving_url(lines: queue.Queue[str], process: subprocess.Popen[str]) -> str:
+    deadline = time.monotonic() + START_TIMEOUT
+    seen: list[str] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        match = re.search(r"(?:Listening at:|running on) (http://127\.0\.0\.1:\d+)", line)
+        if match:
+            url = match.group(1)
+            while time.monotonic() < deadline:  # a gunicorn worker boots after it listens
+                try:
+                    httpx.get(f"{url}/orders/0", timeout=2.0)
+                    return url
+                except httpx.TransportError:
+                    time.sleep(0.05)
+    raise RuntimeError("the quickstart did not start:\n" + "".join(seen[-30:]))
+
+
+WEB_QUICKSTARTS = ["fastapi", "flask", "django", "wsgi"]
+
+
+@pytest.mark.parametrize("name", WEB_QUICKSTARTS)
+def test_readme_quickstart_runs_as_written(
+    name: str, upstream: MisbehavingUpstream, tmp_path: Path
+) -> None:
+    with run_quickstart(name, upstream, tmp_path) as url, httpx.Client(timeout=CLIENT_TIMEOUT) as c:
+        upstream.set_mode("ok")
+        read = c.get(f"{url}/orders/42")
+        assert read.status_code == 200, read.text[:500]
+        assert read.json()["path"] == "/orders/42"  # the upstream's echo, passed through
+        if name != "wsgi":
+            created = c.post(f"{url}/checkout", json={"amount": 1999})
+            assert created.status_code == 200, created.text[:500]
+            echo = created.json()
+            assert echo["method"] == "POST" and echo["path"] == "/charges"
+            assert echo["headers"].get("idempotency-key"), "the POST carries an Idempotency-Key"
+
+        upstream.set_mode("refuse")
+        page = c.get(f"{url}/orders/42", headers=NAVIGATION)
+        problem = c.get(f"{url}/orders/42", headers=FETCH)
+        text = c.get(f"{url}/orders/42", headers={"Accept": "*/*"})  # curl
+        failed_post = None
+        if name != "wsgi":
+            failed_post = c.post(f"{url}/checkout", json={"amount": 1}, headers=NAVIGATION)
+
+    for response in (page, problem, text):
+        assert response.status_code == 502, response.text[:500]
+        assert response.headers["proxy-status"] == "shop; error=connection_refused"
+        assert response.headers["vary"] == "Accept, Accept-Language"
+        assert "retry-after" not in response.headers
+        assert "127.0.0.1" not in response.text  # never the upstream's address
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert '<html lang="de" dir="ltr">' in page.text and "Acme Shop" in page.text
+    assert ">Erneut versuchen</a>" in page.text and '<a href="/">Zur Startseite</a>' in page.text
+    assert problem.headers["content-type"] == "application/problem+json"
+    assert problem.json()["type"] == "about:blank" and problem.json()["title"] == "Bad Gateway"
+    assert text.headers["content-type"] == "text/plain; charset=utf-8"
+    assert text.text.startswith("Acme Shop: 502 Bad Gateway")
+    if failed_post is not None:
+        # After a POST: no link that would re-request the page; send the form again.
+        assert failed_post.status_code in (502, 503), failed_post.text[:300]
+        assert "Erneut versuchen</a>" not in failed_post.text
+        assert "Formular noch einmal ab" in failed_post.text
+
+
+def test_readme_python_quickstart_runs_as_written(
+    upstream: MisbehavingUpstream, tmp_path: Path
+) -> None:
+    code = quickstart_code("python").replace(README_PAYMENTS_URL, upstream.url)
+    match = re.fullmatch(r"# (\w+\.py): python \1", code.splitlines()[0])
+    assert match, code.splitlines()[0]
+    (tmp_path / match.group(1)).write_text(code, encoding="utf-8")
+    (tmp_path / "gateway_guard.toml").write_text(quickstart_toml(upstream.url), encoding="utf-8")
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, match.group(1)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    upstream.set_mode("ok")
+    ok = run()
+    assert ok.returncode == 0, ok.stderr
+    charge, order = ok.stdout.splitlines()
+    assert "'path': '/charges'" in charge and "'idempotency-key'" in charge
+    assert "'path': '/orders/42'" in order
+    upstream.set_mode("refuse")
+    failed = run()
+    assert failed.returncode == 0, failed.stderr
+    assert failed.stdout.startswith("payments failed: 502 connection_refused")

@@ -82,6 +82,12 @@ def test_guard_api_names() -> None:
         assert callable(getattr(gg.Guard, name))
 
 
+def test_guard_client_driver_names() -> None:
+    # DESIGN §6: the requests and aiohttp drivers (their extras are imported on first use).
+    for name in ("session", "requests_adapter", "aiohttp_session", "aiohttp_middleware"):
+        assert callable(getattr(gg.Guard, name))
+
+
 # --- the declared public surface (docs/api.md) ----------------------------------------------
 
 PUBLIC_MODULES = (

@@ -29,7 +29,6 @@ from gateway_guard.errors import (
 from gateway_guard.render import (
     DEFAULT_503_RETRY_AFTER,
     PALETTE,
-    PROBLEM_TYPE_BASE,
     ErrorRenderer,
     RenderedError,
     contrast_ratio,
@@ -133,7 +132,9 @@ ERROR_IDS = [f"{type(e).__name__}-{p or r}" for e, _, p, r in ERRORS]
         ("text/html;q=0, */*", "text"),
         ("application/problem+json;q=0, application/json", "text"),  # most specific wins
         ("application/json;q=0", "text"),
-        ("application/vnd.api+json", "text"),  # a specific other JSON type is not ours
+        ("application/vnd.api+json", "json"),  # every +json type reads problem+json
+        ("application/hal+json;q=0.9, text/plain;q=0.8", "json"),
+        ("application/xml", "text"),
         ("text/html;q=abc", "text"),  # an invalid q-value drops the range
         ("text/html;q=1.5", "text"),
         ("text/html;q=0.0001", "text"),
@@ -210,7 +211,7 @@ def test_an_error_type_outside_the_registry_is_reported_as_proxy_internal_error(
     assert params == {"error": http_sf.Token("proxy_internal_error")}
     problem = json.loads(rendered.body)
     assert problem["proxy_error"] == "proxy_internal_error"
-    assert problem["type"].endswith("#proxy_internal_error")
+    assert problem["type"] == "about:blank"  # no brand.problem_base_url
     assert b"made_up" not in rendered.body
 
 
@@ -278,7 +279,7 @@ def test_required_headers_on_every_response(
             assert_sendable(rendered)
             headers = headers_of(rendered)
             assert headers["cache-control"] == "no-store"
-            assert headers["vary"] == "Accept"
+            assert headers["vary"] == "Accept, Accept-Language"
             assert headers["x-request-id"] == RID
             assert headers["x-content-type-options"] == "nosniff"
             assert "proxy-status" in headers
@@ -349,7 +350,7 @@ def test_problem_json_in_production() -> None:
     assert headers_of(rendered)["content-type"] == "application/problem+json"
     assert rendered.body.isascii()
     assert json.loads(rendered.body) == {
-        "type": f"{PROBLEM_TYPE_BASE}#upstream_status",
+        "type": "about:blank",  # RFC 9457 §4.2.1: title is then the status phrase
         "title": "Bad Gateway",
         "status": 502,
         "detail": "A service we depend on answered with an error.",
@@ -367,7 +368,7 @@ def test_problem_json_in_debug_mode() -> None:
     error.__cause__ = cause
     rendered = make(debug=True).render(error, request_id=RID, accept="application/problem+json")
     problem = json.loads(rendered.body)
-    assert problem["type"] == f"{PROBLEM_TYPE_BASE}#connection_refused"
+    assert problem["type"] == "about:blank"
     assert problem["proxy_error"] == "connection_refused"
     assert problem["upstream"] == "payments"
     assert problem["attempts"] == 2
@@ -444,7 +445,8 @@ def test_html_structure(
     text = body.decode("utf-8")
     assert text.startswith("<!doctype html>\n")
     page = outline(body)
-    assert page.find("html") == [{"lang": "de-CH"}]
+    # lang = "de-CH" makes German the default: the page is German and says which German.
+    assert page.find("html") == [{"lang": "de-CH", "dir": "ltr"}]
     assert {"charset": "utf-8"} in page.find("meta")
     assert any(m.get("name") == "viewport" for m in page.find("meta"))
     assert len(page.find("title")) == 1
@@ -454,8 +456,9 @@ def test_html_structure(
     assert not page.find("link") and "@import" not in text and "url(" not in text
     assert RID in text
     assert '<time datetime="2023-11-14T22:13:20Z">2023-11-14 22:13:20 UTC</time>' in text
-    assert f"Error {status}" in text
+    assert f"Fehler {status}" in text
     hrefs = [a.get("href") for a in page.find("a")]
+    assert "/" in hrefs  # brand.home_url's default: the way back to the site
     assert "https://status.acme.example" in hrefs
     assert "https://acme.example/support" in hrefs
     images = page.find("img")
@@ -467,8 +470,8 @@ def test_html_without_optional_branding() -> None:
     text = make().render(LoadShedError(), request_id=RID, accept=CHROME).body.decode()
     page = outline(text.encode())
     assert not page.find("img")
-    assert [a.get("href") for a in page.find("a")] == [""]  # only "Try again"
-    assert "status page" not in text and "support" not in text.lower()
+    assert [a.get("href") for a in page.find("a")] == ["", "/"]  # "Try again", home
+    assert "status page" not in text and "Contact support" not in text
 
 
 def test_try_again_link_and_caution_depend_on_the_method() -> None:
@@ -1009,7 +1012,8 @@ def test_doc_lists_every_template_variable() -> None:
         re.findall(r"^\| `([a-z_]+)` \|", _doc_section("### Template variables"), re.M)
     )
     renderer = make(debug=True)
-    key = (False, 504, "http_response_timeout", None, None, "html", "reload")
+    words = renderer._languages.default
+    key = (False, 504, "http_response_timeout", None, None, "html", "reload", words)
     page = renderer._debug_entry(UpstreamTimeout(), key, "timeout", ()).page  # type: ignore[arg-type]
     assert documented == set(page_context(renderer._static, page, "rid", "ts", "iso"))
 
@@ -1045,14 +1049,15 @@ def test_doc_toml_examples_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert blocks
     for block in blocks:
         raw = tomllib.loads(block)
-        (tmp_path / raw["brand"]["template_dir"]).mkdir(parents=True, exist_ok=True)
+        if "template_dir" in raw["brand"]:
+            (tmp_path / raw["brand"]["template_dir"]).mkdir(parents=True, exist_ok=True)
         load_settings(raw, environ={})
 
 
 def test_doc_problem_json_example_matches_the_real_thing() -> None:
     (example,) = [json.loads(block) for block in _doc_blocks("json")]
     real = json.loads(
-        make()
+        make(problem_base_url="https://acme.example/problems/")
         .render(
             CircuitOpenError(retry_after=12.3),
             request_id=example["request_id"],

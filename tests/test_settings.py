@@ -472,6 +472,13 @@ HOSTILE: list[tuple[dict[str, Any], str, str]] = [
         "routes.1.path",
         "duplicates routes.0.path",
     ),
+    # Held in memory by every call in flight: a size beyond any body worth retrying is a typo.
+    (
+        {"defaults": {"retry": {"buffer_body_bytes": 2**40}}},
+        "defaults.retry.buffer_body_bytes",
+        "67108864",
+    ),
+    ({"defaults": {"retry": {"buffer_body_bytes": -1}}}, "defaults.retry.buffer_body_bytes", "0"),
 ]
 
 

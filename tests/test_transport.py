@@ -163,6 +163,27 @@ class SyncDriver:
         with guard.client(upstream, transport=httpx.MockTransport(handler)) as client:
             return client.request(method, url, **kwargs)
 
+    def stream(
+        self,
+        guard: gg.Guard,
+        handler: Callable[[httpx.Request], httpx.Response],
+        method: str = "GET",
+        *,
+        send: bool = False,
+        **kwargs: Any,
+    ) -> list[bytes]:
+        """``client.stream()``: the raw body chunks as the caller receives them (with
+        ``send=True``, ``client.send(request, stream=True)``)."""
+        with guard.client("up", transport=httpx.MockTransport(handler)) as client:
+            if send:
+                response = client.send(client.build_request(method, "/x"), stream=True)
+                try:
+                    return list(response.iter_raw())
+                finally:
+                    response.close()
+            with client.stream(method, "/x", **kwargs) as response:
+                return list(response.iter_raw())
+
     def send_many(
         self, guard: gg.Guard, handler: Callable[[httpx.Request], httpx.Response], n: int
     ) -> list[httpx.Response | BaseException]:
@@ -206,6 +227,30 @@ class AsyncDriver:
             mock = httpx.MockTransport(self._async(handler))
             async with guard.async_client(upstream, transport=mock) as client:
                 return await client.request(method, url, **kwargs)
+
+        return asyncio.run(main())
+
+    def stream(
+        self,
+        guard: gg.Guard,
+        handler: Callable[[httpx.Request], httpx.Response],
+        method: str = "GET",
+        *,
+        send: bool = False,
+        **kwargs: Any,
+    ) -> list[bytes]:
+        async def main() -> list[bytes]:
+            mock = httpx.MockTransport(self._async(handler))
+            async with guard.async_client("up", transport=mock) as client:
+                if send:
+                    request = client.build_request(method, "/x")
+                    response = await client.send(request, stream=True)
+                    try:
+                        return [chunk async for chunk in response.aiter_raw()]
+                    finally:
+                        await response.aclose()
+                async with client.stream(method, "/x", **kwargs) as response:
+                    return [chunk async for chunk in response.aiter_raw()]
 
         return asyncio.run(main())
 
@@ -1461,20 +1506,21 @@ def test_cancelled_async_call_gives_back_its_slots(clock: FakeClock) -> None:
         ("malformed chunked encoding", "http_protocol_error"),
     ],
 )
-def test_body_failure_after_headers(
+def test_body_failure_after_headers_of_a_streamed_response(
     driver: Driver, clock: FakeClock, message: str, proxy_error: str
 ) -> None:
     guard = make_guard(clock)
-    handler = Upstream(broken_body(message))
+    handler = Upstream(broken_body(message), OK)
 
     with pytest.raises(gg.UpstreamProtocolError) as info:
-        driver.send(guard, handler)
+        driver.stream(guard, handler)
 
     assert info.value.proxy_error == proxy_error
     assert info.value.status == 502
     assert info.value.upstream == "up"
     assert isinstance(info.value.__cause__, httpx.RemoteProtocolError)
-    assert handler.calls == 1  # the body is the caller's: it is not fetched again
+    # A caller streaming the body may have used part of it: it is not fetched again.
+    assert handler.calls == 1
     assert guard.breaker("up").snapshot().failures == 1
 
 
@@ -1490,30 +1536,189 @@ def test_body_failure_is_recorded_in_the_context(
     assert [call.error for call in ctx.calls][-1] == "http_response_incomplete"
 
 
-def test_body_failure_counts_as_one_failed_call(driver: Driver, clock: FakeClock) -> None:
+@pytest.mark.parametrize("streamed", [False, True], ids=["read-whole", "streamed"])
+def test_body_failure_counts_as_one_failed_call(
+    driver: Driver, clock: FakeClock, streamed: bool
+) -> None:
     guard = make_guard(clock)
+    handler = Upstream(broken_body(INCOMPLETE))
 
-    with pytest.raises(gg.UpstreamProtocolError):
-        driver.send(guard, Upstream(broken_body(INCOMPLETE)))
+    with pytest.raises(gg.UpstreamProtocolError) as info:
+        (driver.stream if streamed else driver.send)(guard, handler)
 
     snapshot = guard.breaker("up").snapshot()
     assert (snapshot.calls, snapshot.failures) == (1, 1)
+    # Read whole, the body was retried within the call: 3 attempts, as the error says.
+    assert info.value.attempts == handler.calls == (1 if streamed else 3)
 
 
-@pytest.mark.parametrize("method", ["GET", "PUT"])
-def test_body_failure_is_not_retried_even_when_idempotent(
-    driver: Driver, clock: FakeClock, method: str
+def body_then(exc_type: type[httpx.TransportError], message: str) -> Step:
+    """200 with headers promising 100 bytes, then ``exc_type`` after 7 of them."""
+
+    def step(request: httpx.Request) -> httpx.Response:
+        error = exc_type(message, request=request)
+        return httpx.Response(
+            200, headers={"content-length": "100"}, stream=ChunkStream([b"partial"], error)
+        )
+
+    return step
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("GET", {}), ("PUT", {}), ("DELETE", {}), ("POST", {"Idempotency-Key": "order-1"})],
+)
+@pytest.mark.parametrize(
+    "broken",
+    [
+        broken_body(INCOMPLETE),
+        body_then(httpx.ReadError, "[Errno 104] Connection reset by peer"),
+        body_then(httpx.ReadTimeout, "timed out"),
+    ],
+    ids=["truncated", "reset", "stalled"],
+)
+def test_body_failure_of_a_replayable_request_is_retried(
+    driver: Driver, clock: FakeClock, method: str, headers: dict[str, str], broken: Step
 ) -> None:
-    # As docs/settings.md says: retries end when the headers arrive; the body is the
-    # caller's, who may have read part of it (issue #15, defect 6: docs and code agree).
+    # Issue #15, defect 6: a body the caller reads whole is read within the attempt, so
+    # one that breaks off is a failed attempt, retried like any other transport error.
+    guard = make_guard(clock, retry={"attempts": 3})
+    handler = Upstream(broken, OK)
+
+    response = driver.send(guard, handler, method, headers=headers)
+
+    assert response.content == b"hello"
+    assert handler.calls == 2
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 0)  # judged by its last attempt
+    assert guard.bulkhead("up").in_flight == 0
+
+
+def test_body_that_keeps_stalling_fails_as_a_read_timeout(driver: Driver, clock: FakeClock) -> None:
+    guard = make_guard(clock, retry={"attempts": 3})
+    handler = Upstream(body_then(httpx.ReadTimeout, "timed out"))
+
+    with pytest.raises(gg.UpstreamTimeout) as info:
+        driver.send(guard, handler)
+
+    assert (info.value.status, info.value.proxy_error) == (504, "connection_read_timeout")
+    assert info.value.attempts == handler.calls == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("POST", {"content": b"{}"}), ("PATCH", {"content": b"{}"})],
+)
+def test_body_failure_of_a_non_idempotent_request_is_never_sent_twice(
+    driver: Driver, clock: FakeClock, method: str, kwargs: dict[str, Any]
+) -> None:
     guard = make_guard(clock, retry={"attempts": 3})
     handler = Upstream(broken_body(INCOMPLETE), OK)
 
     with pytest.raises(gg.UpstreamProtocolError):
-        driver.send(guard, handler, method)
+        driver.send(guard, handler, method, **kwargs)
 
     assert handler.calls == 1
     assert guard.breaker("up").snapshot().failures == 1
+
+
+def test_body_failure_after_a_streamed_request_body_is_never_sent_twice(
+    driver: Driver, clock: FakeClock
+) -> None:
+    guard = make_guard(clock, retry={"attempts": 3})
+    handler = Upstream(broken_body(INCOMPLETE), OK)
+
+    with pytest.raises(gg.UpstreamProtocolError):
+        driver.send(guard, handler, "PUT", content=driver.body([b"a", b"b"]))
+
+    assert handler.calls == 1
+
+
+def test_body_of_unknown_length_is_left_to_the_caller(driver: Driver, clock: FakeClock) -> None:
+    # No Content-Length: a server-sent event stream or a chunked download could be endless,
+    # so it streams to the caller, who then owns its failures.
+    def chunked(request: httpx.Request) -> httpx.Response:
+        error = httpx.RemoteProtocolError("peer closed connection", request=request)
+        return httpx.Response(200, stream=ChunkStream([b"data: 1\n\n"], error))
+
+    guard = make_guard(clock, retry={"attempts": 3})
+    handler = Upstream(chunked, OK)
+
+    with pytest.raises(gg.UpstreamProtocolError):
+        driver.send(guard, handler)
+
+    assert handler.calls == 1
+
+
+@pytest.mark.parametrize(("limit", "calls"), [(0, 1), (99, 1), (100, 2)])
+def test_buffer_body_bytes_caps_the_bodies_read_within_the_attempt(
+    driver: Driver, clock: FakeClock, limit: int, calls: int
+) -> None:
+    guard = make_guard(clock, retry={"attempts": 3, "buffer_body_bytes": limit})
+    handler = Upstream(broken_body(INCOMPLETE), OK)  # Content-Length: 100
+
+    try:
+        driver.send(guard, handler)
+    except gg.UpstreamProtocolError:
+        assert calls == 1
+    else:
+        assert calls == 2
+
+    assert handler.calls == calls
+
+
+@pytest.mark.parametrize("send", [False, True], ids=["stream", "send-stream"])
+def test_a_streaming_caller_gets_the_body_as_it_comes(
+    driver: Driver, clock: FakeClock, send: bool
+) -> None:
+    # client.stream() and send(stream=True) are not read within the attempt, however small
+    # the body: the chunks arrive one by one.
+    chunks = [b"a" * 10, b"b" * 10, b"c"]
+
+    def step(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-length": "21"}, stream=ChunkStream(chunks))
+
+    guard = make_guard(clock)
+
+    assert driver.stream(guard, Upstream(step), send=send) == chunks
+    assert guard.breaker("up").snapshot().calls == 1
+
+
+def test_a_transport_on_the_callers_own_client_leaves_bodies_to_the_caller(
+    clock: FakeClock,
+) -> None:
+    # Only guard.client() tells its transport that the caller reads the whole body.
+    guard = make_guard(clock, retry={"attempts": 3})
+    handler = Upstream(broken_body(INCOMPLETE), OK)
+    transport = guard.transport("up", httpx.MockTransport(handler))
+
+    with (
+        httpx.Client(transport=transport, base_url=BASE_URL) as client,
+        pytest.raises(gg.UpstreamProtocolError),
+    ):
+        client.get("/x")
+
+    assert handler.calls == 1
+
+
+def test_a_body_read_within_the_attempt_reaches_the_caller_decoded(
+    driver: Driver, clock: FakeClock
+) -> None:
+    text = "hello " * 200
+    raw = gzip.compress(text.encode())
+
+    def step(request: httpx.Request) -> httpx.Response:
+        headers = {"content-encoding": "gzip", "content-length": str(len(raw))}
+        return httpx.Response(200, headers=headers, stream=ChunkStream([raw[:10], raw[10:]]))
+
+    guard = make_guard(clock)
+    response = driver.send(guard, Upstream(step))
+
+    assert response.text == text
+    assert response.is_closed
+    assert response.elapsed.total_seconds() >= 0.0
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 0)
 
 
 def corrupt_gzip(request: httpx.Request) -> httpx.Response:
@@ -1523,12 +1728,20 @@ def corrupt_gzip(request: httpx.Request) -> httpx.Response:
     )
 
 
+def corrupt_gzip_with_length(request: httpx.Request) -> httpx.Response:
+    """The same, with its Content-Length: read within the attempt, decoded by the caller."""
+    body = b"not gzip at all"
+    headers = {"content-encoding": "gzip", "content-length": str(len(body))}
+    return httpx.Response(200, headers=headers, stream=ChunkStream([body]))
+
+
+@pytest.mark.parametrize("step", [corrupt_gzip, corrupt_gzip_with_length])
 def test_corrupt_content_encoding_counts_as_one_failed_call(
-    driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
+    driver: Driver, clock: FakeClock, context: Callable[..., RequestContext], step: Step
 ) -> None:
     guard = make_guard(clock)
     ctx = context(guard)
-    handler = Upstream(corrupt_gzip)
+    handler = Upstream(step)
 
     with pytest.raises(httpx.DecodingError):
         driver.send(guard, handler)

@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from .asgi import GatewayGuardMiddleware
-from .breaker import BreakerSnapshot, BreakerState, CircuitBreaker
+from .breaker import BreakerSnapshot, BreakerState, CircuitBreaker, Transition
 from .context import RequestContext, current_context, current_guard
 from .errors import (
     CircuitOpenError,
@@ -49,6 +49,7 @@ __all__ = [
     "Settings",
     "SettingsError",
     "SettingsProblem",
+    "Transition",
     "UpstreamConfigError",
     "UpstreamConnectError",
     "UpstreamError",

@@ -10,36 +10,44 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
-from ._copy import COPY, Page
+from ._copy import Page
 from ._hygiene import one_line
 
 __all__ = ["PROBLEM_TYPE_BASE", "plain_text", "problem_json", "problem_type"]
 
-# problem+json "type" URIs are this page's anchors, one per Proxy-Status error type (plus
-# "upstream_status" for a failure status the upstream answered). RFC 9457 §3.1.1 asks that
-# a type URI, when dereferenced, documents the problem: the error-pages doc does, and we
-# control it (a made-up domain could be registered by anyone). Errors that the app itself
-# returned carry no more meaning than their status, which is what "about:blank" says.
+# Where this project documents each error type (docs/error-pages.md has an anchor per
+# type). Not used as a "type" URI: a user's public API would then publish a third party's
+# address. Kept for code that read it.
 PROBLEM_TYPE_BASE: Final = (
     "https://github.com/gateway-guard/gateway-guard/blob/main/docs/error-pages.md"
 )
 
 
-def problem_type(page: Page) -> str:
-    """The problem+json ``type`` URI of ``page``."""
-    if page.app:
+def problem_type(page: Page, base: str | None = None) -> str:
+    """The problem+json ``type`` URI of ``page``: ``base`` + its error type, or about:blank.
+
+    ``base`` is ``brand.problem_base_url``, the operator's own documentation of problem
+    types; the error type (or ``upstream_status`` for a failure status the upstream
+    answered) is appended as it is. Unset, every problem is ``about:blank`` (RFC 9457
+    §4.2.1): its meaning is its status, and ``title`` is then the status phrase. Errors
+    the app returned itself carry no more meaning than their status, whatever ``base`` is.
+    """
+    if page.app or base is None:
         return "about:blank"
-    return f"{PROBLEM_TYPE_BASE}#{page.proxy_error or 'upstream_status'}"
+    return f"{base}{page.proxy_error or 'upstream_status'}"
 
 
-def problem_json(page: Page, rid: str) -> bytes:
-    """``page`` as an ``application/problem+json`` body (ASCII) for request ``rid``."""
-    _, message = COPY[page.situation]
+def problem_json(page: Page, rid: str, base: str | None = None) -> bytes:
+    """``page`` as an ``application/problem+json`` body (ASCII) for request ``rid``.
+
+    ``title`` is the status phrase and ``detail`` the page's message, both in the page's
+    language (RFC 9457 §3.1.3 and §4.2.1 allow localising them by Accept-Language).
+    """
     problem: dict[str, Any] = {
-        "type": problem_type(page),
+        "type": problem_type(page, base),
         "title": page.status_phrase,
         "status": page.status,
-        "detail": message,
+        "detail": page.message,
         # A URI, as RFC 9457 §3.1.5 requires; request_id carries the bare id for clients.
         "instance": f"urn:request:{rid}",
         "request_id": rid,
@@ -62,16 +70,19 @@ def problem_json(page: Page, rid: str) -> bytes:
 
 def plain_text(page: Page, brand: Mapping[str, Any], rid: str, ts: str) -> bytes:
     """``page`` as a ``text/plain`` body; ``brand`` is the template's static context."""
-    _, message = COPY[page.situation]
+    # The words may come from settings ([brand.strings]): one line each, whatever they hold
+    # (the settings check refuses line breaks, but a Settings built in code skips it).
+    words = page.words
     name = brand["brand_name"]
-    status_line = f"{page.status} {page.status_phrase}"
+    status_line = f"{page.status} {one_line(page.status_phrase)}"
     lines = [f"{one_line(name)}: {status_line}" if name else status_line, ""]
-    lines += [message, page.advice, ""]
+    lines += [one_line(page.message), one_line(page.advice), ""]
     if brand["status_url"]:
-        lines.append(f"Status page: {one_line(brand['status_url'])}")
+        label = one_line(words["status_page_label"])
+        lines.append(f"{label}: {one_line(brand['status_url'])}")
     if brand["support_url"]:
-        lines.append(f"Support: {one_line(brand['support_url'])}")
-    lines.append(f"Reference: {rid} ({ts})")
+        lines.append(f"{one_line(words['support_label'])}: {one_line(brand['support_url'])}")
+    lines.append(f"{one_line(words['reference_label'])}: {rid} ({ts})")
     if page.details is not None:
         lines += ["", "Debug details (debug mode is on; turn it off in production):"]
         for label, field in (

@@ -10,6 +10,8 @@ to plain values. The protocol, in the manner of tenacity's ``iter()``::
         set the attempt's timeouts from call.connect_timeout / call.read_timeout
         try:
             response = send()
+            if the caller reads the whole body and call.reads_ahead(status, content_length):
+                read the body now  # one that breaks off fails this attempt, just below
         except <the client's transport errors> as exc:
             error = classify(exc)          # the driver's own classifier: an UpstreamError
             wait = call.failed(error, <the request may have reached the upstream>)
@@ -220,6 +222,34 @@ class Call:
         if wait < 0.0:
             self._record(None, error.proxy_error)
         return wait
+
+    def reads_ahead(self, status: int, length: bytes | None) -> bool:
+        """Whether the driver should read this answer's body within the attempt, before
+        :meth:`answered`, for a caller that reads the whole body anyway.
+
+        Then a body that breaks off or stalls is this attempt's failure (:meth:`failed`),
+        retried like any other, instead of the caller's after the call has ended. Only
+        for a success that a retry could replace (a replayable request, attempts left, not
+        a probe) and whose ``Content-Length`` (``length``, as sent; None if there is none)
+        is at most ``retry.buffer_body_bytes``: a body of unknown length (a server-sent
+        event stream, a chunked download) keeps streaming to the caller.
+        """
+        policy = self.policy
+        retry = policy.retry
+        limit = retry.buffer_body_bytes
+        if (
+            not limit
+            or self.attempt >= retry.attempts
+            or self.probe
+            or self.streaming
+            or status in policy.failure_statuses
+        ):
+            return False
+        # ASCII digits only (bytes.isdigit), and few enough for int(); a malformed length
+        # is httpcore's to refuse, as the failure it is.
+        if length is None or len(length) > 18 or not length.isdigit() or int(length) > limit:
+            return False
+        return request_is_replayable(retry, self.method, self.headers)
 
     def answered(self, status: int, headers: HeaderLookup, complete: bool) -> float:
         """The attempt got a response with ``status`` and ``headers``: what to do with it.

@@ -27,8 +27,10 @@ __all__ = [
     "AsyncGuardedStream",
     "GuardedStream",
     "adrain",
+    "aread_ahead",
     "aread_capped",
     "drain",
+    "read_ahead",
     "read_capped",
 ]
 
@@ -138,6 +140,46 @@ class AsyncGuardedStream(_Settling, httpx.AsyncByteStream):
             await self._inner.aclose()
         finally:
             self._closed()
+
+
+# --- bodies read within the attempt ---------------------------------------------------------
+
+
+def read_ahead(response: httpx.Response) -> bool:
+    """Read a success's body within its attempt (the call core's ``reads_ahead``).
+
+    A body that breaks off or stalls raises its transport error here, where the driver
+    handles it as the attempt's failure; one that arrives whole is handed on from memory,
+    still encoded: httpx decodes it for the caller as before. True when that decoding
+    cannot fail (no ``Content-Encoding``), so the call is settled now; otherwise it is
+    settled by the guarded stream, which counts a corrupt encoding as the upstream's.
+    """
+    stream: httpx.SyncByteStream = response.stream  # type: ignore[assignment]
+    try:
+        body = b"".join(stream)
+    finally:
+        stream.close()  # the connection goes back to the pool, or away after a failure
+    response.stream = httpx.ByteStream(body)
+    return _identity(response)
+
+
+async def aread_ahead(response: httpx.Response) -> bool:
+    stream: httpx.AsyncByteStream = response.stream  # type: ignore[assignment]
+    try:
+        body = b"".join([chunk async for chunk in stream])
+    finally:
+        await stream.aclose()
+    response.stream = httpx.ByteStream(body)
+    return _identity(response)
+
+
+def _identity(response: httpx.Response) -> bool:
+    # httpx's raw header list (raw name, lower-cased name, value), as transport.py reads
+    # Content-Length: Headers.get() would decode every header to find one.
+    for _, name, _value in response.headers._list:  # noqa: SIM110 - all() adds a generator
+        if name == b"content-encoding":
+            return False
+    return True
 
 
 # --- failure bodies ------------------------------------------------------------------------

@@ -25,6 +25,8 @@ __all__ = [
     "Settings",
     "SettingsModel",
     "ShedSettings",
+    "StateBackend",
+    "StateSettings",
     "StatusSettings",
     "UpstreamSettings",
     "WindowKind",
@@ -41,11 +43,17 @@ Rate = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 HttpStatus = Annotated[int, Field(ge=100, le=599)]
 # A status worth retrying is an error: a 2xx/3xx answer is the call having worked.
 RetryStatus = Annotated[int, Field(ge=400, le=599)]
+# A body read ahead is held in memory by each call in flight: beyond this it is a typo.
+MAX_BUFFER_BODY_BYTES: Final = 64 * 1024 * 1024
 # Slots are counted, not allocated, but a limit beyond any real concurrency is a typo.
 MAX_CONCURRENT: Final = 1_000_000
 HttpMethod = Annotated[str, Field(pattern=r"^[A-Za-z]+$", max_length=32)]
 Priority = Literal["critical", "normal", "sheddable"]
 WindowKind = Literal["count", "time"]
+StateBackend = Literal["local", "redis"]
+# The store's Redis timeouts: bounded because a request never waits on them, but a probe
+# admission (rare) and the background thread do, and a long one only hides an outage.
+StoreSeconds = Annotated[float, Field(gt=0, le=5.0, allow_inf_nan=False)]
 
 # The cap of a re-opening breaker's open time when the settings leave it unset (and
 # open_seconds is shorter): also the longest a recovered upstream waits to be noticed.
@@ -88,6 +96,13 @@ class RetrySettings(SettingsModel):
     respect_retry_after: bool = Field(True, description="Never retry before Retry-After.")
     max_retry_after: NonNegativeSeconds = Field(
         30.0, description="A longer upstream Retry-After fails fast instead of waiting."
+    )
+    buffer_body_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        le=MAX_BUFFER_BODY_BYTES,
+        description="Read a retryable response body of at most this Content-Length within "
+        "the attempt, so that a body that breaks off is retried (0 = never).",
     )
 
 
@@ -206,6 +221,32 @@ class BrandSettings(SettingsModel):
     status_url: str | None = Field(None, description="The public status page.")
     template_dir: str | None = Field(None, description="Directory of Jinja2 overrides.")
     lang: str = Field("en", pattern=r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$")
+    home_url: str = Field("/", description="http(s) URL or /path: the page's way back.")
+    problem_base_url: str | None = Field(
+        None, description='Base of problem+json "type" URIs; unset: "about:blank".'
+    )
+    languages: list[str] | None = Field(
+        None, max_length=100, description="Languages offered by Accept-Language; unset: all."
+    )
+    strings: dict[str, dict[str, str]] = Field(
+        {}, description="Per language, page strings that replace the built-in ones."
+    )
+
+
+class StateSettings(SettingsModel):
+    """``[state]``: where breaker, retry budget and manual-control state live."""
+
+    backend: StateBackend = Field(
+        "local", description='"local": per process; "redis": shared by the fleet.'
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="redis://, rediss:// or unix:// URL."
+    )
+    key_prefix: str | None = Field(
+        None, max_length=200, description='Prefix of every key; unset: "gateway_guard:SERVICE".'
+    )
+    connect_timeout: StoreSeconds = Field(0.5, description="Seconds to connect to Redis.")
+    command_timeout: StoreSeconds = Field(0.25, description="Seconds for one Redis command.")
 
 
 # A path the middleware serves itself: absolute, plain characters, no query or fragment.
@@ -251,3 +292,4 @@ class Settings(SettingsModel):
     routes: list[RouteSettings] = []
     status: StatusSettings = StatusSettings()
     health: HealthSettings = HealthSettings()
+    state: StateSettings = StateSettings()

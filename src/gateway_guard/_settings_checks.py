@@ -9,11 +9,13 @@ where it was written.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ._languages import check_languages
 from ._schema import CallSettings, RouteSettings, Settings, SettingsModel, ShedSettings
 from ._settings_errors import show
 from .errors import SettingsProblem
@@ -104,6 +106,14 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
         add("brand.name", f"must be one line without control characters, got {show(brand.name)}")
     if brand.template_dir is not None and not Path(brand.template_dir).is_dir():
         add("brand.template_dir", f"is not a directory: {show(brand.template_dir)}")
+    if why := _url_problem(brand.home_url, allow_path=True):
+        add("brand.home_url", why)
+    if brand.problem_base_url is not None and (
+        why := _url_problem(brand.problem_base_url, allow_path=False)
+    ):
+        add("brand.problem_base_url", why)
+    for path, message in check_languages(brand):
+        add(path, message)
 
     _check_call(settings.defaults, "defaults", problems)
     for name, upstream in settings.upstreams.items():
@@ -154,6 +164,7 @@ def check_settings(settings: Settings) -> list[SettingsProblem]:
                 add(f"{where}.shed.exempt", "exempt paths are app-wide: set them in [shed]")
             _check_shed(route.shed, f"{where}.shed", problems)
         check_route_calls(settings, route, where, problems)
+    _check_state(settings, problems)
     # Several routes x upstreams can report the same problem; say each once.
     return list(dict.fromkeys(problems))
 
@@ -169,6 +180,63 @@ def check_route_calls(
         merged = merge_route(base, route)
         suffix = f" (for upstream {name!r})" if name else ""
         _check_call(merged, where, problems, suffix=suffix, owner=route)
+
+
+def _redis_url_problem(value: str) -> str | None:
+    """Why ``value`` is not a Redis URL redis-py accepts, or None (checked without redis-py,
+    so a bad URL is named at startup even where the extra is not installed). The error
+    shows the URL without its password: startup errors end up in logs."""
+    shown = show(_without_password(value))
+    if _LINE_BREAK.search(value) or " " in value:
+        return f"must not contain spaces or control characters, got {shown}"
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError:
+        return f"has an invalid port (1-65535), got {shown}"
+    scheme = parts.scheme.lower()
+    if scheme == "unix":
+        return None if parts.path else f"must name a socket path, got {shown}"
+    if scheme not in ("redis", "rediss"):
+        return f"must be a redis://, rediss:// or unix:// URL, got {shown}"
+    if not parts.hostname:
+        return f"must name a host, got {shown}"
+    if port == 0:
+        return f"has an invalid port (1-65535), got {shown}"
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        return f"database must be a number (redis://host:6379/0), got {shown}"
+    return None
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else f"{scheme}://***@{host}"
+
+
+def _check_state(settings: Settings, problems: list[SettingsProblem]) -> None:
+    state = settings.state
+    if why := _redis_url_problem(state.redis_url):
+        problems.append(SettingsProblem("state.redis_url", why))
+    if state.key_prefix is not None and (not state.key_prefix or _CONTROL.search(state.key_prefix)):
+        problems.append(
+            SettingsProblem(
+                "state.key_prefix",
+                f"must be non-empty, without spaces or control characters, got "
+                f"{show(state.key_prefix)}",
+            )
+        )
+    if state.backend == "redis" and importlib.util.find_spec("redis") is None:
+        problems.append(
+            SettingsProblem(
+                "state.backend",
+                "\"redis\" needs redis-py: pip install 'gateway-guard[redis]'",
+            )
+        )
 
 
 def _check_shed(shed: ShedSettings, where: str, problems: list[SettingsProblem]) -> None:

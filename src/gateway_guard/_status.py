@@ -84,11 +84,10 @@ def status_data(guard: Guard, *, errors: int = 20) -> dict[str, Any]:
     """The status page's JSON: service, upstreams, routes (``"*"`` is the whole app) and
     the newest ``errors`` gateway errors."""
     settings = guard.settings
-    state = getattr(settings, "state", None)  # [state] arrives with the fleet backend
     recent = guard.recent_errors
     return {
         "service": settings.service,
-        "backend": str(getattr(state, "backend", "local")),
+        "backend": settings.state.backend,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "upstreams": {name: _upstream(guard, name) for name in guard.upstreams},
         "routes": _routes(guard),

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import jinja2
 
 from ._colours import PALETTE, ink
-from ._copy import CAUTION, COPY, Page, duration_words
+from ._copy import ENGLISH_WORDS, Page
 from ._hygiene import COLOUR_RE, SAFE_URL_RE
 from ._schema import BrandSettings
 
@@ -42,6 +42,7 @@ _SAMPLE_DETAILS: Final[Mapping[str, Any]] = {
     "elapsed_ms": 1.0,
     "exception": "LoadShedError: sample",
 }
+_NO_SPACE_LANGUAGES = frozenset({"ja", "zh", "th", "lo", "km", "my"})
 _CSP_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?")
 # What a Settings built directly may carry instead of a colour: the schema's default.
 _DEFAULT_ACCENT: Final[str] = BrandSettings.model_fields["accent_color"].default
@@ -61,7 +62,7 @@ def static_context(brand: BrandSettings, debug: bool, problems: list[str]) -> di
         logger.warning("gateway_guard: %s", problems[-1])
         accent = _DEFAULT_ACCENT
     urls: dict[str, str | None] = {}
-    for key in ("logo_url", "support_url", "status_url"):
+    for key in ("logo_url", "support_url", "status_url", "home_url"):
         url = getattr(brand, key)
         if url is not None and not SAFE_URL_RE.fullmatch(url):
             problems.append(f"brand.{key}: not an http(s) URL or /path, left out: {url!r}")
@@ -69,7 +70,6 @@ def static_context(brand: BrandSettings, debug: bool, problems: list[str]) -> di
             url = None
         urls[key] = url or None
     return {
-        "lang": brand.lang,
         "brand_name": brand.name,
         **urls,
         "accent_color": accent,
@@ -83,21 +83,39 @@ def static_context(brand: BrandSettings, debug: bool, problems: list[str]) -> di
 def page_context(
     static: Mapping[str, Any], page: Page, rid: str, ts: str, iso: str
 ) -> dict[str, Any]:
-    """Everything the template is given for ``page``, request ``rid`` at time ``ts``."""
-    heading, message = COPY[page.situation]
+    """Everything the template is given for ``page``, request ``rid`` at time ``ts``.
+
+    ``t`` is every string of the page's language (:data:`gateway_guard._copy.ENGLISH`'s
+    keys); the sentences with values in them come ready, and ``reference_parts`` splits
+    the reference sentence around its ``{reference}`` and ``{time}`` (which the page
+    marks up), so a translation may put them in any order.
+    """
+    words = page.words
     return {
         **static,
+        "lang": words.tag,
+        "dir": words.dir,
+        "t": words.strings,
         "status": page.status,
         "status_phrase": page.status_phrase,
+        "error_code": (
+            words["error_code"]
+            .replace("{status}", str(page.status))
+            .replace("{phrase}", page.status_phrase)
+        ),
         "situation": page.situation,
-        "heading": heading,
-        "message": message,
+        "heading": page.heading,
+        "message": page.message,
         "advice": page.advice,
-        "caution": CAUTION if page.caution else None,
+        "caution": words["caution"] if page.caution else None,
+        "resubmit": words["resubmit"] if page.resubmit else None,
         "retry_after": page.retry_after,
         "retry_after_text": (
-            duration_words(page.retry_after) if page.retry_after is not None else None
+            words.duration(page.retry_after) if page.retry_after is not None else None
         ),
+        "reference_parts": _parts(words["reference"]),
+        # Japanese and Chinese put no space between sentences.
+        "sentence_gap": "" if words.tag.split("-")[0].lower() in _NO_SPACE_LANGUAGES else " ",
         "retry_link": page.retry_link,
         "proxy_error": page.proxy_error,
         "received_status": page.received_status,
@@ -106,6 +124,24 @@ def page_context(
         "timestamp_iso": iso,
         "details": page.details,
     }
+
+
+def _parts(sentence: str) -> list[tuple[str, str]]:
+    """``sentence`` as (kind, text) parts: ``text`` parts, and ``reference``/``time`` slots."""
+    parts: list[tuple[str, str]] = []
+    rest = sentence
+    while rest:
+        starts = [(rest.find(f"{{{name}}}"), name) for name in ("reference", "time")]
+        found = [(at, name) for at, name in starts if at >= 0]
+        if not found:
+            parts.append(("text", rest))
+            break
+        at, name = min(found)
+        if at:
+            parts.append(("text", rest[:at]))
+        parts.append((name, ""))
+        rest = rest[at + len(name) + 2 :]
+    return parts
 
 
 def load_template(
@@ -166,6 +202,8 @@ def _smoke_test(template: jinja2.Template, static: Mapping[str, Any]) -> None:
         caution=True,
         app=False,
         details=_SAMPLE_DETAILS,
+        words=ENGLISH_WORDS,
+        resubmit=True,
     )
     template.render(page_context(static, page, "sample-request-id", "2000-01-01 00:00:00 UTC", ""))
 

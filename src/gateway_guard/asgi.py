@@ -14,6 +14,7 @@ from .context import reset_context, set_context
 from .guard import Guard
 from .inbound import (
     REQUEST_ID,
+    Wants,
     admit_async,
     as_upstream_error,
     log_gateway_error,
@@ -81,7 +82,8 @@ class GatewayGuardMiddleware:
         if not try_admit(ctx):
             refusal = await admit_async(ctx)
             if refusal is not None:
-                await _send_page(send, respond(ctx, refusal, _accept(scope), method))
+                wants = Wants.from_asgi(scope["headers"])
+                await _send_page(send, respond(ctx, refusal, wants, method))
                 return
 
         started = replaced = False
@@ -107,7 +109,8 @@ class GatewayGuardMiddleware:
                 message["headers"] = [*headers, (_REQUEST_ID, decision.encode())]
                 return send(message)
             replaced = True
-            return _send_page(send, respond(ctx, decision, _accept(scope), method))
+            wants = Wants.from_asgi(scope["headers"])
+            return _send_page(send, respond(ctx, decision, wants, method))
 
         token = set_context(ctx)
         try:
@@ -122,7 +125,7 @@ class GatewayGuardMiddleware:
                 # response instead of a truncated one that looks whole.
                 log_gateway_error(ctx, error, started=True)
                 return
-            await _send_page(send, respond(ctx, error, _accept(scope), method))
+            await _send_page(send, respond(ctx, error, Wants.from_asgi(scope["headers"]), method))
         finally:
             reset_context(token)
             release(ctx)
@@ -142,12 +145,6 @@ def _with_request_id(scope: Scope, request_id: str) -> Scope:
     headers = [(k, v) for k, v in scope["headers"] if k != _REQUEST_ID]
     headers.append((_REQUEST_ID, request_id.encode()))
     return {**scope, "headers": headers}
-
-
-def _accept(scope: Scope) -> str | None:
-    """The request's Accept field; repeated field lines form one list (RFC 9110 §5.3)."""
-    values = [value for name, value in scope["headers"] if name == b"accept"]
-    return b", ".join(values).decode("latin-1") if values else None
 
 
 async def _dropped() -> None:

@@ -57,16 +57,17 @@ import math
 import random as _random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeAlias, TypeVar
+from typing import Protocol, TypeAlias, TypeVar
 
 from gateway_guard import _fork
 from gateway_guard.errors import CircuitOpenError
 from gateway_guard.policy import BreakerPolicy
 
-__all__ = ["BreakerSnapshot", "BreakerState", "CircuitBreaker"]
+__all__ = ["BreakerSnapshot", "BreakerState", "CircuitBreaker", "Transition"]
 
 logger = logging.getLogger("gateway_guard")
 
@@ -114,6 +115,49 @@ StateListener: TypeAlias = Callable[["CircuitBreaker", BreakerState, BreakerStat
 
 CallListener: TypeAlias = Callable[["CircuitBreaker", CallOutcome, float], None]
 """``fn(breaker, outcome, duration)``, called for every reported call and every rejection."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One state change of a breaker, as :meth:`CircuitBreaker.subscribe` callbacks see it.
+
+    ``reason`` says what caused it: ``"failure_rate"`` (the window's rates reached a
+    threshold), ``"timeouts"`` (the consecutive-timeouts trigger), ``"open_elapsed"`` (the
+    open time ran out), ``"probes_failed"`` / ``"probes_passed"`` (the half-open probes
+    judged), ``"force_open"``, ``"force_closed"``, ``"disable"``, ``"reset"`` (by hand), or
+    ``"fleet"`` (adopted from the fleet's shared state, see docs/deployment.md). ``at`` is
+    wall-clock time (``time.time()``).
+    """
+
+    upstream: str
+    old: BreakerState
+    new: BreakerState
+    reason: str
+    at: float
+
+
+TransitionCallback: TypeAlias = Callable[[Transition], None]
+
+# (old, new, reason): what a locked operation hands to _notify_state once it has let go.
+_Change: TypeAlias = tuple[BreakerState, BreakerState, str]
+
+
+class FleetHook(Protocol):
+    """What a breaker asks of a fleet-wide state store (``[state] backend = "redis"``).
+
+    Only half-open probes touch it, so a closed breaker's calls never do."""
+
+    def take_probe(self, upstream: str) -> bool | None:
+        """A fleet-wide probe slot: True taken, False none left, None decide locally."""
+
+    def probe_reported(self, upstream: str, failed: bool, slow: bool) -> None:
+        """A probe's outcome, to be added to the fleet's (must not block)."""
+
+    def probe_returned(self, upstream: str) -> None:
+        """A probe slot given back unused (must not block: called under the lock)."""
+
+    def manual(self, upstream: str, reason: str) -> None:
+        """An operator's action that changed nothing here, for the rest of the fleet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,12 +352,17 @@ class CircuitBreaker:
         "_failure_rate",
         "_failure_status",
         "_fast",
+        "_fleet",
+        "_fleet_probes",
         "_half_open_calls",
         "_lock",
         "_max_open_seconds",
         "_min_calls",
         "_open_seconds",
         "_open_until",
+        "_peer_calls",
+        "_peer_failures",
+        "_peer_slow",
         "_probe_failures",
         "_probe_results",
         "_probe_slow",
@@ -327,6 +376,7 @@ class CircuitBreaker:
         "_state_listeners",
         "_streak",
         "_streak_since",
+        "_subscribers",
         "_window",
         "name",
         "passing",
@@ -374,6 +424,13 @@ class CircuitBreaker:
         self._counts = self._window if isinstance(self._window, _CountWindow) else None
         self._state_listeners: tuple[StateListener, ...] = ()
         self._call_listeners: tuple[CallListener, ...] = ()
+        self._subscribers: tuple[TransitionCallback, ...] = ()
+        # Fleet mode only (see gateway_guard._fleet): the other processes' window counts,
+        # added to this window's when judging the rates, and the fleet's probe results of
+        # the current half-open spell. All zero, and the hook None, in local mode.
+        self._fleet: FleetHook | None = None
+        self._peer_calls = self._peer_failures = self._peer_slow = 0
+        self._fleet_probes = (0, 0, 0)
         self._open_until = 0.0
         self._consecutive_opens = 0
         # The half-open spell: its number (the token its probes carry), the probe slots
@@ -425,7 +482,7 @@ class CircuitBreaker:
         return self._admit_slow()
 
     def _admit_slow(self) -> int:
-        changed: tuple[BreakerState, BreakerState] | None = None
+        changed: _Change | None = None
         retry_after: float | None = None
         with self._lock:
             owed = self._drain() if self._dropped else 0
@@ -437,7 +494,7 @@ class CircuitBreaker:
                 now = self._clock()
                 if state is _OPEN and now >= self._open_until:
                     # Half-open is entered lazily, by the first caller after the open time.
-                    changed = self._set_state(_HALF_OPEN)
+                    changed = self._set_state(_HALF_OPEN, "open_elapsed")
                     state = _HALF_OPEN
                 admitted = state is _HALF_OPEN and self._probes < self._half_open_calls
                 if admitted:
@@ -454,7 +511,16 @@ class CircuitBreaker:
         if state is _CLOSED or state is _DISABLED:
             return False
         if admitted:
-            return token
+            fleet = self._fleet
+            # The probe slot is held locally while the fleet is asked (one round trip,
+            # outside the lock: probes are rare, calls in CLOSED never get here).
+            if fleet is None or fleet.take_probe(self.name) is not False:
+                return token
+            with self._lock:
+                # The fleet had no token for it: free the local slot, and only that.
+                if token == self._spell and self._probes > self._probe_results:
+                    self._probes -= 1
+            retry_after = HALF_OPEN_RETRY_AFTER
         if self._call_listeners:
             self._notify_call(CallOutcome.REJECTED, 0.0)
         raise CircuitOpenError(
@@ -484,7 +550,7 @@ class CircuitBreaker:
                     # It may have replaced the window's last failure.
                     self._check_quiet()
                     return
-                changed = self._trip()
+                changed = self._trip("failure_rate")
             if changed is not None:
                 self._notify_state(*changed)
             return
@@ -519,14 +585,14 @@ class CircuitBreaker:
         still feeds the consecutive-timeouts trigger. A probe gives its slot back (the
         retry is admitted afresh). Call listeners hear a failure, as for any failed attempt.
         """
-        changed: tuple[BreakerState, BreakerState] | None = None
+        changed: _Change | None = None
         with self._lock:
             owed = self._drain() if self._dropped else 0
             state = self._state
             if state is _CLOSED:
                 if timeout:
                     if self._timed_out(duration):
-                        changed = self._trip()
+                        changed = self._trip("timeouts")
                 elif self._streak:
                     self._end_streak()
             elif state is _HALF_OPEN:
@@ -565,7 +631,8 @@ class CircuitBreaker:
             self._dropped.append(probe)
 
     def _record(self, code: int, duration: float, probe: int, timeout: bool) -> None:
-        changed: tuple[BreakerState, BreakerState] | None = None
+        changed: _Change | None = None
+        reported = False
         with self._lock:
             owed = self._drain() if self._dropped else 0
             state = self._state
@@ -574,8 +641,10 @@ class CircuitBreaker:
             if state is _CLOSED:
                 # A probe reported after a manual close is just a call made while closed.
                 over = self._window.add(code) and self._over_threshold()
-                if over or (timeout and self._timed_out(duration)):
-                    changed = self._trip()
+                if over:
+                    changed = self._trip("failure_rate")
+                elif timeout and self._timed_out(duration):
+                    changed = self._trip("timeouts")
                 else:
                     if self._streak and not timeout:
                         self._end_streak()  # an answer, or another kind of failure
@@ -584,11 +653,14 @@ class CircuitBreaker:
                 self._probe_results += 1
                 self._probe_failures += code & _FAIL
                 self._probe_slow += code >> 1
+                reported = self._fleet is not None
                 changed = self._judge_probes()
             # Otherwise a call admitted before the breaker opened (or a probe of an earlier
             # half-open spell) finished late: it says nothing about the upstream now.
         if owed:
             self._pay(owed)
+        if reported and self._fleet is not None:
+            self._fleet.probe_reported(self.name, bool(code & _FAIL), bool(code >> 1))
         if changed is not None:
             self._notify_state(*changed)
         if self._call_listeners:
@@ -608,6 +680,8 @@ class CircuitBreaker:
             and self._probes > self._probe_results
         ):
             self._probes -= 1
+            if self._fleet is not None:
+                self._fleet.probe_returned(self.name)
 
     def _drain(self) -> int:
         """Settle what finalisers queued; the number of call listeners' IGNORED owed.
@@ -652,60 +726,69 @@ class CircuitBreaker:
         self._fast = self._state is _CLOSED and not self._call_listeners
         self._check_quiet()
 
-    def _judge_probes(self) -> tuple[BreakerState, BreakerState] | None:
+    def _judge_probes(self) -> _Change | None:
         # The spell is judged by its probes' rates against the thresholds, as the window
         # is: one failed probe of three no longer re-opens a breaker whose upstream answers
         # most calls. Rates are over all half_open_calls probes, so a re-open is decided
         # as soon as it is certain, a close once every probe has reported.
+        # In fleet mode this process's probes are a subset of the fleet's (whose totals
+        # _fleet_probes holds), so a decision either set of counts makes is the fleet's.
         n = self._half_open_calls
-        failures = self._probe_failures
-        slow = self._probe_slow
+        results, failures, slow = self._fleet_probes
+        failures = max(failures, self._probe_failures)
+        slow = max(slow, self._probe_slow)
         if (failures and failures / n >= self._failure_rate) or (
             self._slow_trips and slow and slow / n >= self._slow_call_rate
         ):
-            return self._open()
-        if self._probe_results >= n:
+            return self._open("probes_failed")
+        if max(results, self._probe_results) >= n:
             self._window.clear()
             self._consecutive_opens = 0
-            return self._set_state(_CLOSED)
+            return self._set_state(_CLOSED, "probes_passed")
         return None
 
     # --- transitions (all called with the lock held) -------------------------------------
 
     def _over_threshold(self) -> bool:
         window = self._window
-        calls = window.calls
+        # The peers' counts are zero in local mode; in fleet mode the rates are the
+        # fleet's, so one sick process among healthy ones does not open the breaker.
+        calls = window.calls + self._peer_calls
         if calls < self._min_calls:
             return False
         # Division, not a precomputed count: failures / calls is correctly rounded, so a
         # rate exactly at the threshold (3 of 10 against 0.3) compares equal, as documented.
         # A window with no failures never trips on failures, even at failure_rate 0.
-        failures = window.failures
+        failures = window.failures + self._peer_failures
         if failures and failures / calls >= self._failure_rate:
             return True
-        slow = window.slow
+        slow = window.slow + self._peer_slow
         return self._slow_trips and slow > 0 and slow / calls >= self._slow_call_rate
 
-    def _trip(self) -> tuple[BreakerState, BreakerState] | None:
+    def _trip(self, reason: str) -> _Change | None:
         # Another thread may have opened (or disabled) the breaker between this call's
         # fast-path check and taking the lock.
         if self._state is not _CLOSED:
             return None
-        return self._open()
+        return self._open(reason)
 
-    def _open(self) -> tuple[BreakerState, BreakerState]:
-        reopens = self._consecutive_opens
-        self._consecutive_opens = reopens + 1
+    def _open_wait(self, reopens: int) -> float:
+        """How long the breaker stays open after ``reopens`` earlier consecutive opens."""
         # min() on the exponent keeps 2.0 ** n finite however long the upstream stays down.
         wait = min(self._open_seconds * 2.0 ** min(reopens, 64), self._max_open_seconds)
         if reopens:
             # Jitter only downwards, so the cap is a promise; it spreads the probes of many
             # processes that opened together. The first open stays exact and predictable.
             wait *= 1.0 - 0.2 * self._random()
-        self._open_until = self._clock() + wait
-        return self._set_state(_OPEN)
+        return wait
 
-    def _set_state(self, new: BreakerState) -> tuple[BreakerState, BreakerState]:
+    def _open(self, reason: str) -> _Change:
+        reopens = self._consecutive_opens
+        self._consecutive_opens = reopens + 1
+        self._open_until = self._clock() + self._open_wait(reopens)
+        return self._set_state(_OPEN, reason)
+
+    def _set_state(self, new: BreakerState, reason: str) -> _Change:
         old = self._state
         self._state = new
         self.passing = new is _CLOSED or new is _DISABLED
@@ -714,8 +797,12 @@ class CircuitBreaker:
         self._check_quiet()
         if new is _HALF_OPEN:
             self._spell += 1
+        elif new is _CLOSED:
+            # A fresh window, fleet-wide too: the peers' old counts must not re-trip it.
+            self._peer_calls = self._peer_failures = self._peer_slow = 0
         self._probes = self._probe_results = self._probe_failures = self._probe_slow = 0
-        return old, new
+        self._fleet_probes = (0, 0, 0)
+        return old, new, reason
 
     def _check_quiet(self) -> None:
         # Called with the lock held after every change of the window, the state or the
@@ -734,36 +821,102 @@ class CircuitBreaker:
 
     def force_open(self) -> None:
         """Reject every call until :meth:`force_closed`, :meth:`reset` or :meth:`disable`."""
-        self._manual(_FORCED_OPEN)
+        self._manual(_FORCED_OPEN, "force_open")
 
     def disable(self) -> None:
         """Admit every call and count nothing, until :meth:`force_closed` or :meth:`reset`."""
-        self._manual(_DISABLED)
+        self._manual(_DISABLED, "disable")
 
     def force_closed(self) -> None:
         """Return to normal operation from any state: CLOSED, with a fresh window.
 
         Also switches on a breaker whose policy has ``enabled = false``.
         """
-        self._manual(_CLOSED)
+        self._manual(_CLOSED, "force_closed")
 
     def reset(self) -> None:
         """As new: the policy's starting state (CLOSED, or DISABLED when the settings say
         ``enabled = false``), an empty window, re-open count zero. Resetting every breaker
         must never switch on one the configuration turned off."""
-        self._manual(_CLOSED if self.policy.enabled else _DISABLED, fresh=True)
+        self._manual(_CLOSED if self.policy.enabled else _DISABLED, "reset", fresh=True)
 
-    def _manual(self, new: BreakerState, *, fresh: bool = False) -> None:
+    def _manual(self, new: BreakerState, reason: str, *, fresh: bool = False) -> None:
         with self._lock:
             owed = self._drain() if self._dropped else 0
             if fresh or new is _CLOSED:
                 self._window.clear()
                 self._consecutive_opens = 0
-            old, _ = self._set_state(new)
+            old, _, _ = self._set_state(new, reason)
         if owed:
             self._pay(owed)
         if old is not new:
-            self._notify_state(old, new)
+            self._notify_state(old, new, reason)
+        elif self._fleet is not None:
+            # Not a change here, but maybe one elsewhere in the fleet: an operator's
+            # action must reach every process even if this one already agreed.
+            self._fleet.manual(self.name, reason)
+
+    # --- the fleet (``[state] backend = "redis"``; see gateway_guard._fleet) -------------
+
+    def attach_fleet(self, hook: FleetHook | None) -> None:
+        """Have half-open probes take their slots from ``hook`` (None: local again)."""
+        with self._lock:
+            self._fleet = hook
+            if hook is None:
+                self._peer_calls = self._peer_failures = self._peer_slow = 0
+
+    def set_peer_counts(self, calls: int, failures: int, slow: int) -> None:
+        """The other processes' window counts, added to this one's when judging rates.
+
+        Opens the breaker when the fleet's rates now reach a threshold."""
+        changed: _Change | None = None
+        with self._lock:
+            self._peer_calls, self._peer_failures, self._peer_slow = calls, failures, slow
+            if self._state is _CLOSED and (failures or slow):
+                self._window.refresh()
+                if self._over_threshold():
+                    changed = self._trip("failure_rate")
+        if changed is not None:
+            self._notify_state(*changed)
+
+    def set_fleet_probes(self, results: int, failures: int, slow: int) -> None:
+        """The fleet's probe outcomes of the current half-open spell; judges them."""
+        changed: _Change | None = None
+        with self._lock:
+            if self._state is _HALF_OPEN:
+                self._fleet_probes = (results, failures, slow)
+                changed = self._judge_probes()
+        if changed is not None:
+            self._notify_state(*changed)
+
+    def adopt(
+        self, state: BreakerState, open_remaining: float = 0.0, consecutive_opens: int = 0
+    ) -> None:
+        """Take on a state the fleet decided elsewhere (reason ``"fleet"``).
+
+        ``open_remaining``: seconds until an OPEN breaker may probe; HALF_OPEN is adopted
+        as OPEN with nothing remaining, so the next admit starts this process's part of
+        the fleet's probing."""
+        changed: _Change | None = None
+        with self._lock:
+            owed = self._drain() if self._dropped else 0
+            current = self._state
+            if state is _OPEN or state is _HALF_OPEN:
+                self._consecutive_opens = consecutive_opens
+                if not (state is _HALF_OPEN and current is _HALF_OPEN):
+                    remaining = max(0.0, open_remaining) if state is _OPEN else 0.0
+                    self._open_until = self._clock() + remaining
+                    if current is not _OPEN:
+                        changed = self._set_state(_OPEN, "fleet")
+            elif current is not state:
+                if state is _CLOSED:
+                    self._window.clear()
+                    self._consecutive_opens = 0
+                changed = self._set_state(state, "fleet")
+        if owed:
+            self._pay(owed)
+        if changed is not None:
+            self._notify_state(*changed)
 
     # --- reading -------------------------------------------------------------------------
 
@@ -868,7 +1021,38 @@ class CircuitBreaker:
         self.times_successes = self._slow_trips or bool(self._call_listeners)
         self._check_quiet()
 
-    def _notify_state(self, old: BreakerState, new: BreakerState) -> None:
+    def subscribe(self, callback: TransitionCallback) -> Callable[[], None]:
+        """Call ``callback(transition)`` after every state change; returns ``unsubscribe``.
+
+        ``transition`` is a :class:`Transition`. Callbacks run after the breaker's lock is
+        released, on whichever thread or task caused the change; one that raises is logged
+        (once per callback) and swallowed, never propagated.
+        """
+        with self._lock:
+            self._subscribers = (*self._subscribers, callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers = _without(self._subscribers, callback)
+
+        return unsubscribe
+
+    def _notify_subscribers(self, old: BreakerState, new: BreakerState, reason: str) -> None:
+        transition = Transition(self.name, old, new, reason, time.time())
+        for callback in self._subscribers:
+            try:
+                callback(transition)
+            except Exception:
+                if callback not in _failed_callbacks:
+                    _failed_callbacks.add(callback)
+                    logger.exception(
+                        "circuit breaker %r: transition callback %r failed", self.name, callback
+                    )
+
+    def _notify_state(self, old: BreakerState, new: BreakerState, reason: str = "") -> None:
+        if self._subscribers:
+            self._notify_subscribers(old, new, reason)
         # The tuple is replaced, never mutated, so iterating it needs no lock.
         for listener in self._state_listeners:
             try:
@@ -896,6 +1080,10 @@ class CircuitBreaker:
 
 
 _T = TypeVar("_T")
+
+# Transition callbacks that raised once: logged the first time only, so a broken callback
+# cannot flood the log with a trace per transition. Weak: it never keeps one alive.
+_failed_callbacks: weakref.WeakSet[TransitionCallback] = weakref.WeakSet()
 
 
 def _without(items: tuple[_T, ...], item: _T) -> tuple[_T, ...]:

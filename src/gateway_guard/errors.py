@@ -17,12 +17,15 @@
         └── UpstreamConfigError     500  proxy_configuration_error
 
 Error types are RFC 9209's registry names; :func:`classify` picks the most specific one
-by walking an httpx exception's cause chain down to the real ``OSError`` / ``ssl`` error.
+by walking an exception's cause chain down to the real ``OSError`` / ``ssl`` error. It
+knows httpx's exceptions by class, and those of the optional clients (requests, urllib3,
+aiohttp) and http.client's by name (``_BY_NAME``), so classifying them imports none.
 """
 
 from __future__ import annotations
 
 import errno
+import http.client
 import socket
 import ssl
 from collections import deque
@@ -160,7 +163,9 @@ class UpstreamStatusError(UpstreamError):
     """The upstream answered a failure status and retries are spent.
 
     ``response`` is the last response, already read and closed (its body is available as
-    ``response.content`` for logging; it is never shown to visitors).
+    ``response.content`` for logging; it is never shown to visitors): an
+    ``httpx.Response``, or the ``requests.Response`` / ``aiohttp.ClientResponse`` of those
+    drivers (``await response.read()`` gives aiohttp's).
     """
 
     default_proxy_error = None
@@ -230,6 +235,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         if isinstance(current, BaseExceptionGroup):
             queue.extend(current.exceptions)
         queue.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        reason = getattr(current, "reason", None)  # urllib3's MaxRetryError
+        if isinstance(reason, BaseException):
+            queue.append(reason)
         if current.__cause__ is not None:
             queue.append(current.__cause__)
         if current.__context__ is not None and not current.__suppress_context__:
@@ -291,6 +299,107 @@ def _connect_error_type(exc: BaseException) -> tuple[type[UpstreamError], str]:
     return UpstreamConnectError, "connection_refused"
 
 
+# Other clients' exceptions (requests, urllib3, aiohttp), known by the qualified names of
+# their classes, so that classifying them imports none of those libraries. Looked up along
+# the exception's MRO, most derived first (urllib3's NewConnectionError is a subclass of
+# its ConnectTimeoutError). ``None``: the type says nothing, look at what it wraps;
+# ``_CONNECT``: a failed connect, named by what the chain holds (errno, ssl, resolver).
+_CONNECT = (UpstreamConnectError, "")
+_TERMINATED = (UpstreamProtocolError, "connection_terminated")
+_CONFIG = (UpstreamConfigError, "proxy_configuration_error")
+_BY_NAME: dict[str, tuple[type[UpstreamError], str] | None] = {
+    # urllib3 (2.x)
+    "urllib3.exceptions.NameResolutionError": (UpstreamConnectError, "dns_error"),
+    "urllib3.exceptions.NewConnectionError": _CONNECT,
+    "urllib3.exceptions.ConnectTimeoutError": (UpstreamTimeout, "connection_timeout"),
+    "urllib3.exceptions.ReadTimeoutError": (UpstreamTimeout, "connection_read_timeout"),
+    "urllib3.exceptions.TimeoutError": (UpstreamTimeout, "http_response_timeout"),
+    "urllib3.exceptions.SSLError": _CONNECT,
+    "urllib3.exceptions.ProxyError": (UpstreamConnectError, "destination_unavailable"),
+    "urllib3.exceptions.DecodeError": (UpstreamProtocolError, "http_response_content_coding"),
+    "urllib3.exceptions.EmptyPoolError": (LoadShedError, "connection_limit_reached"),
+    "urllib3.exceptions.LocationValueError": _CONFIG,
+    "urllib3.exceptions.ProtocolError": None,
+    "urllib3.exceptions.MaxRetryError": None,
+    # requests
+    "requests.exceptions.ConnectTimeout": (UpstreamTimeout, "connection_timeout"),
+    "requests.exceptions.ReadTimeout": (UpstreamTimeout, "connection_read_timeout"),
+    "requests.exceptions.SSLError": _CONNECT,
+    "requests.exceptions.ProxyError": (UpstreamConnectError, "destination_unavailable"),
+    "requests.exceptions.ContentDecodingError": (
+        UpstreamProtocolError,
+        "http_response_content_coding",
+    ),
+    "requests.exceptions.InvalidURL": _CONFIG,
+    "requests.exceptions.InvalidSchema": _CONFIG,
+    "requests.exceptions.MissingSchema": _CONFIG,
+    "requests.exceptions.TooManyRedirects": (UpstreamProtocolError, "http_protocol_error"),
+    "requests.exceptions.ConnectionError": None,
+    "requests.exceptions.ChunkedEncodingError": None,
+    "requests.exceptions.Timeout": (UpstreamTimeout, "http_response_timeout"),
+    # aiohttp (3.x)
+    "aiohttp.client_exceptions.ClientConnectorDNSError": (UpstreamConnectError, "dns_error"),
+    "aiohttp.client_exceptions.ClientConnectorCertificateError": (
+        UpstreamConnectError,
+        "tls_certificate_error",
+    ),
+    "aiohttp.client_exceptions.ServerFingerprintMismatch": (
+        UpstreamConnectError,
+        "tls_certificate_error",
+    ),
+    "aiohttp.client_exceptions.ClientConnectorSSLError": (
+        UpstreamConnectError,
+        "tls_protocol_error",
+    ),
+    "aiohttp.client_exceptions.ClientProxyConnectionError": (
+        UpstreamConnectError,
+        "destination_unavailable",
+    ),
+    "aiohttp.client_exceptions.ClientHttpProxyError": (
+        UpstreamConnectError,
+        "destination_unavailable",
+    ),
+    "aiohttp.client_exceptions.ClientConnectorError": _CONNECT,
+    "aiohttp.client_exceptions.ConnectionTimeoutError": (UpstreamTimeout, "connection_timeout"),
+    "aiohttp.client_exceptions.SocketTimeoutError": (UpstreamTimeout, "connection_read_timeout"),
+    "aiohttp.client_exceptions.ServerTimeoutError": (UpstreamTimeout, "connection_read_timeout"),
+    "aiohttp.client_exceptions.ServerDisconnectedError": _TERMINATED,
+    "aiohttp.client_exceptions.ClientConnectionResetError": _TERMINATED,
+    "aiohttp.client_exceptions.ClientPayloadError": None,
+    "aiohttp.client_exceptions.ClientOSError": None,
+    "aiohttp.client_exceptions.InvalidURL": _CONFIG,
+    "aiohttp.client_exceptions.NonHttpUrlClientError": _CONFIG,
+    "aiohttp.client_exceptions.TooManyRedirects": (UpstreamProtocolError, "http_protocol_error"),
+    "aiohttp.http_exceptions.ContentEncodingError": (
+        UpstreamProtocolError,
+        "http_response_content_coding",
+    ),
+    "aiohttp.http_exceptions.ContentLengthError": (
+        UpstreamProtocolError,
+        "http_response_incomplete",
+    ),
+    "aiohttp.http_exceptions.TransferEncodingError": (
+        UpstreamProtocolError,
+        "http_response_incomplete",
+    ),
+    "aiohttp.http_exceptions.HttpProcessingError": (UpstreamProtocolError, "http_protocol_error"),
+}
+_NOT_FOUND = (UpstreamError, "?")
+
+
+def _by_name(exc: BaseException) -> tuple[type[UpstreamError], str] | None:
+    """The classification of another client's exception by its class's name, ``None`` when
+    it says nothing, or ``_NOT_FOUND`` when no class of its MRO is known."""
+    for cls in type(exc).__mro__:
+        key = f"{cls.__module__}.{cls.__qualname__}"
+        if key in _BY_NAME:
+            found = _BY_NAME[key]
+            if found is _CONNECT:
+                return _connect_error_type(exc)
+            return found
+    return _NOT_FOUND
+
+
 def _was_reset(exc: BaseException) -> bool:
     return any(_is_reset(inner) for inner in _chain(exc))
 
@@ -332,6 +441,17 @@ def _classify_one(exc: BaseException) -> tuple[type[UpstreamError], str] | None:
     if isinstance(exc, httpx.LocalProtocolError):
         return UpstreamConfigError, "proxy_internal_error"
     if isinstance(exc, httpx.TooManyRedirects):
+        return UpstreamProtocolError, "http_protocol_error"
+    if not isinstance(exc, httpx.HTTPError):
+        named = _by_name(exc)
+        if named is not _NOT_FOUND:
+            return named
+    # http.client's (under requests/urllib3): RemoteDisconnected is also a reset.
+    if isinstance(exc, http.client.IncompleteRead):
+        return UpstreamProtocolError, "http_response_incomplete"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return UpstreamProtocolError, "connection_terminated"
+    if isinstance(exc, http.client.HTTPException):
         return UpstreamProtocolError, "http_protocol_error"
     if isinstance(exc, ssl.SSLError | socket.gaierror | ConnectionRefusedError) or (
         isinstance(exc, OSError) and exc.errno in _UNROUTABLE

@@ -68,6 +68,7 @@ from .guard import Guard
 from .headers import format_retry_after
 from .inbound import (
     GATEWAY_EXCEPTIONS,
+    Wants,
     as_upstream_error,
     handler_headers,
     respond,
@@ -334,7 +335,9 @@ class GatewayGuard:
         )
         # A handler the user registered for these classes already is theirs: keep it.
         app_handlers = app.error_handler_spec[None][None]
-        for exc_class in GATEWAY_EXCEPTIONS:
+        # Exception too: optional clients' failures (requests, aiohttp) are known by name
+        # only; the handler re-raises whatever is not a gateway error.
+        for exc_class in (*GATEWAY_EXCEPTIONS, Exception):
             if exc_class not in app_handlers:
                 app.register_error_handler(exc_class, _handle_gateway_error)
         app.extensions[EXTENSION_KEY] = state
@@ -497,8 +500,11 @@ def _handle_gateway_error(exc: Exception) -> ResponseReturnValue:
     choice: the error goes on as the ``UpstreamHTTPError`` for its status, through
     ``app.handle_http_exception``, exactly as a werkzeug ``BadGateway`` would.
     """
+    if isinstance(exc, HTTPException):
+        # Found as the handler for Exception: what Flask does with no handler at all.
+        return exc
     error = as_upstream_error(exc)
-    if error is None:  # pragma: no cover - registered for those classes only
+    if error is None:  # not ours (the handler for Exception): Flask's own 500, as before
         raise exc
     app = current_app
     ctx = current_context()
@@ -507,7 +513,7 @@ def _handle_gateway_error(exc: Exception) -> ResponseReturnValue:
     wrapped = ctx is not None
     if ctx is None:
         ctx = _context_without_wrapper(_state(app).guard)
-    rendered = respond(ctx, error, request.headers.get("Accept"), request.method)
+    rendered = respond(ctx, error, Wants.from_environ(request.environ), request.method)
     branded = _response(app, rendered, keep_request_id=not wrapped)
     http_error = UpstreamHTTPError.for_error(error, status=rendered.status, response=branded)
     http_error.__cause__ = error

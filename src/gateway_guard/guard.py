@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import httpx
 
@@ -23,7 +25,12 @@ from .render import ErrorRenderer
 from .retry import RetryBudget
 from .routing import Route
 from .settings import Settings, SettingsSource, load_settings
-from .transport import AsyncGuardedTransport, GuardedTransport
+from .transport import AsyncGuardedClient, AsyncGuardedTransport, GuardedClient, GuardedTransport
+
+if TYPE_CHECKING:
+    from ._aiohttp import ClientSession, GuardedMiddleware
+    from ._fleet import FleetStore
+    from ._requests import GuardedAdapter, GuardedSession
 
 __all__ = ["Guard"]
 
@@ -62,6 +69,19 @@ class UpstreamRuntime:
         self.fail_fast = self.bulkhead if isinstance(self.bulkhead, TokenLimiter) else None
         self.budget = RetryBudget.from_policy(policy.retry, clock=clock)
         self.breaker.add_listener(_log_state_change)
+
+
+def _driver(module: str, extra: str) -> ModuleType:
+    """The driver module of an optional client library, imported on first use (so that
+    ``import gateway_guard`` never imports requests or aiohttp)."""
+    try:
+        return importlib.import_module(f"gateway_guard.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.startswith("gateway_guard"):
+            raise
+        raise ModuleNotFoundError(
+            f"{exc.name} is not installed: pip install 'gateway-guard[{extra}]'", name=exc.name
+        ) from exc
 
 
 def _log_state_change(breaker: CircuitBreaker, old: BreakerState, new: BreakerState) -> None:
@@ -118,6 +138,35 @@ class Guard:
             {route.index: route.shed for route in self.policies.routes.routes},
             clock=clock,
         )
+        self._store: FleetStore | None = None
+        if self.settings.state.backend == "redis":
+            self._store = self._fleet_store()
+
+    def _fleet_store(self) -> FleetStore:
+        # Imported here, only for the Redis backend: importing gateway_guard never imports
+        # redis-py (an extra; the settings check named it at startup if it is missing).
+        from ._fleet import FleetStore, FleetUpstream  # noqa: PLC0415 - see above
+
+        store = FleetStore(
+            self.settings.state,
+            self.settings.service,
+            [
+                FleetUpstream(rt.name, rt.breaker, rt.budget, probe_timeout=rt.policy.deadline)
+                for rt in self._upstreams.values()
+            ],
+        )
+        # Connecting happens on the store's thread: Redis being down or slow never delays
+        # startup, and never a request (the breakers count locally meanwhile).
+        store.start()
+        return store
+
+    def close(self) -> None:
+        """Stop sharing state with the fleet (``[state] backend = "redis"``): the store's
+        threads and connections end, and the breakers and budgets are per process again.
+        Nothing to do for the local backend. Clients made by the Guard are the caller's."""
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
 
     def __repr__(self) -> str:
         return f"<Guard service={self.settings.service!r} upstreams={sorted(self._upstreams)}>"
@@ -211,13 +260,67 @@ class Guard:
         """
         inner = kwargs.pop("transport", None) or self._inner(kwargs, httpx.HTTPTransport)
         kwargs = self._client_kwargs(upstream, kwargs)
-        return httpx.Client(transport=self.transport(upstream, inner), **kwargs)
+        return GuardedClient(transport=self.transport(upstream, inner), **kwargs)
 
     def async_client(self, upstream: str, **kwargs: Any) -> httpx.AsyncClient:
         """A new guarded ``httpx.AsyncClient`` for ``upstream``, owned by the caller."""
         inner = kwargs.pop("transport", None) or self._inner(kwargs, httpx.AsyncHTTPTransport)
         kwargs = self._client_kwargs(upstream, kwargs)
-        return httpx.AsyncClient(transport=self.async_transport(upstream, inner), **kwargs)
+        return AsyncGuardedClient(transport=self.async_transport(upstream, inner), **kwargs)
+
+    # --- requests and aiohttp (extras: imported on first use) ---------------------------
+
+    def requests_adapter(self, upstream: str, **kwargs: Any) -> GuardedAdapter:
+        """A requests ``HTTPAdapter`` guarding calls to ``upstream``, for
+        ``session.mount(prefix, adapter)`` on a session the app already has. ``kwargs``:
+        ``pool_connections``, ``pool_maxsize``, ``pool_block``. Needs the ``requests`` extra.
+        """
+        adapter: GuardedAdapter = _driver("_requests", "requests").GuardedAdapter(
+            self.runtime(upstream), **kwargs
+        )
+        return adapter
+
+    def session(self, upstream: str, **kwargs: Any) -> GuardedSession:
+        """A new guarded ``requests.Session`` for ``upstream``, owned (and closed) by the
+        caller: relative URLs resolve against the upstream's ``base_url`` (or ``base_url=``),
+        and every request it sends is guarded. Other ``kwargs`` set the session's
+        attributes (``headers``, ``auth``, ``verify``, ``cert``, ``proxies``, ``params``...).
+        Needs the ``requests`` extra.
+        """
+        driver = _driver("_requests", "requests")
+        rt = self.runtime(upstream)
+        session: GuardedSession = driver.GuardedSession(kwargs.pop("base_url", rt.policy.base_url))
+        headers = kwargs.pop("headers", None)
+        if headers:
+            session.headers.update(headers)
+        for key, value in kwargs.items():
+            if key.startswith("_") or not hasattr(session, key):
+                session.close()
+                raise TypeError(f"session() got an unexpected keyword argument {key!r}")
+            setattr(session, key, value)
+        adapter = driver.GuardedAdapter(rt)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def aiohttp_middleware(self, upstream: str) -> GuardedMiddleware:
+        """An aiohttp client middleware guarding calls to ``upstream``, for a session the
+        app already has: ``aiohttp.ClientSession(middlewares=(mw,))``. Needs the
+        ``aiohttp`` extra (aiohttp 3.12 or later)."""
+        middleware: GuardedMiddleware = _driver("_aiohttp", "aiohttp").GuardedMiddleware(
+            self.runtime(upstream)
+        )
+        return middleware
+
+    def aiohttp_session(self, upstream: str, **kwargs: Any) -> ClientSession:
+        """A new guarded ``aiohttp.ClientSession`` for ``upstream``, owned (and closed) by
+        the caller: ``base_url`` and timeouts from the settings; any ``ClientSession``
+        argument may be given (its ``middlewares`` run inside the guard's). Needs the
+        ``aiohttp`` extra."""
+        session: ClientSession = _driver("_aiohttp", "aiohttp").session(
+            self.runtime(upstream), **kwargs
+        )
+        return session
 
     # --- any callable ------------------------------------------------------------------
 

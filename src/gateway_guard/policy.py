@@ -64,6 +64,7 @@ class RetryPolicy:
     budget_min_per_second: float = _RETRY.budget_min_per_second
     respect_retry_after: bool = _RETRY.respect_retry_after
     max_retry_after: float = _RETRY.max_retry_after
+    buffer_body_bytes: int = _RETRY.buffer_body_bytes
 
     @property
     def enabled(self) -> bool:
@@ -182,6 +183,7 @@ def _call_policy(name: str, base_url: str | None, call: CallSettings) -> CallPol
             budget_min_per_second=r.budget_min_per_second,
             respect_retry_after=r.respect_retry_after,
             max_retry_after=r.max_retry_after,
+            buffer_body_bytes=r.buffer_body_bytes,
         ),
         breaker=BreakerPolicy(
             enabled=b.enabled,

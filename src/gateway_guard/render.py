@@ -37,7 +37,7 @@ from ._bodies import plain_text, problem_json
 from ._body_cache import Entry, Markers, remember
 from ._colours import PALETTE as PALETTE
 from ._colours import contrast_ratio as contrast_ratio
-from ._copy import PHRASES, Page, app_situation, classify_method, situation_of
+from ._copy import PHRASES, Page, Words, app_situation, classify_method, situation_of
 from ._hygiene import (
     DEFAULT_503_RETRY_AFTER,
     clamp_status,
@@ -47,7 +47,8 @@ from ._hygiene import (
     retry_seconds,
     safe_str,
 )
-from ._negotiate import Media, negotiate_cached
+from ._languages import Languages
+from ._negotiate import Kind, Media, Wants, negotiate_cached
 from ._negotiate import negotiate as negotiate
 from ._schema import Settings
 from ._templates import content_security_policy, load_template, page_context, static_context
@@ -82,7 +83,9 @@ _CONTENT_TYPES: Final[Mapping[Media, str]] = {
     "text": "text/plain; charset=utf-8",
 }
 
-_Key = tuple[bool, int, str | None, int | None, int | None, Media, str]
+_Key = tuple[bool, int, str | None, int | None, int | None, Media, str, Words]
+# The body depends on both; caches (and CDNs told not to store it anyway) must know.
+_VARY: Final = "Accept, Accept-Language"
 
 
 class ErrorRenderer:
@@ -105,12 +108,14 @@ class ErrorRenderer:
         self._debug = settings.debug
         self._clock = clock
         self._cache: dict[_Key, Entry] = {}
-        self._negotiated: dict[str, Media] = {}
+        self._negotiated: dict[tuple[Kind, str], Media] = {}
         self._stamp: tuple[int, bytes, bytes, str, str] = (-1, b"", b"", "", "")
         self._last_failure_log = -math.inf
         self._failures_since_log = 0
         problems: list[str] = []
         brand = settings.brand
+        self._languages = Languages(brand)
+        self._problem_base = brand.problem_base_url
         self._static = static_context(brand, self._debug, problems)
         self._template, builtin = load_template(brand.template_dir, self._static, problems)
         # The built-in page runs no script and loads nothing but the logo: say so to the
@@ -130,9 +135,12 @@ class ErrorRenderer:
         accept: str | bytes | None = None,
         method: str = "GET",
         timings: Sequence[tuple[str, float, str | None]] = (),
+        wants: Wants | None = None,
     ) -> RenderedError:
         """The response for ``error``. Never raises: on any failure, :meth:`fallback`.
 
+        ``wants`` (the request's Accept, Accept-Language and fetch metadata) chooses the
+        body and its language; without it, ``accept`` alone chooses the body.
         ``timings`` become a ``Server-Timing`` header in debug mode only.
         """
         status = 502
@@ -145,10 +153,10 @@ class ErrorRenderer:
                 proxy_error = "proxy_internal_error"
             received = clean_received(error.received_status)
             retry = retry_seconds(error.retry_after, status)
-            media = negotiate_cached(accept, self._negotiated)
+            media, words = self._negotiate(accept, wants)
             # Only the page depends on the method (a "Try again" link, a caution).
             method_class = classify_method(method) if media == "html" else ""
-            key: _Key = (False, status, proxy_error, received, retry, media, method_class)
+            key: _Key = (False, status, proxy_error, received, retry, media, method_class, words)
             situation = situation_of(status, proxy_error, known)
             if self._debug:
                 debug_entry = self._debug_entry(error, key, situation, timings)
@@ -168,6 +176,7 @@ class ErrorRenderer:
         method: str = "GET",
         received_status: int | None = None,
         retry_after: float | None = None,
+        wants: Wants | None = None,
     ) -> RenderedError:
         """The branded response for a 502/503/504 that the app itself returned.
 
@@ -179,9 +188,9 @@ class ErrorRenderer:
         try:
             received = clean_received(received_status)
             retry = retry_seconds(retry_after, status)
-            media = negotiate_cached(accept, self._negotiated)
+            media, words = self._negotiate(accept, wants)
             method_class = classify_method(method) if media == "html" else ""
-            key: _Key = (True, status, None, received, retry, media, method_class)
+            key: _Key = (True, status, None, received, retry, media, method_class, words)
             # Cached in debug mode too: there are no per-request details to show.
             entry = self._cache.get(key) or self._fill(key, app_situation(status))
             return self._emit(entry, request_id, method)
@@ -204,7 +213,7 @@ class ErrorRenderer:
                 ("content-type", "text/plain; charset=utf-8"),
                 ("content-length", str(len(data))),
                 ("cache-control", "no-store"),
-                ("vary", "Accept"),
+                ("vary", _VARY),
                 ("x-content-type-options", "nosniff"),
                 ("x-request-id", rid),
                 ("proxy-status", proxy_status(self._service)),
@@ -222,6 +231,12 @@ class ErrorRenderer:
         return len(self._cache)
 
     # --- the hot path ---------------------------------------------------------------------
+
+    def _negotiate(self, accept: str | bytes | None, wants: Wants | None) -> tuple[Media, Words]:
+        if wants is None:
+            return negotiate_cached(accept, self._negotiated), self._languages.default
+        media = negotiate_cached(wants.accept, self._negotiated, wants.kind)
+        return media, self._languages.choose(wants.language)
 
     def _emit(self, entry: Entry, request_id: str, method: str) -> RenderedError:
         rid = clean_request_id(request_id)
@@ -267,7 +282,7 @@ class ErrorRenderer:
         self, key: _Key, situation: str, details: Mapping[str, Any] | None = None
     ) -> tuple[Page, Media]:
         """The page a cache key describes, and the media to render it in."""
-        app, status, proxy_error, received, retry, media, method_class = key
+        app, status, proxy_error, received, retry, media, method_class, words = key
         if media == "html" and self._template is None:
             media = "text"  # the built-in template failed to load: plain text still informs
         page = Page(
@@ -280,6 +295,8 @@ class ErrorRenderer:
             caution=method_class == "unsafe",
             app=app,
             details=details,
+            words=words,
+            resubmit=method_class in ("idempotent", "unsafe"),
         )
         return page, media
 
@@ -310,7 +327,8 @@ class ErrorRenderer:
         headers = [
             ("content-type", _CONTENT_TYPES[media]),
             ("cache-control", "no-store"),
-            ("vary", "Accept"),
+            ("vary", _VARY),
+            ("content-language", page.words.tag),
             ("x-content-type-options", "nosniff"),
             (
                 "proxy-status",
@@ -341,7 +359,7 @@ class ErrorRenderer:
         if media == "html":
             return self._html(page, rid, ts, iso)
         if media == "json":
-            return problem_json(page, rid)
+            return problem_json(page, rid, self._problem_base)
         return plain_text(page, self._static, rid, ts)
 
     def _html(self, page: Page, rid: str, ts: str, iso: str) -> bytes:

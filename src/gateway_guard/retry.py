@@ -309,6 +309,7 @@ class RetryBudget:
         "_mark_seconds",
         "_min_per_second",
         "_next_second",
+        "_peers",
         "_ratio",
         "_retries",
         "_retry_seconds",
@@ -347,6 +348,10 @@ class RetryBudget:
         self._retry_seconds: list[int | None] = [None] * size
         self._retries = [0] * size
         self._start = int(clock())
+        # Fleet mode (gateway_guard._fleet): the other processes' (calls, retries,
+        # recent calls, recent retries), added to ours in try_spend so the fleet shares
+        # one allowance, floor included. Zeros in local mode.
+        self._peers: tuple[int, int, float, float] = (0, 0, 0.0, 0.0)
         _fork.register(self)
 
     def _after_fork(self) -> None:
@@ -412,8 +417,11 @@ class RetryBudget:
         now = self._clock()
         second = int(now)
         slot = second % self._size
+        peer_calls, peer_retries, peer_recent_calls, peer_recent_retries = self._peers
         with self._lock:
             calls, retries = self._counts_locked(second)
+            calls += peer_calls
+            retries += peer_retries
             seconds = min(self._size, max(1, second - self._start + 1))
             allowance = self._ratio * calls + self._min_per_second * seconds
             if retries + 1 > allowance + _BUDGET_EPSILON:
@@ -427,8 +435,8 @@ class RetryBudget:
             retries_before = (
                 self._retries[before] if self._retry_seconds[before] == second - 1 else 0
             )
-            recent_calls = calls_now + overlap * calls_before
-            recent_retries = retries_now + overlap * retries_before
+            recent_calls = calls_now + overlap * calls_before + peer_recent_calls
+            recent_retries = retries_now + overlap * retries_before + peer_recent_retries
             if (
                 recent_retries + 1
                 > self._ratio * recent_calls + self._min_per_second + _BUDGET_EPSILON
@@ -459,6 +467,34 @@ class RetryBudget:
         second = int(self._clock())
         with self._lock:
             return self._counts_locked(second)
+
+    def local_counts(self) -> tuple[int, int, float, float]:
+        """This process's ``(calls, retries, recent calls, recent retries)``, peers left
+        out: what a fleet store shares with the other processes."""
+        now = self._clock()
+        second = int(now)
+        with self._lock:
+            calls, retries = self._counts_locked(second)
+            overlap = 1.0 - (now - second)
+            calls_now, calls_before = self._calls_per_second_locked(second)
+            slot, before = second % self._size, (second - 1) % self._size
+            retries_now = self._retries[slot] if self._retry_seconds[slot] == second else 0
+            retries_before = (
+                self._retries[before] if self._retry_seconds[before] == second - 1 else 0
+            )
+        return (
+            calls,
+            retries,
+            calls_now + overlap * calls_before,
+            retries_now + overlap * retries_before,
+        )
+
+    def set_peer_counts(
+        self, calls: int, retries: int, recent_calls: float, recent_retries: float
+    ) -> None:
+        """The other processes' :meth:`local_counts`, summed: the fleet shares one budget."""
+        # One tuple, replaced whole: try_spend reads a consistent set without the lock.
+        self._peers = (calls, retries, recent_calls, recent_retries)
 
 
 # --- what may be retried -----------------------------------------------------------------

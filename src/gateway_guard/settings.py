@@ -32,6 +32,7 @@ from ._schema import (
     Settings,
 )
 from ._schema import ShedSettings as ShedSettings
+from ._schema import StateSettings as StateSettings
 from ._schema import UpstreamSettings as UpstreamSettings
 from ._settings_checks import check_route_calls, check_settings
 from ._settings_errors import translate, validate

@@ -12,6 +12,11 @@ the upstream's pacing: each attempt's read and write timeouts carry the call
 (:class:`~gateway_guard._httpx_deadlines.Bound`), and :mod:`gateway_guard._httpx_deadlines`
 bounds every socket operation by its deadline.
 
+A success whose body the caller reads whole (the guarded clients mark such requests) may
+be read within the attempt when the call core says so (``Call.reads_ahead``), so that a
+body breaking off is a failed attempt, retried like any other; ``client.stream()`` and
+bodies of unknown length stream to the caller as they arrive.
+
 A body held in memory (``httpx.ByteStream``) can be sent again; a stream is consumed by
 the first attempt (and may be replaced by a ByteStream once read, so the drivers look
 before sending): a streaming request, multipart uploads included, is never retried.
@@ -21,8 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine, Mapping
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -31,8 +36,10 @@ from ._httpx_bodies import (
     AsyncGuardedStream,
     GuardedStream,
     adrain,
+    aread_ahead,
     aread_capped,
     drain,
+    read_ahead,
     read_capped,
 )
 from ._httpx_deadlines import classified, install, timeouts
@@ -44,21 +51,31 @@ if TYPE_CHECKING:
 
 __all__: list[str] = []
 
+# The request extension by which a guarded client tells its transport that the caller
+# reads the whole body (``client.get()``, not ``client.stream()``): only then may the
+# transport read it within the attempt (the call core's ``reads_ahead``). A transport on
+# a client of the caller's own never sees it, and leaves every body to the caller.
+READS_WHOLE_BODY = "gateway_guard.reads_whole_body"
 
-def _timeouts(call: Call, bounded: bool) -> Mapping[str, float]:
-    """An attempt's timeouts, as httpx's ``timeout`` extension.
 
-    On a transport whose sockets are bounded (``install``), timeouts that carry the call,
-    so every read and write stops at its deadline. Otherwise an attempt with time to spare
-    uses ``call.policy.timeouts``, built once per policy and shared by every request (httpx
-    and httpcore only read it), and one with less time left gets them cut to the deadline.
-    """
-    if bounded:
-        return timeouts(call)
-    if not call.clipped:
-        return call.policy.timeouts
+def _clipped(call: Call) -> Mapping[str, float]:
+    """An attempt's timeouts cut to the deadline, on a transport with no sockets to bound
+    (one with time to spare uses ``call.policy.timeouts``, built once per policy and shared
+    by every request: httpx and httpcore only read it)."""
     connect, read = call.connect_timeout, call.read_timeout
     return {"connect": connect, "read": read, "write": read, "pool": connect}
+
+
+def _content_length(response: httpx.Response) -> bytes | None:
+    """The answer's Content-Length as sent, or None.
+
+    Read from httpx's raw header list (raw name, lower-cased name, value), stable since
+    httpx 0.18: ``Headers.get()`` decodes every header to find one, ~70 bytecodes a call.
+    """
+    for _, name, value in response.headers._list:
+        if name == b"content-length":
+            return value
+    return None
 
 
 def _classified(call: Call, exc: httpx.TransportError) -> tuple[UpstreamError, bool]:
@@ -106,9 +123,26 @@ class GuardedTransport(httpx.BaseTransport):
                 not isinstance(request.stream, httpx.ByteStream),
             )
             while True:
-                request.extensions["timeout"] = _timeouts(call, self._bounded)
+                # The attempt's timeouts: on a transport whose sockets are bounded
+                # (install), ones that carry the call, so every read and write stops at its
+                # deadline. Chosen here, not by a helper: -1 call an attempt.
+                if self._bounded:
+                    request.extensions["timeout"] = timeouts(call)
+                elif call.clipped:
+                    request.extensions["timeout"] = _clipped(call)
+                else:
+                    request.extensions["timeout"] = call.policy.timeouts
                 try:
                     response = self._inner.handle_request(request)
+                    complete = response.is_stream_consumed
+                    if (
+                        not complete
+                        and READS_WHOLE_BODY in request.extensions
+                        and call.reads_ahead(response.status_code, _content_length(response))
+                    ):
+                        # A body that breaks off now fails this attempt, like any other
+                        # transport error below.
+                        complete = read_ahead(response)
                 except httpx.TransportError as exc:
                     error, reached = _classified(call, exc)
                     wait = call.failed(error, reached)
@@ -120,9 +154,7 @@ class GuardedTransport(httpx.BaseTransport):
                 except BaseException:
                     call.cancelled()
                     raise
-                outcome = call.answered(
-                    response.status_code, response.headers, response.is_stream_consumed
-                )
+                outcome = call.answered(response.status_code, response.headers, complete)
                 if outcome < 0.0:
                     break
                 drain(response)
@@ -182,9 +214,21 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 not isinstance(request.stream, httpx.ByteStream),
             )
             while True:
-                request.extensions["timeout"] = _timeouts(call, self._bounded)
+                if self._bounded:  # as in GuardedTransport
+                    request.extensions["timeout"] = timeouts(call)
+                elif call.clipped:
+                    request.extensions["timeout"] = _clipped(call)
+                else:
+                    request.extensions["timeout"] = call.policy.timeouts
                 try:
                     response = await self._inner.handle_async_request(request)
+                    complete = response.is_stream_consumed
+                    if (
+                        not complete
+                        and READS_WHOLE_BODY in request.extensions
+                        and call.reads_ahead(response.status_code, _content_length(response))
+                    ):
+                        complete = await aread_ahead(response)
                 except httpx.TransportError as exc:
                     error, reached = _classified(call, exc)
                     wait = call.failed(error, reached)
@@ -197,9 +241,7 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
                 except BaseException:
                     call.cancelled()
                     raise
-                outcome = call.answered(
-                    response.status_code, response.headers, response.is_stream_consumed
-                )
+                outcome = call.answered(response.status_code, response.headers, complete)
                 if outcome < 0.0:
                     break
                 await adrain(response)
@@ -224,3 +266,47 @@ class AsyncGuardedTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+# --- clients -------------------------------------------------------------------------------
+
+
+class GuardedClient(httpx.Client):
+    """The ``httpx.Client`` of ``Guard.client()``: tells its transport which requests the
+    caller reads whole, so that their bodies may be read, and retried, within the call."""
+
+    def send(
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
+    ) -> httpx.Response:
+        if not stream:
+            request.extensions[READS_WHOLE_BODY] = True
+        # Not super() with **kwargs (this is on every call), and looked up now rather than
+        # bound once: instrumentation such as Sentry's patches httpx.Client.send later.
+        return httpx.Client.send(
+            self, request, stream=stream, auth=auth, follow_redirects=follow_redirects
+        )
+
+
+class AsyncGuardedClient(httpx.AsyncClient):
+    """The ``httpx.AsyncClient`` of ``Guard.async_client()``, as :class:`GuardedClient`."""
+
+    def send(
+        self,
+        request: httpx.Request,
+        *,
+        stream: bool = False,
+        auth: Any = httpx.USE_CLIENT_DEFAULT,
+        follow_redirects: Any = httpx.USE_CLIENT_DEFAULT,
+    ) -> Coroutine[Any, Any, httpx.Response]:
+        # A plain function returning httpx's own coroutine: awaited the same, without a
+        # coroutine of ours around it on every call.
+        if not stream:
+            request.extensions[READS_WHOLE_BODY] = True
+        return httpx.AsyncClient.send(
+            self, request, stream=stream, auth=auth, follow_redirects=follow_redirects
+        )

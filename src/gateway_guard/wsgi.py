@@ -21,6 +21,7 @@ from .guard import Guard
 from .inbound import (
     REQUEST_ID,
     AppError,
+    Wants,
     admit,
     as_upstream_error,
     log_gateway_error,
@@ -74,11 +75,12 @@ class GatewayGuardWSGI:
         )
         if ctx.foreign_id is not None and ctx.foreign_id.pass_on:
             environ["HTTP_X_REQUEST_ID"] = ctx.request_id  # for an id library inside us
-        accept = environ.get("HTTP_ACCEPT")
         refusal = admit(ctx)
         if refusal is not None:
-            return _send_page(start_response, respond(ctx, refusal, accept, method))
-        response = _Response(ctx, start_response, accept, method)
+            return _send_page(
+                start_response, respond(ctx, refusal, Wants.from_environ(environ), method)
+            )
+        response = _Response(ctx, start_response, environ, method)
         token = set_context(ctx)
         try:
             body = self.app(environ, response.start_response)
@@ -143,8 +145,8 @@ class _Response:
     """
 
     __slots__ = (
-        "_accept",
         "_done",
+        "_environ",
         "_method",
         "_pending",
         "_start_response",
@@ -157,12 +159,13 @@ class _Response:
         self,
         ctx: RequestContext,
         start_response: StartResponse,
-        accept: str | None,
+        environ: dict[str, Any],
         method: str,
     ) -> None:
         self.ctx = ctx
         self._start_response = start_response
-        self._accept = accept
+        # Read only when a page is rendered: the request headers it is negotiated by.
+        self._environ = environ
         self._method = method
         self._done = False
         self._pending: tuple[str, list[tuple[str, str]]] | None = None
@@ -182,7 +185,7 @@ class _Response:
             raise exc_info[1].with_traceback(exc_info[2])  # PEP 3333: too late to change
         decision = on_response_start(self.ctx, _status_code(status), headers, _read)
         if isinstance(decision, AppError):
-            rendered = respond(self.ctx, decision, self._accept, self._method)
+            rendered = respond(self.ctx, decision, Wants.from_environ(self._environ), self._method)
             self.intercepted = rendered.body
             reason = _REASONS.get(rendered.status, "Error")
             self._pending = (f"{rendered.status} {reason}", list(rendered.headers))
@@ -210,7 +213,7 @@ class _Response:
         """Our page instead of a response whose headers were not sent yet."""
         self._pending = None
         exc_info = sys.exc_info()
-        rendered = respond(self.ctx, error, self._accept, self._method)
+        rendered = respond(self.ctx, error, Wants.from_environ(self._environ), self._method)
         return _send_page(self._start_response, rendered, exc_info if exc_info[0] else None)
 
     def finish(self, token: Token[RequestContext | None] | None) -> None:

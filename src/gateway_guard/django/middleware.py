@@ -28,6 +28,7 @@ from gateway_guard.errors import UpstreamError
 from gateway_guard.inbound import (
     REQUEST_ID,
     AppError,
+    Wants,
     admit,
     admit_async,
     as_upstream_error,
@@ -198,7 +199,7 @@ def _finish(
 def _page(
     request: HttpRequest, ctx: RequestContext, failure: UpstreamError | AppError
 ) -> GatewayErrorResponse:
-    rendered = respond(ctx, failure, request.META.get("HTTP_ACCEPT"), request.method or "GET")
+    rendered = respond(ctx, failure, Wants.from_environ(request.META), request.method or "GET")
     response = GatewayErrorResponse(rendered)
     if isinstance(failure, UpstreamError):
         response._has_been_logged = True  # respond() logged it

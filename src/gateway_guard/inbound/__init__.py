@@ -41,6 +41,9 @@ ours or not, log, page      :func:`as_upstream_error`, :func:`log_gateway_error`
 
 # The adapters' interface. Re-exported explicitly (``X as X``) rather than through
 # ``__all__``: none of it is public API (docs/api.md), so ``__all__`` stays empty.
+# What a page is negotiated by; the adapters gather it only when they render one.
+from gateway_guard._negotiate import Wants as Wants
+
 from ._admission import admit as admit
 from ._admission import admit_async as admit_async
 from ._admission import inbound_shed as inbound_shed
