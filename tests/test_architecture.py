@@ -36,6 +36,9 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_matcher",
                 "_hosts",
                 "_fork",
+                "log",
+                "_sentry",
+                "_recent",
                 "testing._clock",
                 "testing.upstream",
             }
@@ -69,6 +72,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "inbound",
                 "inbound._admission",
                 "inbound._endpoints",
+                "inbound._ids",
                 "inbound._errors",
                 "inbound._response",
                 "inbound._start",
@@ -76,6 +80,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "_bodies",
                 "_body_cache",
                 "_templates",
+                "_status",
+                "_status_page",
             }
         ),
     ),

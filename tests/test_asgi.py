@@ -682,7 +682,8 @@ def test_one_log_record_per_gateway_error_with_fields(
     records = [r for r in caplog.records if r.name == "gateway_guard"]
     assert len(records) == 3
     record = records[0]
-    assert record.levelno == logging.ERROR
+    # An upstream failing is expected: one WARNING line, no traceback (#14).
+    assert record.levelno == logging.WARNING
     fields = {
         k: getattr(record, k)
         for k in ("request_id", "route", "upstream", "proxy_error", "status", "attempts")
@@ -696,7 +697,7 @@ def test_one_log_record_per_gateway_error_with_fields(
         "attempts": 3,
     }
     assert record.elapsed == pytest.approx(0.9)  # type: ignore[attr-defined]
-    assert record.exc_info is not None and record.exc_info[1] is error
+    assert record.exc_info is None
 
 
 @pytest.mark.implementation

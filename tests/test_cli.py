@@ -50,3 +50,13 @@ def test_console_script_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "payments" in done.stdout
+
+
+def test_log_config_is_a_dict_config_with_the_request_filter(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["log-config", "--level", "debug"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["root"]["level"] == "DEBUG"
+    assert config["filters"]["request_context"] == {"()": "gateway_guard.log.RequestContextFilter"}
+    assert config["handlers"]["gateway_guard"]["filters"] == ["request_context"]

@@ -20,7 +20,12 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from gateway_guard import SettingsError
-from gateway_guard._schema import MetricsSettings, TracingSettings
+from gateway_guard._schema import (
+    HealthSettings,
+    MetricsSettings,
+    StatusSettings,
+    TracingSettings,
+)
 from gateway_guard.policy import compile_policies
 from gateway_guard.settings import (
     BrandSettings,
@@ -53,6 +58,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "`[[routes]]`": RouteSettings,
     "Route `retry`": RetrySettings,
     "Route `shed`": ShedSettings,
+    "`[status]`": StatusSettings,
+    "`[health]`": HealthSettings,
     "`[state]`": StateSettings,
     "`[metrics]`": MetricsSettings,
     "`[tracing]`": TracingSettings,

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,12 @@ def test_gunicorn_two_workers_multiprocess_metrics(tmp_path: Path) -> None:
             "E2E_SETTINGS": json.dumps(settings(up.url, "multi")),
         }
         with gunicorn(tmp_path, env) as url, httpx.Client(base_url=url, timeout=10.0) as client:
-            ok = sum(client.get("/").status_code == 200 for _ in range(6))
+            # Concurrent and slow, so that both sync workers must take some: each worker
+            # then writes its own counter file, and a scrape must add them up.
+            up.set_mode("slow", delay_ms=300)
+            with ThreadPoolExecutor(6) as pool:
+                codes = list(pool.map(lambda _: httpx.get(f"{url}/", timeout=10.0), range(6)))
+            ok = sum(r.status_code == 200 for r in codes)
             up.set_mode("refuse")
             outage = [client.get("/").status_code for _ in range(16)]
             first = families(client.get("/metrics").text)

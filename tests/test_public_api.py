@@ -97,6 +97,7 @@ PUBLIC_MODULES = (
     "gateway_guard.tracing",
     "gateway_guard.flask",
     "gateway_guard.django",
+    "gateway_guard.log",
     "gateway_guard.testing",
 )
 API_DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"

@@ -522,7 +522,8 @@ def test_one_log_record_per_gateway_error(caplog: pytest.LogCaptureFixture) -> N
         make_environ("/orders/1", headers={"X-Request-ID": "log-w"}),
     )
     [record] = [r for r in caplog.records if r.name == "gateway_guard"]
-    assert record.levelno == logging.ERROR
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
     assert (
         record.request_id,  # type: ignore[attr-defined]
         record.route,  # type: ignore[attr-defined]

@@ -149,6 +149,7 @@ class Call:
             if ctx.deadline_at is not None and ctx.deadline_at < deadline_at:
                 deadline_at = ctx.deadline_at
             _propagate(headers, ctx, rt.start_traces)
+            ctx.upstream = rt.name  # log records name it (gateway_guard.log)
         self.policy: CallPolicy = policy
         self.deadline_at = deadline_at
         rt.budget.record_call(now)

@@ -18,6 +18,7 @@ __all__ = [
     "BreakerSettings",
     "BulkheadSettings",
     "CallSettings",
+    "HealthSettings",
     "InstrumentedClient",
     "MetricsSettings",
     "Priority",
@@ -28,6 +29,7 @@ __all__ = [
     "ShedSettings",
     "StateBackend",
     "StateSettings",
+    "StatusSettings",
     "TracingSettings",
     "UpstreamSettings",
     "WindowKind",
@@ -256,15 +258,40 @@ class StateSettings(SettingsModel):
     command_timeout: StoreSeconds = Field(0.25, description="Seconds for one Redis command.")
 
 
+# A path the middleware serves itself: absolute, plain characters, no query or fragment.
+EndpointPath = Annotated[
+    str,
+    Field(
+        pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@%-][A-Za-z0-9._~!$&'()*+,;=:@%/-]*$", max_length=200
+    ),
+]
+
+
+class StatusSettings(SettingsModel):
+    """``[status]``: the operator's status page (docs/status-page.md)."""
+
+    path: EndpointPath | None = Field(None, description="Where it is served; unset: no page.")
+    token: str | None = Field(
+        None,
+        min_length=16,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Bearer token for actions, and for reads not from loopback.",
+    )
+
+
+class HealthSettings(SettingsModel):
+    """``[health]``: a liveness endpoint served by the middleware."""
+
+    path: EndpointPath | None = Field(None, description="Where it is served; unset: none.")
+
+
 class MetricsSettings(SettingsModel):
     """``[metrics]``: Prometheus metrics (the ``prometheus`` extra)."""
 
     enabled: bool = Field(False, description="Record Prometheus metrics (on when path is set).")
-    path: str | None = Field(
-        None,
-        pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$",
-        max_length=200,
-        description="Serve them here from the middleware, e.g. /metrics (unset: no endpoint).",
+    path: EndpointPath | None = Field(
+        None, description="Serve them here from the middleware, e.g. /metrics (unset: none)."
     )
 
 
@@ -296,6 +323,8 @@ class Settings(SettingsModel):
         description="HTTP client libraries whose calls to an upstream's hosts are guarded "
         "without code changes (empty: nothing is patched).",
     )
+    status: StatusSettings = StatusSettings()
+    health: HealthSettings = HealthSettings()
     state: StateSettings = StateSettings()
     metrics: MetricsSettings = MetricsSettings()
     tracing: TracingSettings = TracingSettings()

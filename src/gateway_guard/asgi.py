@@ -15,7 +15,6 @@ from .context import reset_context, set_context
 from .guard import Guard
 from .inbound import (
     REQUEST_ID,
-    Served,
     Wants,
     admit_async,
     as_upstream_error,
@@ -54,14 +53,19 @@ class GatewayGuardMiddleware:
         self.app = app
         self.guard = guard if guard is not None else Guard(settings)
         apply_settings(self.guard)  # the `instrument` setting
+        self._endpoints = self.guard.endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoints = self.guard.endpoints
-        if endpoints and scope["path"] in endpoints:
-            await _send_served(send, endpoints[scope["path"]](scope["method"]))
+        endpoints = self._endpoints
+        if endpoints is not None and endpoints.wants(scope["path"]):
+            client = scope.get("client")
+            answer = endpoints.serve(
+                scope["method"], scope["path"], scope["headers"], _read, client and client[0]
+            )
+            await _send_page(send, answer)
             return
         # Only the two headers every request needs are looked for here; Accept matters
         # only to an error page, and is read from the scope when one is rendered.
@@ -73,6 +77,8 @@ class GatewayGuardMiddleware:
                 traceparent = value
         method = scope["method"]
         ctx = start(self.guard, method, scope["path"], request_id, traceparent)
+        if ctx.foreign_id is not None and ctx.foreign_id.pass_on:
+            scope = _with_request_id(scope, ctx.request_id)
         # The common case takes a free slot without creating a coroutine: -3,660 simulated
         # cycles a request (bench/middleware.py --cachegrind-only, 2026-12-07).
         if not try_admit(ctx):
@@ -136,6 +142,13 @@ def _read(headers: Iterable[tuple[bytes, bytes]], name: str) -> str | None:
     return None
 
 
+def _with_request_id(scope: Scope, request_id: str) -> Scope:
+    """A copy of ``scope`` whose request carries our id, for an id library inside us."""
+    headers = [(k, v) for k, v in scope["headers"] if k != _REQUEST_ID]
+    headers.append((_REQUEST_ID, request_id.encode()))
+    return {**scope, "headers": headers}
+
+
 async def _dropped() -> None:
     return None
 
@@ -151,10 +164,3 @@ async def _send_page(send: Send, rendered: RenderedError) -> None:
         }
     )
     await send({"type": "http.response.body", "body": rendered.body, "more_body": False})
-
-
-async def _send_served(send: Send, served: Served) -> None:
-    """One of our own endpoints' answers (``guard.endpoints``)."""
-    headers = [(name.lower().encode(), value.encode()) for name, value in served.headers]
-    await send({"type": "http.response.start", "status": served.status, "headers": headers})
-    await send({"type": "http.response.body", "body": served.body})

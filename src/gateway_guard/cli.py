@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from .errors import SettingsError
+from .log import dict_config
 from .policy import CallPolicy, Policies, ShedPolicy, compile_policies
 from .settings import Settings, load_settings
 
@@ -129,7 +130,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     check.add_argument("settings", help="a .toml or .json settings file")
     sub.add_parser("schema", help="print the settings' JSON Schema (for editors)")
+    log_config = sub.add_parser(
+        "log-config",
+        help="print a logging config naming each line's request (uvicorn --log-config)",
+    )
+    log_config.add_argument("--level", default="INFO", help="the root level (default INFO)")
     args = parser.parse_args(argv)
+
+    if args.command == "log-config":
+        json.dump(dict_config(args.level.upper()), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
 
     if args.command == "schema":
         try:

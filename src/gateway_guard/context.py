@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ._schema import Priority
     from .errors import CircuitOpenError
     from .guard import Guard
+    from .inbound._ids import ForeignId
     from .routing import Route
 
 __all__ = ["RequestContext", "current_context", "current_guard"]
@@ -47,7 +48,10 @@ class RequestContext:
         "blocked",
         "deadline_at",
         "exempt",
+        "foreign_id",
         "guard",
+        "method",
+        "path",
         "priority",
         "request_id",
         "route",
@@ -55,6 +59,7 @@ class RequestContext:
         "started",
         "trace_id",
         "traceparent",
+        "upstream",
     )
 
     def __init__(
@@ -68,6 +73,8 @@ class RequestContext:
         exempt: bool = False,
         blocked: CircuitOpenError | None = None,
         traceparent: str | None = None,
+        method: str = "-",
+        path: str = "-",
     ) -> None:
         self.guard = guard
         self.request_id = request_id
@@ -95,6 +102,15 @@ class RequestContext:
             # The key of the route's own shedding limiter, when it has one.
             self.route_key = route.shed_key
         self._calls: list[CallRecord] | None = None
+        # For log lines and the status page: the raw path is only ever shown bounded and
+        # escaped (gateway_guard.log), never used as a key.
+        self.method = method
+        self.path = path
+        # The upstream this request is calling, or called last (log records' ``upstream``).
+        self.upstream: str | None = None
+        # Set when another library (asgi-correlation-id, django-guid) owns the request id:
+        # see gateway_guard.inbound._ids.
+        self.foreign_id: ForeignId | None = None
 
     @property
     def calls(self) -> list[CallRecord]:

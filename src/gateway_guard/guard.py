@@ -16,11 +16,12 @@ import httpx
 
 from ._bulkhead import Limiter, TokenLimiter, bulkhead
 from ._hosts import HostMap
+from ._recent import RecentErrors
 from ._shedding import InboundShedding
 from .breaker import BreakerState, CircuitBreaker, Transition
 from .errors import UpstreamError
 from .events import BreakerTransitioned, Event, Hooks
-from .inbound import Served
+from .inbound._endpoints import Endpoints
 from .policy import CallPolicy, Policies, compile_policies, compile_view_policy
 from .render import ErrorRenderer
 from .retry import RetryBudget
@@ -150,6 +151,10 @@ class Guard:
         self.hosts = HostMap(
             {name: (up.base_url, up.match) for name, up in self.settings.upstreams.items()}
         )
+        # What the status page remembers, and the paths the middleware answers itself
+        # ([status], [health], [metrics]); None when unset: a request only compares with None.
+        self.recent_errors = RecentErrors() if self.settings.status.path else None
+        self.endpoints = Endpoints.for_guard(self)
         self.shedding = InboundShedding.from_policies(
             self.policies.shed,
             {route.index: route.shed for route in self.policies.routes.routes},
@@ -237,13 +242,12 @@ class Guard:
         prometheus_client or OpenTelemetry. A missing extra fails at startup, naming it.
         """
         #: Paths the middleware answers itself (exact match) -> the answer for a method.
-        self.endpoints: dict[str, Callable[[str], Served]] = {}
         metrics = self.settings.metrics
         if metrics.enabled or metrics.path is not None:
             module = importlib.import_module("gateway_guard.metrics")
             module.attach(self)
-            if metrics.path is not None:
-                self.endpoints[metrics.path] = module.endpoint
+            if self.endpoints is not None and metrics.path is not None:
+                self.endpoints.serve_metrics = module.endpoint
         if self.settings.tracing.enabled:
             importlib.import_module("gateway_guard.tracing").attach(self)
 

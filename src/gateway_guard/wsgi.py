@@ -12,7 +12,6 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import Token
-from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
@@ -64,10 +63,11 @@ class GatewayGuardWSGI:
             # PEP 3333 hands us the raw bytes as latin-1; routes are written in UTF-8.
             path = path.encode("latin-1").decode("utf-8", "replace")
         endpoints = self.guard.endpoints
-        if endpoints and path in endpoints:
-            served = endpoints[path](method)
-            start_response(f"{served.status} {HTTPStatus(served.status).phrase}", served.headers)
-            return [served.body]
+        if endpoints is not None and endpoints.wants(path):
+            answer = endpoints.serve(
+                method, path, environ, _read_environ, environ.get("REMOTE_ADDR")
+            )
+            return _send_page(start_response, answer)
         ctx = start(
             self.guard,
             method,
@@ -75,6 +75,8 @@ class GatewayGuardWSGI:
             environ.get("HTTP_X_REQUEST_ID"),
             environ.get("HTTP_TRACEPARENT"),
         )
+        if ctx.foreign_id is not None and ctx.foreign_id.pass_on:
+            environ["HTTP_X_REQUEST_ID"] = ctx.request_id  # for an id library inside us
         refusal = admit(ctx)
         if refusal is not None:
             return _send_page(
@@ -96,6 +98,11 @@ class GatewayGuardWSGI:
 
 
 _REASONS = {
+    200: "OK",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
     500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
@@ -112,6 +119,11 @@ def _send_page(
     else:
         start_response(status, list(rendered.headers))
     return [rendered.body]
+
+
+def _read_environ(environ: dict[str, Any], name: str) -> str | None:
+    value = environ.get("HTTP_" + name.upper().replace("-", "_"))
+    return value if isinstance(value, str) else None
 
 
 def _read(headers: list[tuple[str, str]], name: str) -> str | None:

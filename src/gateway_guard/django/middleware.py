@@ -138,27 +138,47 @@ class GatewayGuardMiddleware:
 # --- translation both modes share ------------------------------------------------------------
 
 
-def _served(request: HttpRequest) -> HttpResponse | None:
-    """Our own endpoint's answer (``[metrics] path``), or None for every other path."""
-    endpoints = get_guard().endpoints
-    if not endpoints or request.path_info not in endpoints:
-        return None
-    served = endpoints[request.path_info](request.method or "GET")
-    response = HttpResponse(served.body, status=served.status)
-    for name, value in served.headers:
-        response[name] = value
-    return response
-
-
 def _context(request: HttpRequest) -> RequestContext:
     meta = request.META
-    return start(
+    ctx = start(
         get_guard(),
         request.method or "GET",
         request.path_info,
         meta.get("HTTP_X_REQUEST_ID"),
         meta.get("HTTP_TRACEPARENT"),
     )
+    if ctx.foreign_id is not None and ctx.foreign_id.pass_on:
+        _pass_on(request, ctx.request_id)
+    return ctx
+
+
+def _pass_on(request: HttpRequest, request_id: str) -> None:
+    """Our id in the request, for an id library below us (django-guid reads its header)."""
+    meta = request.META
+    meta["HTTP_X_REQUEST_ID"] = request_id
+    config = sys.modules.get("django_guid.config")
+    name = getattr(getattr(config, "settings", None), "guid_header_name", None)
+    if isinstance(name, str):
+        meta["HTTP_" + name.upper().replace("-", "_")] = request_id
+    vars(request).pop("headers", None)  # a cached HttpRequest.headers would miss it
+
+
+def _meta_read(meta: dict[str, Any], name: str) -> str | None:
+    value = meta.get("HTTP_" + name.upper().replace("-", "_"))
+    return value if isinstance(value, str) else None
+
+
+def _served(request: HttpRequest) -> GatewayErrorResponse | None:
+    """The answer for a path the middleware serves itself (status page, health)."""
+    endpoints = get_guard().endpoints
+    path = request.path_info
+    if endpoints is None or not endpoints.wants(path):
+        return None
+    meta = request.META
+    answer = endpoints.serve(
+        request.method or "GET", path, meta, _meta_read, meta.get("REMOTE_ADDR")
+    )
+    return GatewayErrorResponse(answer)
 
 
 def _finish(

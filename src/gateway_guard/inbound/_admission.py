@@ -14,6 +14,8 @@ from gateway_guard.breaker import BreakerState
 from gateway_guard.errors import CircuitOpenError, LoadShedError, UpstreamError
 from gateway_guard.events import InboundAdmitted, InboundReleased, InboundShed
 
+from ._ids import forget
+
 if TYPE_CHECKING:
     from gateway_guard.context import RequestContext
     from gateway_guard.guard import Guard
@@ -108,6 +110,8 @@ def release(ctx: RequestContext) -> None:
         hooks = guard.emitter
         if hooks is not None:
             hooks.emit(InboundReleased(_route(ctx)))
+    if ctx.foreign_id is not None:
+        forget(ctx.foreign_id)
 
 
 # --- events (only while a hook listens: guard.emitter is not None) ---------------------------

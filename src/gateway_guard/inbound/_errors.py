@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -11,9 +12,11 @@ import httpx
 
 from gateway_guard import _fork
 from gateway_guard._negotiate import Wants
+from gateway_guard._sentry import capture
 from gateway_guard.errors import UpstreamError, UpstreamStatusError, from_exception
 from gateway_guard.events import GatewayErrorAnswered
 from gateway_guard.headers import parse_retry_after
+from gateway_guard.log import safe_path
 
 from ._response import AppError
 
@@ -222,26 +225,35 @@ _throttle = _Throttle()
 
 
 def log_gateway_error(ctx: RequestContext, error: UpstreamError, *, started: bool = False) -> None:
-    """Log a gateway error with fields JSON log setups can pick up.
+    """Log a gateway error as one WARNING line naming the request, with fields JSON log
+    setups can pick up; remember it for the status page; show it to Sentry.
 
     At most one line per second per upstream and error type (``suppressed`` counts the
-    rest). Failures (502/504) log at ERROR with the exception; shedding and open breakers
-    (503) are expected under load: WARNING, without a traceback.
+    rest). An upstream failing is expected, not our bug: no traceback, unless ``debug``
+    is on. A configuration error (500) is ours to fix: ERROR, with its traceback.
     """
     name_upstream(ctx.guard, error)
-    if ctx.guard.emitter is not None:
+    guard = ctx.guard
+    if guard.emitter is not None:
         _answered(ctx, error, started)
+    recent = guard.recent_errors
+    if recent is not None:
+        recent.add(ctx, error, started)
     # One line per second per upstream and error type, with a count of what was held
     # back: an outage of thousands of failures a second must not bury the logs.
     held = _throttle.admit((error.upstream, error.proxy_error), time.monotonic())
     if held is None:
         return
-    expected = error.status == 503
+    ours = error.status == 500
     route = ctx.route
+    host = _host(error) if error.upstream is None else None
     fields = {
         "request_id": ctx.request_id,
         "route": route.name if route is not None else None,
+        "method": ctx.method,
+        "path": safe_path(ctx.path),
         "upstream": error.upstream,
+        "upstream_host": host,
         "proxy_error": error.proxy_error,
         "status": error.status,
         "received_status": error.received_status,
@@ -251,18 +263,33 @@ def log_gateway_error(ctx: RequestContext, error: UpstreamError, *, started: boo
         "suppressed": held,
     }
     logger.log(
-        logging.WARNING if expected else logging.ERROR,
-        "gateway error %s %s on %s (upstream %s, request %s)%s%s",
+        logging.ERROR if ours else logging.WARNING,
+        "gateway error %s %s on %s %s (upstream %s, request %s, %s attempt(s), %.3f s)%s%s",
         error.status,
         error.proxy_error or f"received-status={error.received_status}",
-        fields["route"] or "-",
-        error.upstream or "-",
+        ctx.method,
+        fields["route"] or fields["path"],
+        error.upstream or (f"- at {host}" if host else "-"),
         ctx.request_id,
+        error.attempts,
+        error.elapsed,
         " after the response started" if started else "",
         f" (+{held} like it in the last second)" if held else "",
         extra=fields,
-        exc_info=None if expected else error,
+        exc_info=error if ours or guard.settings.debug else None,
     )
+    capture(error, fields)
+
+
+def _host(error: UpstreamError) -> str | None:
+    """The host an unguarded client called (httpx's request), for the log line only."""
+    cause = error.__cause__
+    if isinstance(cause, httpx.RequestError):
+        try:
+            return safe_path(cause.request.url.netloc.decode("ascii", "replace"))
+        except RuntimeError:  # raised by httpx when the error carries no request
+            return None
+    return None
 
 
 def render_error(
@@ -303,15 +330,22 @@ def respond(
     if not isinstance(wants, Wants):
         wants = Wants(accept=wants.decode("latin-1") if isinstance(wants, bytes) else wants)
     if isinstance(failure, AppError):
-        return ctx.guard.renderer.render_status(
+        rendered = ctx.guard.renderer.render_status(
             failure.status,
             request_id=ctx.request_id,
             wants=wants,
             method=method,
             retry_after=failure.retry_after,
         )
-    log_gateway_error(ctx, failure)
-    return render_error(ctx.guard, ctx, failure, wants, method)
+    else:
+        log_gateway_error(ctx, failure)
+        rendered = render_error(ctx.guard, ctx, failure, wants, method)
+    foreign = ctx.foreign_id
+    if foreign is not None and foreign.answers_header:
+        # asgi-correlation-id, outside us, appends the same X-Request-ID itself.
+        headers = [(k, v) for k, v in rendered.headers if k != "x-request-id"]
+        rendered = dataclasses.replace(rendered, headers=headers)
+    return rendered
 
 
 def _answered(ctx: RequestContext, error: UpstreamError, started: bool) -> None:

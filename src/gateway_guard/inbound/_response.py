@@ -70,6 +70,9 @@ def on_response_start(
         retry_after = read(headers, "retry-after")
         return AppError(status, parse_retry_after(retry_after) if retry_after is not None else None)
     if read(headers, "x-request-id") is None:
+        foreign = ctx.foreign_id
+        if foreign is not None and foreign.answers_header:
+            return None  # asgi-correlation-id, outside us, appends the same id itself
         return ctx.request_id
     return None
 

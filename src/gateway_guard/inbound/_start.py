@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -10,10 +11,14 @@ from gateway_guard.context import RequestContext, get_context
 from gateway_guard.headers import new_request_id, parse_traceparent, valid_request_id
 
 from ._admission import dependency_down
+from ._ids import ID_MODULES, foreign_id
 
 if TYPE_CHECKING:
     from gateway_guard.guard import Guard
     from gateway_guard.routing import Route
+
+_modules = sys.modules
+_ASGI_IDS, _DJANGO_IDS = ID_MODULES
 
 
 def start(
@@ -26,8 +31,14 @@ def start(
     """Exemption, route, request id (a valid inbound one is echoed), trace, deadline, and
     whether a dependency of the route is down (``ctx.blocked``)."""
     rid = valid_request_id(request_id) if request_id is not None else None
-    if rid is None:
+    # Two dict lookups when no id library is loaded (the common case), and no call.
+    foreign = foreign_id() if _ASGI_IDS in _modules or _DJANGO_IDS in _modules else None
+    if foreign is not None and foreign.outer is not None:
+        rid = foreign.outer
+    elif rid is None:
         rid = new_request_id()
+        if foreign is not None:
+            foreign.pass_on = True
     trace_id = header = None
     if traceparent is not None:
         parsed = parse_traceparent(traceparent)
@@ -38,11 +49,19 @@ def start(
     if route is None:
         # The clock is read only when something needs it: here, only debug timings.
         now = guard.clock() if guard.settings.debug else 0.0
-        return RequestContext(guard, rid, None, None, trace_id, now, exempt, None, header)
-    now = guard.clock()
-    deadline_at = None if route.deadline is None else now + route.deadline
-    blocked = dependency_down(guard, route) if route.depends_on else None
-    return RequestContext(guard, rid, route, deadline_at, trace_id, now, exempt, blocked, header)
+        ctx = RequestContext(
+            guard, rid, None, None, trace_id, now, exempt, None, header, method, path
+        )
+    else:
+        now = guard.clock()
+        deadline_at = None if route.deadline is None else now + route.deadline
+        blocked = dependency_down(guard, route) if route.depends_on else None
+        ctx = RequestContext(
+            guard, rid, route, deadline_at, trace_id, now, exempt, blocked, header, method, path
+        )
+    if foreign is not None:
+        ctx.foreign_id = foreign
+    return ctx
 
 
 @contextlib.contextmanager
