@@ -41,6 +41,7 @@ NAMESPACES = {"opentelemetry"}
 NOT_IMPORTED_ON_PURPOSE = {
     # dev: type stubs (read by mypy), the test runner's plugins and the linters.
     "django-stubs",
+    "types-requests",
     "pytest-timeout",
     "mypy",
     "ruff",
