@@ -21,15 +21,15 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final, Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ._schema import InstrumentedClient
 
 if TYPE_CHECKING:
     from .guard import Guard
 
-__all__ = ["apply_settings", "instrument", "instrumented", "uninstrument"]
+__all__ = ["PerUpstream", "apply_settings", "instrument", "instrumented", "uninstrument"]
 
 logger = logging.getLogger("gateway_guard")
 
@@ -41,6 +41,29 @@ _MODULES: Final = {
     "aiohttp": "gateway_guard._instrument_aiohttp",
 }
 _EXTRAS: Final = {"httpx": None, "requests": "requests", "aiohttp": "aiohttp"}
+
+
+class PerUpstream:
+    """The instrumented Guard, its host map, and one guarded piece per upstream (a requests
+    adapter, an aiohttp middleware), made on first use by ``make``: bounded by the settings."""
+
+    __slots__ = ("guard", "hosts", "lock", "made", "make")
+
+    def __init__(self, guard: Guard, make: Callable[[str], Any]) -> None:
+        self.guard = guard
+        self.hosts = guard.hosts
+        self.make = make
+        self.made: dict[str, Any] = {}
+        self.lock = threading.Lock()
+
+    def get(self, name: str) -> Any:
+        piece = self.made.get(name)
+        if piece is None:
+            with self.lock:
+                piece = self.made.get(name)
+                if piece is None:
+                    piece = self.made[name] = self.make(name)
+        return piece
 
 
 class Patcher(Protocol):

@@ -15,7 +15,6 @@ another seam, so the two stack in either order.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._aiohttp import GuardedMiddleware
+from ._instrument import PerUpstream
 
 if TYPE_CHECKING:
     from .guard import Guard
@@ -34,27 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["PATCHER"]
 
 
-class _Routes:
-    __slots__ = ("guard", "hosts", "lock", "make", "middlewares")
-
-    def __init__(self, guard: Guard, make: Callable[[str], Any]) -> None:
-        self.guard = guard
-        self.hosts = guard.hosts
-        self.make = make
-        self.middlewares: dict[str, Any] = {}  # one per upstream: bounded by the settings
-        self.lock = threading.Lock()
-
-    def middleware(self, name: str) -> Any:
-        middleware = self.middlewares.get(name)
-        if middleware is None:
-            with self.lock:
-                middleware = self.middlewares.get(name)
-                if middleware is None:
-                    middleware = self.middlewares[name] = self.make(name)
-        return middleware
-
-
-_routes: _Routes | None = None
+_routes: PerUpstream | None = None
 # A middleware of ours (an explicit guard.aiohttp_session()) is never guarded twice.
 _guarded_types: tuple[type, ...] = (GuardedMiddleware,)
 
@@ -74,7 +54,7 @@ def _wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
             middlewares = self._middlewares
         if any(isinstance(m, _guarded_types) for m in middlewares):
             return original(self, method, str_or_url, **kwargs)
-        kwargs["middlewares"] = (routes.middleware(name), *middlewares)
+        kwargs["middlewares"] = (routes.get(name), *middlewares)
         return original(self, method, str_or_url, **kwargs)
 
     _request.__wrapped__ = original  # type: ignore[attr-defined]
@@ -89,7 +69,7 @@ class _AiohttpPatcher:
     def patch(self, guard: Guard) -> None:
         global _routes
         if _routes is None or _routes.guard is not guard:
-            _routes = _Routes(guard, guard.aiohttp_middleware)
+            _routes = PerUpstream(guard, guard.aiohttp_middleware)
         if self._wrapper is None:
             self._original = ClientSession.__dict__["_request"]
             self._wrapper = _wrapper(self._original)

@@ -16,7 +16,6 @@ is recognised the same way. OpenTelemetry's requests instrumentation patches
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "instrumenting requests needs requests: pip install 'gateway-guard[requests]'"
     ) from exc
 
+from ._instrument import PerUpstream
 from ._requests import GuardedAdapter
 
 if TYPE_CHECKING:
@@ -35,28 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["PATCHER"]
 
 
-class _Routes:
-    __slots__ = ("adapters", "guard", "hosts", "lock", "make")
-
-    def __init__(self, guard: Guard, make: Callable[[str], Any]) -> None:
-        self.guard = guard
-        self.hosts = guard.hosts
-        self.make = make
-        # One guarded adapter per upstream: bounded by the settings.
-        self.adapters: dict[str, Any] = {}
-        self.lock = threading.Lock()
-
-    def adapter(self, name: str) -> Any:
-        adapter = self.adapters.get(name)
-        if adapter is None:
-            with self.lock:
-                adapter = self.adapters.get(name)
-                if adapter is None:
-                    adapter = self.adapters[name] = self.make(name)
-        return adapter
-
-
-_routes: _Routes | None = None
+_routes: PerUpstream | None = None
 # The guarded adapter's class, known once the first one is made: its sends pass through.
 # An adapter of ours (an explicit guard.session() or requests_adapter()) is never guarded twice.
 _guarded_types: tuple[type, ...] = (GuardedAdapter,)
@@ -70,7 +49,7 @@ def _wrapper(original: Callable[..., Any]) -> Callable[..., Any]:
         name = routes.hosts.lookup_url(request.url) if not routes.hosts.empty else None
         if name is None:
             return original(self, request, *args, **kwargs)
-        return routes.adapter(name).send(request, *args, **kwargs)
+        return routes.get(name).send(request, *args, **kwargs)
 
     send.__wrapped__ = original  # type: ignore[attr-defined]
     return send
@@ -84,7 +63,7 @@ class _RequestsPatcher:
     def patch(self, guard: Guard) -> None:
         global _routes
         if _routes is None or _routes.guard is not guard:
-            _routes = _Routes(guard, guard.requests_adapter)
+            _routes = PerUpstream(guard, guard.requests_adapter)
         if self._wrapper is None:
             self._original = HTTPAdapter.__dict__["send"]
             self._wrapper = _wrapper(self._original)
@@ -97,7 +76,7 @@ class _RequestsPatcher:
             HTTPAdapter.send = self._original  # type: ignore[method-assign]
         self._original = self._wrapper = None
         if routes is not None:
-            for adapter in routes.adapters.values():
+            for adapter in routes.made.values():
                 adapter.close()
 
 
