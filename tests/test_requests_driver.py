@@ -109,13 +109,22 @@ def test_adapter_mounts_on_an_existing_session(
 
 
 def test_request_id_and_trace_are_propagated(guard: gg.Guard, session: requests.Session) -> None:
-    token = set_context(RequestContext(guard=guard, request_id="req-42"))
+    inbound = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    token = set_context(RequestContext(guard=guard, request_id="req-42", traceparent=inbound))
     try:
         headers = session.get("/").json()["headers"]
     finally:
         reset_context(token)
     assert headers["x-request-id"] == "req-42"
-    assert "traceparent" in headers
+    # The inbound traceparent is passed on as it came; none is invented without one.
+    assert headers["traceparent"] == inbound
+    token = set_context(RequestContext(guard=guard, request_id="req-43"))
+    try:
+        headers = session.get("/").json()["headers"]
+    finally:
+        reset_context(token)
+    assert headers["x-request-id"] == "req-43"
+    assert "traceparent" not in headers
 
 
 def test_import_gateway_guard_does_not_import_requests() -> None:

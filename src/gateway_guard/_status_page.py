@@ -174,6 +174,7 @@ _PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
 <title>%(title)s</title>
 <style>%(css)s</style>
 </head>
@@ -241,7 +242,7 @@ class StatusPage:
         ).encode()
         self.csp = (
             f"default-src 'none'; style-src {_hash(css)}; script-src {_hash(_SCRIPT)}; "
-            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
             "frame-ancestors 'none'"
         )
 
