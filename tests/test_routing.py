@@ -238,3 +238,29 @@ def test_hostile_paths_match_in_linear_time(template: str, str_only: bool, body:
     else:
         baseline = _best_of(5, lambda: _runs(path))
         assert took < 50 * baseline, (took, baseline)
+
+
+_SEGMENT_TEMPLATES = [
+    "/{a}_{b}_{c}",
+    "/{a}_{b:int}_{c}",
+    "/{a}.{b:float}_{c}",
+    "/{a}-{b:uuid}",
+    "/<a>_<int:b>.<float:c>",
+    "/<str:a>-<slug:b>_<int:c>",
+    "/{a}{b}.{c:int}/{r:path}",
+    "/x{a:int}y{b}z",
+]
+
+
+@pytest.mark.implementation
+@given(
+    template=st.sampled_from(_SEGMENT_TEMPLATES),
+    seg=st.text(alphabet="01a_.-/yxz9fé", max_size=40),
+)
+def test_bit_set_matcher_agrees_with_the_span_matcher(template: str, seg: str) -> None:
+    # ASCII segments take the bit-set matcher, the others the span sets; both must agree.
+    from gateway_guard import _matcher
+
+    for segment in _matcher.segments(_matcher.parse(template)[1]):
+        if _matcher.needs_check(segment):
+            assert _matcher.match_segment(segment, seg) == _matcher._match_spans(segment, seg)
