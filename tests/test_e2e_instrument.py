@@ -14,17 +14,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import fastapi
+import flask
 import httpx
 import pytest
 
 import gateway_guard as gg
+from gateway_guard.flask import GatewayGuard
 from gateway_guard.testing import MisbehavingUpstream
 from servers import serve_asgi, serve_wsgi
-
-fastapi = pytest.importorskip("fastapi")
-flask = pytest.importorskip("flask")
-
-from gateway_guard.flask import GatewayGuard  # noqa: E402
 
 WAIT = 15.0
 DEADLINE = 1.5

@@ -13,23 +13,20 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import flask
 import httpx
 import pytest
+from django.core.checks import run_checks
+from django.http import HttpRequest, HttpResponse
+from django.test import override_settings
+from django.urls import include, path
 
 import django_setup  # noqa: F401 - configures Django once for the process
+import gateway_guard as gg
+from gateway_guard.django import get_guard
+from gateway_guard.flask import GatewayGuard
 from gateway_guard.testing import MisbehavingUpstream
 from servers import serve_wsgi
-
-flask = pytest.importorskip("flask")
-
-from django.core.checks import run_checks  # noqa: E402
-from django.http import HttpRequest, HttpResponse  # noqa: E402
-from django.test import override_settings  # noqa: E402
-from django.urls import include, path  # noqa: E402
-
-import gateway_guard as gg  # noqa: E402
-from gateway_guard.django import get_guard  # noqa: E402
-from gateway_guard.flask import GatewayGuard  # noqa: E402
 
 WAIT = 10.0
 

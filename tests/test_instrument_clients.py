@@ -11,13 +11,12 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import pytest
+import requests
 
 import gateway_guard as gg
 from gateway_guard.testing import MisbehavingUpstream
-
-requests = pytest.importorskip("requests")
-aiohttp = pytest.importorskip("aiohttp")
 
 
 @pytest.fixture(autouse=True)

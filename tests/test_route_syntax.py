@@ -10,15 +10,16 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
+# Dev dependencies: the routers we compare against. Missing, this fails, never skips.
+from django.urls import resolvers as django_resolvers
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from starlette import routing as starlette_routing
+from werkzeug import exceptions as werkzeug_exceptions
+from werkzeug import routing as werkzeug_routing
 
 from gateway_guard.routing import Route, RouteTable, RouteTemplateError, template_syntax
-
-starlette_routing = pytest.importorskip("starlette.routing")
-werkzeug_routing = pytest.importorskip("werkzeug.routing")
-werkzeug_exceptions = pytest.importorskip("werkzeug.exceptions")
-django_resolvers = pytest.importorskip("django.urls.resolvers")
 
 
 def ours(template: str, path: str) -> bool:
