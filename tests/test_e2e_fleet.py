@@ -134,6 +134,14 @@ async def healthz():
 )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @dataclass
 class Fleet:
     flask: str
@@ -153,7 +161,9 @@ class Fleet:
         return found
 
     def current(self) -> dict[str, str]:
-        return {pid: log[-1][1] for pid, log in self.workers().items() if log}
+        # Only live workers: one that gunicorn replaced (a worker timeout on a loaded
+        # machine) left its last state behind, and its successor writes under a new pid.
+        return {pid: log[-1][1] for pid, log in self.workers().items() if log and _alive(int(pid))}
 
     def all_in(self, *states: str) -> bool:
         current = self.current()
