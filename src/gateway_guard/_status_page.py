@@ -88,9 +88,10 @@ function fleet(data){
   var who = p.id ? p.id + " (pid " + p.pid + ")" : "pid " + p.pid;
   var scope = document.getElementById("scope"), note = document.getElementById("fleet-note");
   scope.className = data.note ? "warn" : "";
-  scope.textContent = "Answered by process " + who + ". " + (data.note ? cap(data.note) + "." :
-    "Breaker states are the fleet's; the Upstreams table counts this process's calls, " +
-    "the Fleet section adds up every live process.");
+  // The note names the answering process itself.
+  scope.textContent = data.note ? cap(data.note) + "." : "Answered by process " + who +
+    ". Breaker states are the fleet's; the Upstreams table counts this process's calls, " +
+    "the Fleet section adds up every live process.";
   if (!f || !f.available) {
     box.hidden = true;
     note.className = f ? "warn" : "muted";
