@@ -630,7 +630,8 @@ class FleetStore:
         age = time.monotonic() - view.at if view is not None else None
         note = None
         if not self._up or view is None or age is None:
-            note = "Redis is unreachable"
+            # _warned: a connection failed since the last success (or ever).
+            note = "Redis is unreachable" if self._warned else "not connected to Redis yet"
         elif age * 1000 > PEER_TTL_MS:
             note = f"the last read from Redis is {age:.0f} s old"
         fleet: dict[str, Any] = {
