@@ -7,6 +7,7 @@ breaker opens and the next call is rejected without reaching the upstream.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -102,6 +103,10 @@ def test_status_page_in_chromium(
         browser.open(f"{site}{STATUS}", size=size)
         _wait(lambda: "payments" in _text(browser, "upstreams"), "the upstream row")
         _wait(lambda: reference in _text(browser, "errors"), "the recent error")
+        # Behind several workers each answer is one worker's: the page says whose.
+        scope = _text(browser, "scope")
+        assert f"this process's (pid {os.getpid()}) only" in scope, scope
+        assert "(this process)" in _text(browser, "errors-h")
         assert browser.console_errors(f"{site}{STATUS}") == []
         assert browser.axe_violations() == []
         browser.screenshot(f"status-page-data-{size[0]}w")

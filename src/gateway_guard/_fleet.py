@@ -37,6 +37,21 @@ Threads, not asyncio: redis-py's sync client on two background threads serves sy
 async apps alike, and an event loop never awaits Redis (only a probe's token is asked
 for inline, bounded at ``PROBE_TIMEOUT_CAP``).
 
+The status page's fleet view (docs/status-page.md) rides on the same background work:
+
+- **Who is alive, and their numbers.** Each process's counts entry also carries its
+  bulkheads' calls in flight, and its field name (``host:pid:random``) says who wrote it.
+  The sync thread keeps what its last script call read (:meth:`FleetStore.status`), so the
+  page's fleet table costs no Redis command; its age is shown, and past ``PEER_TTL_MS``
+  (or with Redis away) the page says the fleet data is unavailable.
+- **Recent gateway errors, fleet-wide.** :class:`~gateway_guard._recent.RecentErrors` hands
+  each record to a bounded queue here (an append: no lock, no I/O on the error path); the
+  sync thread sends what is queued every ``TICK`` in one script call (``SHARE_ERRORS``)
+  into a capped set ordered by time and an index by reference. The status page reads them on an
+  operator's request only, one command bounded by ``command_timeout``
+  (:meth:`FleetStore.fleet_errors`, :meth:`FleetStore.find_error`), and not at all while
+  the store is down or just timed out.
+
 Fork safety: gunicorn forks after the app may have built its Guard; a forked child makes
 new connections, a new process id and its own threads (:func:`gateway_guard._fork`).
 """
@@ -54,7 +69,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import redis
@@ -67,6 +82,10 @@ from ._schema import StateSettings
 from .breaker import BreakerState, CircuitBreaker, Transition
 from .retry import RetryBudget
 
+if TYPE_CHECKING:
+    from ._bulkhead import Limiter
+    from ._recent import ErrorRecord, RecentErrors
+
 __all__ = ["FleetStore", "FleetUpstream"]
 
 logger = logging.getLogger("gateway_guard")
@@ -77,6 +96,10 @@ PEER_TTL_MS = 5000  # a process silent this long is gone: its counts stop counti
 MAX_BACKOFF = 1.0  # reconnection attempts back off to this, so a returning Redis is found fast
 PROBE_TIMEOUT_CAP = 0.05  # a probe's token waits at most this, whatever command_timeout says
 MAX_TASKS = 4096  # queued publications; transitions are rare, so this is never reached in use
+ERRORS_KEPT = 512  # the fleet's recent gateway errors in Redis: as many as one process's ring
+ERRORS_QUEUED = 512  # recorded here and not sent yet; past this the oldest are dropped (counted)
+ERRORS_TTL = 86_400  # seconds: the error keys of a service that stopped go away
+MAX_REFERENCE = 128  # a reference longer than a request id can be is never asked for
 
 # Transitions decided here that the fleet must hear. Not "consecutive_timeouts" (the
 # hung-upstream trigger judges this process's own attempts: one sick host must not open
@@ -129,6 +152,41 @@ for i = 1, #KEYS / 2 do
   out[#out + 1] = live
 end
 return out
+"""
+
+# KEYS: the errors (a sorted set by time), the index (reference -> entry). ARGV: how many
+# to keep, TTL seconds, then (reference, time, record) triples. Entries are "time|record"
+# (the time with the fractions as_json rounds away). Ordered by the records' own time,
+# not by when each process got to share them, so the oldest are the ones trimmed. The
+# index keeps the newest record of a reference; a trimmed one leaves it too, unless a
+# newer record of its reference replaced it there.
+SHARE_ERRORS = """
+local cap = tonumber(ARGV[1])
+for i = 3, #ARGV - 2, 3 do
+  local entry = ARGV[i + 1] .. '|' .. ARGV[i + 2]
+  redis.call('ZADD', KEYS[1], ARGV[i + 1], entry)
+  local held = redis.call('HGET', KEYS[2], ARGV[i])
+  if not held or (tonumber(string.match(held, '^([^|]*)|')) or 0) <= tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[2], ARGV[i], entry)
+  end
+end
+local extra = redis.call('ZCARD', KEYS[1]) - cap
+if extra > 0 then
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[1], 0, extra - 1)) do
+    local ok, rec = pcall(cjson.decode, string.match(old, '^[^|]*|(.*)$') or '')
+    if ok and type(rec) == 'table' and type(rec.reference) == 'string'
+        and redis.call('HGET', KEYS[2], rec.reference) == old then
+      redis.call('HDEL', KEYS[2], rec.reference)
+    end
+  end
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1)
+end
+if redis.call('HLEN', KEYS[2]) > 2 * cap then
+  redis.call('DEL', KEYS[2])  -- written by something else: start the index afresh
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return math.max(extra, 0)
 """
 
 # KEYS: record. ARGV: expected gen ("*": any, "new": only if missing), state, wait seconds,
@@ -204,6 +262,7 @@ class FleetUpstream:
     breaker: CircuitBreaker
     budget: RetryBudget
     probe_timeout: float  # seconds a probe can take at most: the upstream's call deadline
+    bulkhead: Limiter | None = None  # its calls in flight are shown on the status page
     record_key: str = ""
     counts_key: str = ""
     # The record (epoch, generation) this process last adopted or published.
@@ -218,8 +277,64 @@ class FleetUpstream:
     active: bool = field(default=False)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One process's counts entry for one upstream, as the last sync read it."""
+
+    gen: int
+    calls: int
+    failures: int
+    slow: int
+    in_flight: int | None  # None: written by a process that does not share it
+    stamp: int  # Redis server time (ms) of the write
+
+
+@dataclass(frozen=True)
+class _View:
+    """What the last sync read of the fleet: the status page's fleet table."""
+
+    now_ms: int  # Redis server time of the read
+    at: float  # time.monotonic() here at the read
+    entries: dict[str, dict[str, _Entry]]  # upstream -> process id -> entry
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entry(value: str) -> _Entry | None:
+    # gen|calls|failures|slow|budget calls|budget retries|recent calls|recent retries
+    # [|in flight]|stamp: the stamp (added by SYNC) is always last.
+    parts = value.split("|")
+    if len(parts) not in (9, 10):
+        return None
+    try:
+        return _Entry(
+            gen=int(parts[0]),
+            calls=int(parts[1]),
+            failures=int(parts[2]),
+            slow=int(parts[3]),
+            in_flight=int(parts[8]) if len(parts) == 10 else None,
+            stamp=int(parts[-1]),
+        )
+    except ValueError:
+        return None
+
+
+def _who(me: str) -> tuple[str, int | None, str]:
+    """(host, pid, short id) of a process's field name ``host:pid:random``."""
+    host, _, rest = me.rpartition(":")
+    host, _, pid = host.rpartition(":")
+    return host, int(pid) if pid.isdigit() else None, rest
+
+
+def _load(raw: Any) -> dict[str, Any] | None:
+    # An entry of SHARE_ERRORS: "time|record".
+    try:
+        record = json.loads(_text(raw).partition("|")[2])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _record(flat: Iterable[Any]) -> dict[str, str]:
@@ -234,11 +349,17 @@ class FleetStore:
     """
 
     def __init__(
-        self, settings: StateSettings, service: str, upstreams: Iterable[FleetUpstream]
+        self,
+        settings: StateSettings,
+        service: str,
+        upstreams: Iterable[FleetUpstream],
+        recent: RecentErrors | None = None,
     ) -> None:
         self._settings = settings
         prefix = settings.key_prefix or f"gateway_guard:{service}"
         self._channel = f"{prefix}:events"
+        self._errors_key = f"{prefix}:errors"
+        self._error_index_key = f"{prefix}:errors:index"
         self._members: dict[str, FleetUpstream] = {}
         for member in upstreams:
             member.record_key = f"{prefix}:breaker:{member.name}"
@@ -250,6 +371,9 @@ class FleetStore:
         for member in self._members.values():
             member.unsubscribe = member.breaker.subscribe(self._on_transition)
             member.breaker.attach_fleet(self)
+        self._recent = recent
+        if recent is not None:
+            recent.sink = self._error_recorded
 
     def _init_process(self) -> None:
         # Everything a process must have of its own (also re-made in a forked child).
@@ -258,11 +382,18 @@ class FleetStore:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._resync = threading.Event()
-        self._tasks: deque[tuple[str, FleetUpstream, Any]] = deque(maxlen=MAX_TASKS)
+        self._tasks: deque[tuple[str, FleetUpstream | None, Any]] = deque(maxlen=MAX_TASKS)
         self._up = False
         self._warned = False
         self._client: redis.Redis | None = None
         self._probe_client: redis.Redis | None = None
+        # The status page's: its reads are an operator's, never a visitor's.
+        self._page_client: redis.Redis | None = None
+        self._page_pause_until = 0.0
+        self._view: _View | None = None
+        self._errors: deque[ErrorRecord] = deque(maxlen=ERRORS_QUEUED)
+        self._unsent: list[ErrorRecord] = []  # the sync thread's own
+        self._errors_dropped = 0
         self._threads: list[threading.Thread] = []
         self._scripts: dict[str, Any] = {}
         for member in self._members.values():
@@ -304,7 +435,11 @@ class FleetStore:
                 member.unsubscribe = None
             member.breaker.attach_fleet(None)
             member.budget.set_peer_counts(0, 0, 0.0, 0.0)
-        for client in (self._client, self._probe_client):
+        if self._recent is not None and self._recent.sink == self._error_recorded:
+            self._recent.sink = None
+        self._up = False
+        self._view = None
+        for client in (self._client, self._probe_client, self._page_client):
             if client is not None:
                 client.close()
 
@@ -332,11 +467,16 @@ class FleetStore:
             # A probe waits on this one: connecting is bounded as tightly as a command.
             cap = min(self._settings.command_timeout, PROBE_TIMEOUT_CAP)
             self._probe_client = self._make_client(cap, min(self._settings.connect_timeout, cap))
+            timeout = self._settings.command_timeout
+            self._page_client = self._make_client(
+                timeout, min(self._settings.connect_timeout, timeout)
+            )
             for name, lua in (
                 ("sync", SYNC),
                 ("transition", TRANSITION),
                 ("take_probe", TAKE_PROBE),
                 ("report", REPORT),
+                ("share_errors", SHARE_ERRORS),
             ):
                 self._scripts[name] = client.register_script(lua)
         return client
@@ -386,9 +526,181 @@ class FleetStore:
             return
         self._task("transition", member, transition)
 
-    def _task(self, kind: str, member: FleetUpstream, payload: Any) -> None:
+    def _task(self, kind: str, member: FleetUpstream | None, payload: Any) -> None:
         self._tasks.append((kind, member, payload))
         self._wake.set()
+
+    # --- recent gateway errors, fleet-wide --------------------------------------------------
+
+    def _error_recorded(self, record: ErrorRecord) -> None:
+        # RecentErrors.sink, on the error path (maybe in a finaliser): one append to a
+        # bounded deque, which drops the oldest itself; no lock and no wake-up (the sync
+        # thread looks every TICK). The drop count may miss one when two threads drop at
+        # once: it is a hint, not a ledger.
+        queue = self._errors
+        if len(queue) == ERRORS_QUEUED:
+            self._errors_dropped += 1
+        queue.append(record)
+
+    def _share_errors(self) -> None:
+        queue = self._errors
+        if not queue and not self._unsent:
+            return
+        # What a failed call could not send goes first, then the queue; the newest
+        # ERRORS_QUEUED of them when there are more.
+        batch, self._unsent = self._unsent, []
+        for _ in range(ERRORS_QUEUED):
+            try:
+                batch.append(queue.popleft())
+            except IndexError:
+                break
+        if len(batch) > ERRORS_QUEUED:
+            self._errors_dropped += len(batch) - ERRORS_QUEUED
+            batch = batch[-ERRORS_QUEUED:]
+        args: list[Any] = [ERRORS_KEPT, ERRORS_TTL]
+        for record in batch:
+            shown = json.dumps(record.as_json(), separators=(",", ":"))
+            args += [record.reference, repr(record.time), shown]
+        try:
+            self._scripts["share_errors"](
+                keys=[self._errors_key, self._error_index_key], args=args, client=self._clients()
+            )
+        except (RedisError, OSError):
+            self._unsent = batch  # sent again once Redis is back
+            raise
+
+    def _page_ready(self) -> redis.Redis | None:
+        # Not while the store is down, nor for a while after a page read failed: an
+        # operator reloading the page must not wait command_timeout each time (on an
+        # ASGI server that wait holds the event loop).
+        client = self._page_client
+        if not self._up or client is None or time.monotonic() < self._page_pause_until:
+            return None
+        return client
+
+    def _page_failed(self) -> None:
+        self._page_pause_until = time.monotonic() + HEARTBEAT
+        self._task("check", None, None)  # the sync thread finds out what is wrong
+
+    def fleet_errors(self, count: int) -> list[dict[str, Any]] | None:
+        """The fleet's newest ``count`` gateway errors, newest first, as
+        :meth:`ErrorRecord.as_json` made them; None when Redis cannot say now.
+
+        One command, bounded by ``command_timeout``; on an operator's request only."""
+        client = self._page_ready()
+        if client is None:
+            return None
+        try:
+            raw = client.zrange(self._errors_key, 0, max(0, count - 1), desc=True)
+        except (RedisError, OSError):
+            self._page_failed()
+            return None
+        return [record for item in raw if (record := _load(item)) is not None]
+
+    def find_error(self, reference: str) -> tuple[dict[str, Any] | None, bool]:
+        """(the fleet's record of ``reference`` or None, whether Redis was asked): one
+        command, bounded by ``command_timeout``."""
+        if not reference or len(reference) > MAX_REFERENCE:
+            return None, True
+        client = self._page_ready()
+        if client is None:
+            return None, False
+        try:
+            raw = client.hget(self._error_index_key, reference)
+        except (RedisError, OSError):
+            self._page_failed()
+            return None, False
+        return (_load(raw) if raw is not None else None), True
+
+    # --- the status page's fleet view --------------------------------------------------------
+
+    def status(self, *, debug: bool) -> dict[str, Any]:
+        """This process, the live processes and each upstream's fleet totals, from what the
+        sync thread read last: no Redis command here.
+
+        ``{"process": {...}, "fleet": {...}, "upstreams": {name: totals or None}}``; the
+        totals add this process's live numbers to the others' of the same window (what the
+        breaker judges). Hosts are named only with ``debug``: they are our own machines,
+        but a name is still a map of the fleet for anyone who gets the token."""
+        host, _, short = _who(self._me)
+        me: dict[str, Any] = {"id": short, "pid": os.getpid()}
+        if debug:
+            me["host"] = host
+        view = self._view
+        age = time.monotonic() - view.at if view is not None else None
+        note = None
+        if not self._up or view is None or age is None:
+            # _warned: a connection failed since the last success (or ever).
+            note = "Redis is unreachable" if self._warned else "not connected to Redis yet"
+        elif age * 1000 > PEER_TTL_MS:
+            note = f"the last read from Redis is {age:.0f} s old"
+        fleet: dict[str, Any] = {
+            "available": note is None,
+            "note": None if note is None else f"fleet data unavailable: {note}",
+            "read_ago": None if age is None else round(age, 3),
+            "processes": [],
+            "errors_not_shared": self._errors_dropped,
+        }
+        out: dict[str, Any] = {"process": me, "fleet": fleet, "upstreams": {}}
+        if note is not None or view is None or age is None:
+            out["upstreams"] = dict.fromkeys(self._members)
+            return out
+        processes: dict[str, dict[str, Any]] = {}
+        for name, member in self._members.items():
+            snap = member.breaker.snapshot()
+            own = member.bulkhead.in_flight if member.bulkhead is not None else 0
+            totals = {"calls": snap.calls, "failures": snap.failures, "slow_calls": snap.slow}
+            reporting, in_flight = 1, own
+            for who, entry in view.entries.get(name, {}).items():
+                row = processes.get(who)
+                if row is None:
+                    row = processes[who] = self._process_row(who, debug)
+                if who == self._me:
+                    row["upstreams"][name] = {**totals, "in_flight": own}
+                    continue
+                row["last_seen"] = min(row["last_seen"], _ago(view, entry, age))
+                row["upstreams"][name] = {
+                    "calls": entry.calls,
+                    "failures": entry.failures,
+                    "slow_calls": entry.slow,
+                    "in_flight": entry.in_flight,
+                }
+                in_flight += entry.in_flight or 0
+                if entry.gen == member.gen:
+                    # An entry of an earlier generation counts a window since cleared.
+                    reporting += 1
+                    totals["calls"] += entry.calls
+                    totals["failures"] += entry.failures
+                    totals["slow_calls"] += entry.slow
+            calls = totals["calls"]
+            out["upstreams"][name] = {
+                **totals,
+                "failure_rate": round(totals["failures"] / calls, 4) if calls else 0.0,
+                "slow_call_rate": round(totals["slow_calls"] / calls, 4) if calls else 0.0,
+                "processes": reporting,
+                "in_flight": in_flight,
+            }
+        if self._me not in processes:  # not written yet (a store with no upstreams)
+            processes[self._me] = self._process_row(self._me, debug)
+        # By host, then pid: a host's workers side by side, named or not.
+        order = sorted(processes, key=lambda who: (_who(who)[0], _who(who)[1] or 0, who))
+        fleet["processes"] = [processes[who] for who in order]
+        return out
+
+    def _process_row(self, who: str, debug: bool) -> dict[str, Any]:
+        host, pid, short = _who(who)
+        this = who == self._me
+        row: dict[str, Any] = {
+            "id": short,
+            "pid": os.getpid() if this else pid,
+            "this_process": this,
+            # Others' is the newest of their entries' stamps, set as they are read.
+            "last_seen": 0.0 if this else float("inf"),
+            "upstreams": {},
+        }
+        if debug:
+            row["host"] = host
+        return row
 
     # --- the background threads -------------------------------------------------------------
 
@@ -406,6 +718,7 @@ class FleetStore:
                 if self._stop.is_set():
                     break
                 self._drain()
+                self._share_errors()
                 now = time.monotonic()
                 if self._resync.is_set():
                     self._resync.clear()
@@ -443,13 +756,14 @@ class FleetStore:
             self._up = False
             warn = not self._warned
             self._warned = True
+        self._view = None
         # Transitions still queued could not be published: publish them on return.
         while self._tasks:
             try:
                 kind, member, payload = self._tasks.popleft()
             except IndexError:
                 break
-            if kind == "transition":
+            if kind == "transition" and member is not None:
                 _mark_dirty(member, payload.reason)
         for member in self._members.values():
             member.peers = (0, 0, 0)
@@ -469,7 +783,9 @@ class FleetStore:
                 kind, member, payload = self._tasks.popleft()
             except IndexError:
                 return
-            if kind == "transition":
+            if kind == "check" or member is None:
+                self._clients().ping()
+            elif kind == "transition":
                 # Dirty until published: if Redis fails now, the resync publishes it.
                 _mark_dirty(member, payload.reason)
                 self._publish(member, payload.reason)
@@ -482,8 +798,6 @@ class FleetStore:
                     member.breaker.set_fleet_probes(*(int(x) for x in totals))
             elif kind == "return":
                 self._scripts["report"](keys=[member.record_key], args=[payload, "return", 0, 0])
-            elif kind == "check":
-                self._clients().ping()
 
     def _publish(self, member: FleetUpstream, reason: str, expected: str | None = None) -> None:
         snap = member.breaker.snapshot()
@@ -529,9 +843,10 @@ class FleetStore:
         for member in members:
             snap = member.breaker.snapshot()
             calls, retries, recent_calls, recent_retries = member.budget.local_counts()
+            in_flight = member.bulkhead.in_flight if member.bulkhead is not None else 0
             entry = (
                 f"{member.gen}|{snap.calls}|{snap.failures}|{snap.slow}|{calls}|{retries}"
-                f"|{recent_calls:.2f}|{recent_retries:.2f}"
+                f"|{recent_calls:.2f}|{recent_retries:.2f}|{in_flight}"
             )
             active = bool(snap.failures or snap.slow or retries or recent_retries)
             busy = active or member.active or any(member.peers)
@@ -548,9 +863,13 @@ class FleetStore:
             keys=keys, args=[self._me, PEER_TTL_MS, *entries], client=self._clients()
         )
         now_ms = int(_text(reply[0]))
+        seen: dict[str, dict[str, _Entry]] = {}
         for i, member in enumerate(members):
             record = _record(reply[1 + 2 * i])
             counts = _record(reply[2 + 2 * i])
+            seen[member.name] = {
+                who: parsed for who, value in counts.items() if (parsed := _entry(value))
+            }
             if not record:
                 # Never written, or flushed: this process's state becomes the fleet's.
                 manual = member.dirty == "manual"
@@ -567,6 +886,7 @@ class FleetStore:
                     if _newer(record, member):
                         self._adopt(member, record, now_ms)
             self._peer_counts(member, counts, now_ms)
+        self._view = _View(now_ms, time.monotonic(), seen)
 
     def _peer_counts(self, member: FleetUpstream, counts: dict[str, str], now_ms: int) -> None:
         calls = failures = slow = 0
@@ -576,7 +896,7 @@ class FleetStore:
             if who == self._me:
                 continue
             parts = value.split("|")
-            if len(parts) != 9 or now_ms - int(parts[8]) > PEER_TTL_MS:
+            if len(parts) not in (9, 10) or now_ms - int(parts[-1]) > PEER_TTL_MS:
                 continue
             b_calls += int(parts[4])
             b_retries += int(parts[5])
@@ -647,6 +967,11 @@ class FleetStore:
             # Not our own publication, nor one adopted already or overtaken since.
             if _newer(record, member):
                 self._adopt(member, record, int(event["now"]))
+
+
+def _ago(view: _View, entry: _Entry, age: float) -> float:
+    """Seconds since the process wrote ``entry``, now."""
+    return round(max(0, view.now_ms - entry.stamp) / 1000 + age, 3)
 
 
 def _mark_dirty(member: FleetUpstream, reason: str) -> None:

@@ -26,9 +26,11 @@ color:var(--ink);background:var(--bg)}
 header{background:#fff;border-bottom:4px solid var(--accent);padding:1rem 1.25rem}
 h1{font-size:1.35rem;margin:0}
 h2{font-size:1.1rem;margin:1.5rem 0 .5rem}
+h3{font-size:1rem;margin:1rem 0 .5rem}
 main{padding:0 1.25rem 2rem;max-width:80rem}
 p{margin:.25rem 0}
 .muted{color:var(--muted)}
+.warn{color:#92400e;font-weight:600}
 .scroll{overflow-x:auto;background:#fff;border:1px solid var(--line);border-radius:6px}
 table{border-collapse:collapse;width:100%%;font-size:.9rem}
 th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid var(--line);
@@ -76,6 +78,59 @@ function fill(id, rows){
   rows.forEach(function(r){ body.appendChild(r); });
 }
 function pct(x){ return (100 * x).toFixed(1) + "%"; }
+function cap(text){ return text.charAt(0).toUpperCase() + text.slice(1); }
+function rowHead(row, text){
+  var th = document.createElement("th");
+  th.scope = "row"; th.textContent = text; row.appendChild(th);
+}
+function fleet(data){
+  var f = data.fleet, p = data.process, box = document.getElementById("fleet-tables");
+  var who = p.id ? p.id + " (pid " + p.pid + ")" : "pid " + p.pid;
+  var scope = document.getElementById("scope"), note = document.getElementById("fleet-note");
+  scope.className = data.note ? "warn" : "";
+  // The note names the answering process itself.
+  scope.textContent = data.note ? cap(data.note) + "." : "Answered by process " + who +
+    ". Breaker states are the fleet's; the Upstreams table counts this process's calls, " +
+    "the Fleet section adds up every live process.";
+  if (!f || !f.available) {
+    box.hidden = true;
+    note.className = f ? "warn" : "muted";
+    note.textContent = f ? cap(f.note) + ": the numbers above are this process's." :
+      "Not shared: with the local backend each worker process keeps its own breakers, " +
+      "counts and recent errors. With [state] backend = \"redis\" this section shows " +
+      "every live process.";
+    return;
+  }
+  box.hidden = false;
+  note.className = "muted";
+  note.textContent = f.processes.length + " live process" +
+    (f.processes.length === 1 ? "" : "es") + ", read from Redis " + f.read_ago.toFixed(1) +
+    " s ago" + (f.errors_not_shared ? "; " + f.errors_not_shared +
+    " gateway errors recorded here could not be shared" : "") + ".";
+  fill("fleet-upstreams", Object.keys(data.upstreams).map(function(name){
+    var u = data.upstreams[name], t = u.fleet, tr = document.createElement("tr");
+    rowHead(tr, name);
+    if (t) {
+      [t.processes, t.calls, t.failures, pct(t.failure_rate), t.slow_calls, t.in_flight]
+        .forEach(function(v){ cell(tr, v); });
+    } else { [1, 2, 3, 4, 5, 6].forEach(function(){ cell(tr, null); }); }
+    cell(tr, u.calls); cell(tr, pct(u.failure_rate));
+    return tr;
+  }));
+  var rows = [];
+  f.processes.forEach(function(q){
+    var label = (q.host ? q.host + " \u00b7 " : "") + q.id + (q.this_process ? " (this one)" : "");
+    var names = Object.keys(q.upstreams);
+    (names.length ? names : [null]).forEach(function(name){
+      var c = name === null ? {} : q.upstreams[name], tr = document.createElement("tr");
+      rowHead(tr, label); cell(tr, q.pid); cell(tr, q.last_seen.toFixed(1) + " s");
+      cell(tr, name); cell(tr, c.calls); cell(tr, c.failures); cell(tr, c.slow_calls);
+      cell(tr, c.in_flight);
+      rows.push(tr);
+    });
+  });
+  fill("processes", rows);
+}
 function act(name, action){
   fetch(base + "/upstreams/" + encodeURIComponent(name) + "/" + action,
         {method: "POST", headers: headers(), credentials: "omit"})
@@ -109,6 +164,7 @@ function render(data){
     return tr;
   });
   fill("upstreams", up);
+  fleet(data);
   fill("routes", Object.keys(data.routes).map(function(name){
     var r = data.routes[name], tr = document.createElement("tr");
     var th = document.createElement("th"); th.scope = "row";
@@ -117,6 +173,8 @@ function render(data){
     cell(tr, r.queued + " / " + r.queue_limit); cell(tr, r.shed);
     return tr;
   }));
+  document.getElementById("errors-scope").textContent =
+    data.recent_errors_scope === "fleet" ? " (fleet)" : " (this process)";
   fill("errors", data.recent_errors.map(function(e){
     var tr = document.createElement("tr");
     [e.time, e.reference, e.upstream, e.route || (e.method + " " + e.path), e.status,
@@ -139,12 +197,16 @@ function load(){
 function lookup(ref){
   fetch(base + "/errors/" + encodeURIComponent(ref), {headers: headers(), credentials: "omit"})
     .then(function(r){
-      if (r.status === 404) { return {missing: true}; }
+      if (r.status === 404) {
+        return r.json().then(function(b){ return {missing: true, note: b.note}; },
+                             function(){ return {missing: true}; });
+      }
       return r.ok ? r.json() : {refused: r.status};
     }).then(function(rec){
       var out = document.getElementById("record");
       if (rec.missing) {
-        out.textContent = "No recent gateway error has the reference " + ref + ".";
+        out.textContent = "No recent gateway error has the reference " + ref + "." +
+          (rec.note ? " (" + cap(rec.note) + ".)" : "");
       }
       else if (rec.refused) { out.textContent = "Refused (" + rec.refused + "): check the token."; }
       else { out.textContent = JSON.stringify(rec, null, 2); }
@@ -182,6 +244,7 @@ _PAGE = """<!DOCTYPE html>
 <header><h1>%(title)s</h1><p class="muted" id="service">%(service)s</p></header>
 <main>
 <p id="message" role="status" aria-live="polite"></p>
+<p id="scope"></p>
 <p class="muted" id="updated">Loading\u2026</p>
 <form id="token-form"><label for="token">Status token (needed from other hosts and
 for actions)<input id="token" type="password" autocomplete="off"></label>
@@ -193,12 +256,30 @@ for actions)<input id="token" type="password" autocomplete="off"></label>
 <th scope="col">Calls in window</th><th scope="col">Half-open in</th>
 <th scope="col">Retries left</th><th scope="col">Bulkhead</th><th scope="col">Actions</th>
 </tr></thead><tbody id="upstreams"></tbody></table></div>
+<h2 id="fleet-h">Fleet</h2>
+<p id="fleet-note" class="muted"></p>
+<div id="fleet-tables" hidden>
+<h3 id="fleet-upstreams-h">Upstreams across the fleet</h3>
+<div class="scroll" tabindex="0" role="region" aria-labelledby="fleet-upstreams-h">
+<table aria-labelledby="fleet-upstreams-h"><thead><tr><th scope="col">Upstream</th>
+<th scope="col">Processes</th><th scope="col">Calls in window</th>
+<th scope="col">Failures</th><th scope="col">Failure rate</th><th scope="col">Slow calls</th>
+<th scope="col">In flight</th><th scope="col">This process: calls</th>
+<th scope="col">This process: failure rate</th></tr></thead>
+<tbody id="fleet-upstreams"></tbody></table></div>
+<h3 id="processes-h">Processes</h3>
+<div class="scroll" tabindex="0" role="region" aria-labelledby="processes-h">
+<table aria-labelledby="processes-h"><thead><tr><th scope="col">Process</th>
+<th scope="col">PID</th><th scope="col">Last seen</th><th scope="col">Upstream</th>
+<th scope="col">Calls in window</th><th scope="col">Failures</th><th scope="col">Slow calls</th>
+<th scope="col">In flight</th></tr></thead><tbody id="processes"></tbody></table></div>
+</div>
 <h2 id="routes-h">Inbound</h2>
 <div class="scroll" tabindex="0" role="region" aria-labelledby="routes-h">
 <table aria-labelledby="routes-h"><thead><tr><th scope="col">Route</th>
 <th scope="col">In flight</th><th scope="col">Queued</th><th scope="col">Shed</th>
 </tr></thead><tbody id="routes"></tbody></table></div>
-<h2 id="errors-h">Recent gateway errors</h2>
+<h2 id="errors-h">Recent gateway errors<span id="errors-scope"></span></h2>
 <form id="lookup-form"><label for="reference">Reference from an error page
 <input id="reference" maxlength="128" autocomplete="off"></label>
 <button type="submit">Find</button></form>

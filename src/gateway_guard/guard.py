@@ -182,9 +182,16 @@ class Guard:
             self.settings.state,
             self.settings.service,
             [
-                FleetUpstream(rt.name, rt.breaker, rt.budget, probe_timeout=rt.policy.deadline)
+                FleetUpstream(
+                    rt.name,
+                    rt.breaker,
+                    rt.budget,
+                    probe_timeout=rt.policy.deadline,
+                    bulkhead=rt.bulkhead,
+                )
                 for rt in self._upstreams.values()
             ],
+            recent=self.recent_errors,
         )
         # Connecting happens on the store's thread: Redis being down or slow never delays
         # startup, and never a request (the breakers count locally meanwhile).

@@ -28,7 +28,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from gateway_guard._status import status_data
+from gateway_guard._status import find_error, status_data
 from gateway_guard._status_page import StatusPage, json_body
 from gateway_guard.render import RenderedError
 
@@ -160,14 +160,13 @@ class Endpoints:
         if rest == "":
             return _answer(200, status_data(self._guard), head=head)
         if rest.startswith("errors/"):
-            reference = rest[len("errors/") :]
-            recent = self._guard.recent_errors
-            record = recent.find(reference) if recent is not None else None
+            record, note = find_error(self._guard, rest[len("errors/") :])
             if record is None:
-                return _answer(
-                    404, {"error": "no recent gateway error has this reference"}, head=head
-                )
-            return _answer(200, record.as_json(), head=head)
+                missing: dict[str, Any] = {"error": "no recent gateway error has this reference"}
+                if note is not None:
+                    missing["note"] = note
+                return _answer(404, missing, head=head)
+            return _answer(200, record, head=head)
         return _answer(404, {"error": "not found"}, head=head)
 
     def _html(self, head: bool) -> RenderedError:
