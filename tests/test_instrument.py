@@ -130,6 +130,44 @@ def test_an_explicitly_guarded_client_is_not_guarded_twice() -> None:
     assert len(handler.seen) == 3  # not 9
 
 
+def test_a_clients_mounts_still_choose_the_transport() -> None:
+    # The wrapper does httpx's transport lookup inline only for a client without mounts.
+    gg.instrument(gg.Guard(SETTINGS), clients=("httpx",))
+    default, mounted = Upstream(200), Upstream(503)
+    client = httpx.Client(
+        transport=httpx.MockTransport(default),
+        mounts={"http://payments.internal:8080": httpx.MockTransport(mounted)},
+    )
+    with client:
+        with pytest.raises(gg.UpstreamStatusError):
+            client.get("http://payments.internal:8080/charges")
+        assert (len(default.seen), len(mounted.seen)) == (0, 3)  # the mount's, guarded
+        assert client.get("http://example.com/").status_code == 200
+    assert len(default.seen) == 1
+
+
+def test_a_transport_lookup_patched_before_us_is_still_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Someone else's wrapper of the seam (installed first) keeps running under ours.
+    original = httpx.Client._transport_for_url
+    seen: list[str] = []
+
+    def theirs(self: httpx.Client, url: httpx.URL) -> httpx.BaseTransport:
+        seen.append(str(url))
+        return original(self, url)
+
+    monkeypatch.setattr(httpx.Client, "_transport_for_url", theirs)
+    gg.instrument(gg.Guard(SETTINGS), clients=("httpx",))
+    handler = Upstream(503)
+    with pytest.raises(gg.UpstreamStatusError):
+        SDK("http://payments.internal:8080", handler).charge()
+    assert len(handler.seen) == 3
+    assert seen == ["http://payments.internal:8080/charges"]  # once: retries are inside
+    gg.uninstrument()
+    assert httpx.Client._transport_for_url is theirs
+
+
 def test_async_clients_are_guarded() -> None:
     gg.instrument(gg.Guard(SETTINGS), clients=("httpx",))
     handler = Upstream(503)

@@ -173,12 +173,13 @@ class SyncDriver:
         **kwargs: Any,
     ) -> list[bytes]:
         """``client.stream()``: the raw body chunks as the caller receives them (with
-        ``send=True``, ``client.send(request, stream=True)``)."""
+        ``send=True``, ``client.send(request, stream=True)``: the decoded chunks)."""
         with guard.client("up", transport=httpx.MockTransport(handler)) as client:
             if send:
                 response = client.send(client.build_request(method, "/x"), stream=True)
                 try:
-                    return list(response.iter_raw())
+                    # iter_bytes: a body read within the attempt is no longer raw.
+                    return list(response.iter_bytes())
                 finally:
                     response.close()
             with client.stream(method, "/x", **kwargs) as response:
@@ -246,7 +247,7 @@ class AsyncDriver:
                     request = client.build_request(method, "/x")
                     response = await client.send(request, stream=True)
                     try:
-                        return [chunk async for chunk in response.aiter_raw()]
+                        return [chunk async for chunk in response.aiter_bytes()]
                     finally:
                         await response.aclose()
                 async with client.stream(method, "/x", **kwargs) as response:
@@ -1683,21 +1684,49 @@ def test_buffer_body_bytes_caps_the_bodies_read_within_the_attempt(
     assert handler.calls == calls
 
 
-@pytest.mark.parametrize("send", [False, True], ids=["stream", "send-stream"])
-def test_a_streaming_caller_gets_the_body_as_it_comes(
-    driver: Driver, clock: FakeClock, send: bool
+@pytest.mark.parametrize("length", ["21", None], ids=["known-length", "chunked"])
+def test_client_stream_gets_the_body_as_it_comes(
+    driver: Driver, clock: FakeClock, length: str | None
 ) -> None:
-    # client.stream() and send(stream=True) are not read within the attempt, however small
-    # the body: the chunks arrive one by one.
+    # client.stream() is never read within the attempt, however small the body: the chunks
+    # arrive one by one.
     chunks = [b"a" * 10, b"b" * 10, b"c"]
+    headers = {"content-length": length} if length else {}
 
     def step(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-length": "21"}, stream=ChunkStream(chunks))
+        return httpx.Response(200, headers=headers, stream=ChunkStream(chunks))
 
     guard = make_guard(clock)
 
-    assert driver.stream(guard, Upstream(step), send=send) == chunks
+    assert driver.stream(guard, Upstream(step)) == chunks
     assert guard.breaker("up").snapshot().calls == 1
+
+
+def test_send_with_stream_true_streams_a_body_of_unknown_length(
+    driver: Driver, clock: FakeClock
+) -> None:
+    # What SDKs use for server-sent events: chunked, so it may never end, and it streams.
+    chunks = [b"data: 1\n\n", b"data: 2\n\n"]
+
+    def step(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=ChunkStream(chunks))
+
+    guard = make_guard(clock)
+
+    assert driver.stream(guard, Upstream(step), send=True) == chunks
+
+
+def test_send_with_stream_true_has_a_small_body_read_and_retried_within_the_call(
+    driver: Driver, clock: FakeClock
+) -> None:
+    # client.send(request, stream=True) (how SDKs call a client they are given) is not
+    # marked as streaming: a body of known length within buffer_body_bytes is read within
+    # the attempt, so one that breaks off is retried. The caller still gets every byte.
+    guard = make_guard(clock, retry={"attempts": 3})
+    handler = Upstream(broken_body(INCOMPLETE), OK)
+
+    assert b"".join(driver.stream(guard, handler, send=True)) == b"hello"
+    assert handler.calls == 2
 
 
 def test_a_transport_on_the_callers_own_client_leaves_bodies_to_the_caller(

@@ -353,13 +353,17 @@ class Guard:
         """
         inner = kwargs.pop("transport", None) or self._inner(kwargs, httpx.HTTPTransport)
         kwargs = self._client_kwargs(upstream, kwargs)
-        return GuardedClient(transport=self.transport(upstream, inner), **kwargs)
+        transport = self.transport(upstream, inner)
+        transport.reads_whole_bodies = True
+        return GuardedClient(transport=transport, **kwargs)
 
     def async_client(self, upstream: str, **kwargs: Any) -> httpx.AsyncClient:
         """A new guarded ``httpx.AsyncClient`` for ``upstream``, owned by the caller."""
         inner = kwargs.pop("transport", None) or self._inner(kwargs, httpx.AsyncHTTPTransport)
         kwargs = self._client_kwargs(upstream, kwargs)
-        return AsyncGuardedClient(transport=self.async_transport(upstream, inner), **kwargs)
+        transport = self.async_transport(upstream, inner)
+        transport.reads_whole_bodies = True
+        return AsyncGuardedClient(transport=transport, **kwargs)
 
     # --- requests and aiohttp (extras: imported on first use) ---------------------------
 
