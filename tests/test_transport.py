@@ -1070,6 +1070,29 @@ def test_callers_own_headers_are_kept(
     assert headers.get_list("traceparent") == [mine]
 
 
+def test_propagation_agrees_with_httpx_headers_for_any_value(
+    driver: Driver, clock: FakeClock, context: Callable[..., RequestContext]
+) -> None:
+    # The httpx driver writes httpx's raw header list directly; what the upstream gets
+    # must be what Headers.__setitem__ would have sent, and a caller's header in any case
+    # is still the caller's.
+    inbound = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+    guard = make_guard(clock)
+    context(guard, request_id="req/a.b:c@d+e=f_g", trace_id=TRACE_ID, traceparent=inbound)
+    handler = Upstream()
+
+    driver.send(guard, handler)
+    driver.send(guard, handler, headers={"TraceParent": "mine"})
+
+    first, second = (request.headers for request in handler.requests)
+    expected = httpx.Headers()
+    expected["X-Request-ID"] = "req/a.b:c@d+e=f_g"
+    expected["traceparent"] = inbound
+    assert first.raw[-2:] == expected.raw
+    assert second.get_list("traceparent") == ["mine"]
+    assert second.get_list("x-request-id") == ["req/a.b:c@d+e=f_g"]
+
+
 def test_nothing_is_propagated_outside_a_context(driver: Driver, clock: FakeClock) -> None:
     guard = make_guard(clock)
     handler = Upstream()

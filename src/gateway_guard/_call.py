@@ -89,6 +89,24 @@ class RequestHeaders(HeaderLookup, Protocol):
     def __setitem__(self, key: str, value: str, /) -> None: ...
 
 
+def _propagate(headers: RequestHeaders, ctx: RequestContext, start_traces: bool) -> None:
+    """Carry the inbound request id and trace to the upstream (the caller's own win).
+
+    The inbound ``traceparent`` is passed on as it came: its parent-id is the caller's
+    span, which exists. None is invented (a made-up parent-id is a span no collector
+    ever sees) unless ``tracing.start_traces`` asks for one. With tracing on, the
+    tracing hook then injects its attempt span's context over it.
+    """
+    if "x-request-id" not in headers:
+        headers["X-Request-ID"] = ctx.request_id
+    if "traceparent" not in headers:
+        inbound = ctx.traceparent
+        if inbound is not None:
+            headers["traceparent"] = inbound
+        elif start_traces:
+            headers["traceparent"] = new_traceparent(ctx.trace_id)
+
+
 class Call:
     """The decisions of one outbound call to one upstream. No I/O, no client types.
 
@@ -117,6 +135,10 @@ class Call:
         "t0",
         "why",
     )
+
+    # How the request id and trace reach the upstream: a driver whose client offers a
+    # cheaper way subclasses Call and replaces it (transport.py, for httpx's headers).
+    propagate = staticmethod(_propagate)
 
     def __init__(
         self, rt: UpstreamRuntime, method: str, headers: RequestHeaders, streaming: bool
@@ -148,7 +170,7 @@ class Call:
             deadline_at = now + policy.deadline
             if ctx.deadline_at is not None and ctx.deadline_at < deadline_at:
                 deadline_at = ctx.deadline_at
-            _propagate(headers, ctx, rt.start_traces)
+            self.propagate(headers, ctx, rt.start_traces)
             ctx.upstream = rt.name  # log records name it (gateway_guard.log)
         self.policy: CallPolicy = policy
         self.deadline_at = deadline_at
@@ -581,21 +603,3 @@ def shed(rt: UpstreamRuntime, exc: LoadShedError) -> LoadShedError:
             )
         )
     return exc
-
-
-def _propagate(headers: RequestHeaders, ctx: RequestContext, start_traces: bool) -> None:
-    """Carry the inbound request id and trace to the upstream (the caller's own win).
-
-    The inbound ``traceparent`` is passed on as it came: its parent-id is the caller's
-    span, which exists. None is invented (a made-up parent-id is a span no collector
-    ever sees) unless ``tracing.start_traces`` asks for one. With tracing on, the
-    tracing hook then injects its attempt span's context over it.
-    """
-    if "x-request-id" not in headers:
-        headers["X-Request-ID"] = ctx.request_id
-    if "traceparent" not in headers:
-        inbound = ctx.traceparent
-        if inbound is not None:
-            headers["traceparent"] = inbound
-        elif start_traces:
-            headers["traceparent"] = new_traceparent(ctx.trace_id)
