@@ -152,7 +152,7 @@ class _Socket:
             # Its class swapped for ours (same layout), whose readinto is SocketIO's with the
             # deadline check: one Python frame a read, as for a bare socket, not two.
             raw.__class__ = _Reader
-            cast(_Reader, raw)._owner = self
+            raw._owner = self  # type: ignore[attr-defined]  # (typing.cast is a call)
         else:
             raw = _Wrapped(self, raw)
         if buffering == 0:
