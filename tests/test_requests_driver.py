@@ -11,6 +11,7 @@ which knows requests' and urllib3's exceptions by name) and once through the gua
 from __future__ import annotations
 
 import gc
+import signal
 import socket
 import ssl
 import subprocess
@@ -391,6 +392,51 @@ def test_streamed_body_dropped_unread_gives_back_a_probe(upstream: MisbehavingUp
         upstream.set_mode("ok")
         assert s.get("/").status_code == 200
     assert breaker.snapshot().probes_in_flight == 0
+
+
+class _Interrupted(BaseException):
+    """Raised by a signal handler in the middle of a body read, as KeyboardInterrupt is."""
+
+
+def test_body_read_interrupted_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
+    # With stream=False the adapter reads the body itself: an interruption there (Ctrl-C,
+    # a worker's timeout signal) says nothing about the upstream, but frees the probe slot.
+    breaker_settings = {
+        "min_calls": 1,
+        "window_size": 1,
+        "open_seconds": 0.05,
+        "half_open_calls": 1,
+    }
+    guard = make_guard(upstream, retry={"attempts": 1}, breaker=breaker_settings)
+    breaker = guard.breaker("up")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with guard.session("up") as s:
+            upstream.set_mode("status", status=502)
+            with pytest.raises(gg.UpstreamStatusError):
+                s.get("/")
+            time.sleep(0.1)
+            upstream.set_mode("drip_body", drip_ms=50)
+            timer = threading.Timer(
+                0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1)
+            )
+            timer.start()
+            try:
+                with pytest.raises(_Interrupted):
+                    s.get("/")
+            finally:
+                timer.cancel()
+                timer.join()
+            assert breaker.snapshot().probes_in_flight == 0
+            upstream.set_mode("ok")
+            assert s.get("/").status_code == 200  # the next probe is admitted, and closes it
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert breaker.state is BreakerState.CLOSED
 
 
 def test_connections_are_reused(session: requests.Session, upstream: MisbehavingUpstream) -> None:
