@@ -541,6 +541,20 @@ def test_row_tls_spoken_to_a_plain_port(upstream: MisbehavingUpstream) -> None:
     assert_row(url, gg.UpstreamConnectError, "tls_protocol_error", 502)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_trickle_over_tls_ends_at_the_deadline(ca: trustme.CA, stream: bool) -> None:
+    # The socket wrapper reads through the TLS socket's own file: same deadline.
+    with tls_upstream(ca) as up, ca.cert_pem.tempfile() as bundle:
+        up.set_mode("drip_body", drip_ms=50)
+        guard = make_guard(up, read_timeout=0.4, deadline=1.0)
+        started = time.monotonic()
+        with guard.session("up") as s, pytest.raises(gg.UpstreamTimeout) as info:
+            for _ in s.get("/", stream=stream, verify=bundle).iter_content(1024):
+                pass
+        assert 0.9 <= time.monotonic() - started < 1.6
+        assert info.value.proxy_error == "http_response_timeout"
+
+
 def test_tls_upstream_trusted_by_verify(ca: trustme.CA) -> None:
     with tls_upstream(ca) as up, ca.cert_pem.tempfile() as bundle:
         guard = gg.Guard({"upstreams": {"up": {"base_url": up.url}}})
