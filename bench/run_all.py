@@ -188,6 +188,14 @@ NOTES: dict[str, list[str]] = {
         "busier run before); by instructions 1.026x (met): about 37k instructions a call "
         "are the socket wrapper that bounds each read and write by the call's deadline. "
         "aiohttp met. Open work on issue #12.",
+        "Later on 2026-12-07 the requests driver was cut to 1.009x by instructions "
+        "(+28,959 a call, from +84,394): the socket wrapper reads through the socket's own "
+        "SocketIO and checks the deadline with one comparison, and a stream=False body is "
+        "read without GuardedBody. By CPU time, before and after in one process on a busy "
+        "machine: 1.060x -> 1.035-1.039x. What is left besides instructions: a timeout "
+        "costs two poll() calls a request (bare requests with timeout=(5, 5) is "
+        "1.010-1.015x bare by CPU time, 1.003x by instructions), and the call core "
+        "(Call, breaker, budget: ~11k instructions).",
     ],
     "observability": [
         "Run of 2026-12-07 (second session): NOT met, 1.143x sync and 1.159x async with "

@@ -11,6 +11,7 @@ which knows requests' and urllib3's exceptions by name) and once through the gua
 from __future__ import annotations
 
 import gc
+import signal
 import socket
 import ssl
 import subprocess
@@ -393,6 +394,51 @@ def test_streamed_body_dropped_unread_gives_back_a_probe(upstream: MisbehavingUp
     assert breaker.snapshot().probes_in_flight == 0
 
 
+class _Interrupted(BaseException):
+    """Raised by a signal handler in the middle of a body read, as KeyboardInterrupt is."""
+
+
+def test_body_read_interrupted_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
+    # With stream=False the adapter reads the body itself: an interruption there (Ctrl-C,
+    # a worker's timeout signal) says nothing about the upstream, but frees the probe slot.
+    breaker_settings = {
+        "min_calls": 1,
+        "window_size": 1,
+        "open_seconds": 0.05,
+        "half_open_calls": 1,
+    }
+    guard = make_guard(upstream, retry={"attempts": 1}, breaker=breaker_settings)
+    breaker = guard.breaker("up")
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with guard.session("up") as s:
+            upstream.set_mode("status", status=502)
+            with pytest.raises(gg.UpstreamStatusError):
+                s.get("/")
+            time.sleep(0.1)
+            upstream.set_mode("drip_body", drip_ms=50)
+            timer = threading.Timer(
+                0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1)
+            )
+            timer.start()
+            try:
+                with pytest.raises(_Interrupted):
+                    s.get("/")
+            finally:
+                timer.cancel()
+                timer.join()
+            assert breaker.snapshot().probes_in_flight == 0
+            upstream.set_mode("ok")
+            assert s.get("/").status_code == 200  # the next probe is admitted, and closes it
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert breaker.state is BreakerState.CLOSED
+
+
 def test_connections_are_reused(session: requests.Session, upstream: MisbehavingUpstream) -> None:
     for _ in range(3):
         session.get("/")
@@ -493,6 +539,20 @@ def test_row_tls_certificate_untrusted(ca: trustme.CA) -> None:
 def test_row_tls_spoken_to_a_plain_port(upstream: MisbehavingUpstream) -> None:
     url = upstream.url.replace("http://", "https://")
     assert_row(url, gg.UpstreamConnectError, "tls_protocol_error", 502)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_trickle_over_tls_ends_at_the_deadline(ca: trustme.CA, stream: bool) -> None:
+    # The socket wrapper reads through the TLS socket's own file: same deadline.
+    with tls_upstream(ca) as up, ca.cert_pem.tempfile() as bundle:
+        up.set_mode("drip_body", drip_ms=50)
+        guard = make_guard(up, read_timeout=0.4, deadline=1.0)
+        started = time.monotonic()
+        with guard.session("up") as s, pytest.raises(gg.UpstreamTimeout) as info:
+            for _ in s.get("/", stream=stream, verify=bundle).iter_content(1024):
+                pass
+        assert 0.9 <= time.monotonic() - started < 1.6
+        assert info.value.proxy_error == "http_response_timeout"
 
 
 def test_tls_upstream_trusted_by_verify(ca: trustme.CA) -> None:
