@@ -61,7 +61,6 @@ from .events import (
     BreakerRejected,
     BudgetExhausted,
     BulkheadRejected,
-    CallEnded,
     CallGivenUp,
     RetryScheduled,
 )
@@ -528,22 +527,21 @@ class Call:
         assert hooks is not None
         # Once: what a streamed body does later is not the call's outcome any more.
         self.hooks = None
-        if not hooks.wants(CallEnded):
+        ended = hooks.call_ended  # CallEnded's fields: the hooks build it only if needed
+        if ended is None:
             return
         if attempts is None:
             attempts = self.attempt if outcome != "rejected" else self.attempt - 1
-        hooks.emit(
-            CallEnded(
-                self.rt.name,
-                self._route(),
-                self.method,
-                id(self),
-                outcome,
-                attempts,
-                now - self.started,
-                status,
-                proxy_error,
-            )
+        ended(
+            self.rt.name,
+            self._route(),
+            self.method,
+            id(self),
+            outcome,
+            attempts,
+            now - self.started,
+            status,
+            proxy_error,
         )
 
     def _record(self, status: int | None, error: str | None) -> None:
