@@ -449,3 +449,18 @@ def test_a_field_callback_that_raises_never_breaks_a_call(
     failures = [r for r in caplog.records if "event hook" in r.getMessage()]
     assert len(failures) == 1 and "CallEnded" in failures[0].getMessage()
     assert guard.hooks.failures == 2
+
+
+def test_attempts_are_reported_only_while_heard() -> None:
+    guard = make_guard()
+    ends = recorder(guard, ev.CallEnded)
+    assert not guard.hooks.each_attempt  # a success then reports only its end
+    with guard.client("up", transport=scripted(200, 200, 200)) as client:
+        client.get("/x")
+        attempts = recorder(guard, ev.AttemptEnded)
+        assert guard.hooks.each_attempt
+        client.get("/y")
+        started = recorder(guard, ev.AttemptStarted)
+        client.get("/z")
+    assert [e.outcome for e in ends if isinstance(e, ev.CallEnded)] == ["success"] * 3
+    assert len(attempts) == 2 and len(started) == 1

@@ -171,7 +171,7 @@ class Call:
                 raise
         self.clipped = remaining < policy.unclipped_after
         self.t0 = now
-        if self.hooks is not None:
+        if self.hooks is not None and self.hooks.each_attempt:
             self._attempt_started()
 
     # --- before each attempt ---------------------------------------------------------------
@@ -192,7 +192,7 @@ class Call:
         # are (drivers reuse a prebuilt form of them); otherwise both are cut to fit.
         self.clipped = remaining < self.policy.unclipped_after
         self.t0 = now
-        if self.hooks is not None:
+        if self.hooks is not None and self.hooks.each_attempt:
             self._attempt_started()
 
     @property
@@ -300,8 +300,12 @@ class Call:
         if status not in policy.failure_statuses:
             if self.ctx is not None:
                 self._record(status, None)
-            if self.hooks is not None:
-                self._attempt_ended("success", self.rt.clock(), status, None, RETURN)
+            hooks = self.hooks
+            if hooks is not None:
+                if hooks.each_attempt:
+                    self._attempt_ended("success", self.rt.clock(), status, None, RETURN)
+                else:  # only the call's end is heard (metrics, tracing without an SDK)
+                    self._call_ended("success", self.rt.clock(), status, None)
             if complete:
                 # _succeeded(), inline: paid for with the inline first admission (__init__).
                 rt = self.rt

@@ -335,6 +335,8 @@ class Hooks:
     ``call_ended`` is what the call core calls with CallEnded's fields at a call's
     end, None while nothing hears it: it builds the event only for the callbacks that
     take events, not for the package's own that take its fields (metrics, tracing).
+    ``each_attempt`` says a callback hears AttemptStarted or AttemptEnded: without one,
+    the call core skips its per-attempt reporting on a success.
     """
 
     __slots__ = (
@@ -345,10 +347,12 @@ class Hooks:
         "_lock",
         "_on_change",
         "call_ended",
+        "each_attempt",
         "failures",
     )
 
     call_ended: CallEndCallback | None
+    each_attempt: bool
 
     def __init__(self, on_change: Callable[[bool], None] | None = None) -> None:
         self._lock = threading.Lock()
@@ -358,6 +362,7 @@ class Hooks:
         self._dispatch: dict[type[Event], tuple[Callback, ...]] = {}
         self._ended: tuple[Callable[..., object], ...] = ()
         self.call_ended = None
+        self.each_attempt = False
         self._on_change = on_change
         # Callbacks that raised: the first time is logged, every time is counted.
         self._failed: set[int] = set()
@@ -415,6 +420,7 @@ class Hooks:
             if found:
                 dispatch[cls] = found
         self._dispatch = dispatch
+        self.each_attempt = AttemptStarted in dispatch or AttemptEnded in dispatch
         self._ended = self._by_class.get(_CallEndFields, ())
         if self._ended:
             self.call_ended = self._call_ended
