@@ -14,10 +14,10 @@ state some live worker's breaker is in.
 
 The common call, a success at its first attempt, only appends its duration to its
 upstream's buffer (no lock, no prometheus_client call); the buffer is added to the
-families in bulk when it is collected (any exposition of the default registry), when it
-holds ``_BATCH`` durations, at exit, and in multiprocess mode by a daemon thread every
-``FLUSH_SECONDS``, so another worker's scrape sees it within a second. Every other
-outcome is recorded at once.
+families in bulk when they are collected (any exposition of the default registry), when
+it holds ``_BATCH`` durations, at exit, and in multiprocess mode by a daemon thread every
+0.5 s, so another worker's scrape sees the call within a second. Every other outcome is
+recorded at once.
 
 Mount the endpoint in one line, if the middleware's ``[metrics] path`` does not suit::
 
@@ -72,15 +72,7 @@ from .inbound import Served
 if TYPE_CHECKING:
     from .guard import Guard
 
-__all__ = [
-    "FLUSH_SECONDS",
-    "attach",
-    "endpoint",
-    "exposition",
-    "flask_view",
-    "make_asgi_app",
-    "make_wsgi_app",
-]
+__all__ = ["attach", "endpoint", "exposition", "flask_view", "make_asgi_app", "make_wsgi_app"]
 
 logger = logging.getLogger("gateway_guard")
 
@@ -93,9 +85,9 @@ _UPPER_BOUNDS = (*_BUCKETS, math.inf)
 # families: bounded memory (~10 KiB an upstream), and the bulk add (a sort, a bisect a
 # bucket, a few prometheus_client increments) costs ~480 instructions a call.
 _BATCH = 256
-#: Multiprocess mode: buffered successes reach this worker's files within this many
-#: seconds (a daemon thread adds them), so any worker's scrape shows them within 1 s.
-FLUSH_SECONDS = 0.5
+# Multiprocess mode: buffered successes reach this worker's files within this many
+# seconds (a daemon thread adds them), so any worker's scrape shows them within 1 s.
+_FLUSH_SECONDS = 0.5
 
 
 class _Metrics:
@@ -355,10 +347,10 @@ def _flush_one(buffer: _Successes) -> None:
 
 def _flush_forever() -> None:
     """The multiprocess flusher: buffered successes reach this process's files within
-    ``FLUSH_SECONDS``, and so does the in-flight gauge of a busy upstream."""
+    ``_FLUSH_SECONDS``, and so does the in-flight gauge of a busy upstream."""
     failed = False
     while True:
-        time.sleep(FLUSH_SECONDS)
+        time.sleep(_FLUSH_SECONDS)
         try:
             if _flush():
                 for recorder in list(_recorders.values()):
@@ -565,7 +557,7 @@ def exposition() -> tuple[bytes, str]:
     """The metrics in Prometheus' text format, and its content type.
 
     With ``PROMETHEUS_MULTIPROC_DIR`` set, every worker's metrics (read from that
-    directory: this worker's as of now, the others' within ``FLUSH_SECONDS``);
+    directory: this worker's as of now, the others' within a second);
     otherwise this process's default registry.
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
