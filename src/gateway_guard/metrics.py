@@ -374,14 +374,17 @@ def _new_flusher() -> None:
 
 
 class _ForkHooks:
-    """A forked child starts with empty buffers (the parent adds what they held), a
-    fresh lock, and its own flusher if the parent had one."""
+    """A forked child gets a fresh lock, and its own flusher if the parent had one. In
+    multiprocess mode it starts with empty buffers: the parent adds what they held to
+    its own files. (Otherwise the child's families are a copy of the parent's as of the
+    fork, and the buffers are part of that state.)"""
 
     def _after_fork(self) -> None:
         global _flush_lock
         _flush_lock = threading.Lock()
-        for buffer in _buffers.values():
-            buffer.durations.clear()
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            for buffer in _buffers.values():
+                buffer.durations.clear()
         if _flusher is not None:
             _new_flusher()  # the child has no other thread: no lock to take
 
