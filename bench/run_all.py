@@ -202,6 +202,13 @@ NOTES: dict[str, list[str]] = {
         "Prometheus and OpenTelemetry (api only) on; 1.08x by instructions. Most of the "
         "rest is prometheus_client's own per-call work (a counter, a histogram and a "
         "gauge, each behind a lock) and the CallEnded event. Open work on issue #14.",
+        "Since (#14, 2026-12-07, full runs on a shared machine): 1.066-1.071x sync and "
+        "1.068-1.096x async, was 1.177x/1.169x in the same hour; 1.028x by instructions "
+        "(+6,700 over the guard with both off, was +46,500). No CallEnded is built for "
+        "metrics or the tracing probe, a success is one list append added to "
+        "prometheus_client in bulk, no per-attempt report while nothing hears it. What "
+        "is left over 1.06x is mostly the guard's own cost (1.043-1.050x with both off "
+        "in the same runs).",
     ],
     "instrument": [
         "Run of 2026-12-07 (second session): a call to another host met; a call to an "

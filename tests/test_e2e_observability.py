@@ -4,7 +4,7 @@
   ``[metrics] path``: after the upstream fails, ``/metrics`` (parsed by prometheus_client's
   parser) shows the breaker open and the calls by outcome.
 - gunicorn with 2 sync workers in prometheus_client's multiprocess mode: the same, with
-  ``/metrics`` adding up both workers.
+  ``/metrics`` adding up both workers (each worker's successes reach its file within 1 s).
 - uvicorn with ``[tracing] enabled``: the SDK's in-memory exporter sees one call span and
   three attempt spans (``http.request.resend_count`` 1 and 2) for a call retried twice.
 """
@@ -240,6 +240,9 @@ def test_gunicorn_two_workers_multiprocess_metrics(tmp_path: Path) -> None:
             ok = sum(r.status_code == 200 for r in codes)
             up.set_mode("refuse")
             outage = [client.get("/").status_code for _ in range(16)]
+            # A worker's successes reach its file within a second (the one that answers
+            # the scrape adds its own at once): wait that out, as a scrape interval does.
+            time.sleep(1.0)
             first = families(client.get("/metrics").text)
             second = families(client.get("/metrics").text)
             pids = {p.name for p in metrics_dir.iterdir()}

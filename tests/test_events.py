@@ -399,3 +399,68 @@ def test_events_are_frozen_with_slots() -> None:
         assert issubclass(cls, ev.Event)
         assert cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
         assert "__slots__" in vars(cls)
+
+
+# --- a call's end as fields (the package's own hooks: metrics, tracing) ----------------------
+
+
+def test_a_call_end_is_built_only_for_those_that_take_events() -> None:
+    guard = make_guard()
+    assert guard.hooks.call_ended is None
+    stop_other = guard.on(ev.AttemptStarted, lambda e: None)
+    assert guard.hooks.call_ended is None  # hooks on, but nothing hears a call's end
+    fields: list[tuple[Any, ...]] = []
+    stop_fields = guard.hooks._on_call_end(lambda *f: fields.append(f))
+    built: list[ev.Event] = []
+    with guard.client("up", transport=scripted(200, 503, 503, 503)) as client:
+        client.get("/x")
+        stop_events = guard.on(ev.CallEnded, built.append)
+        with pytest.raises(gg.UpstreamStatusError):
+            client.get("/y")
+    assert [f[4:6] for f in fields] == [("success", 1), ("failure", 3)]
+    assert len(built) == 1  # only the call made while an event callback listened
+    [event] = built
+    assert isinstance(event, ev.CallEnded)
+    assert fields[1] == tuple(getattr(event, name) for name in event.__dataclass_fields__)
+    stop_events()
+    stop_fields()
+    assert guard.hooks.call_ended is None and guard.emitter is guard.hooks
+    stop_other()
+    assert guard.emitter is None
+
+
+def test_a_field_callback_that_raises_never_breaks_a_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    guard = make_guard()
+
+    def broken(*fields: Any) -> None:
+        raise RuntimeError("hook bug")
+
+    guard.hooks._on_call_end(broken)
+    seen = recorder(guard, ev.CallEnded)
+    with (
+        caplog.at_level(logging.ERROR, logger="gateway_guard"),
+        guard.client("up", transport=scripted(200, 200)) as client,
+    ):
+        assert client.get("/x").status_code == 200
+        assert client.get("/y").status_code == 200
+    assert len(seen) == 2  # the event's callbacks still run
+    failures = [r for r in caplog.records if "event hook" in r.getMessage()]
+    assert len(failures) == 1 and "CallEnded" in failures[0].getMessage()
+    assert guard.hooks.failures == 2
+
+
+def test_attempts_are_reported_only_while_heard() -> None:
+    guard = make_guard()
+    ends = recorder(guard, ev.CallEnded)
+    assert not guard.hooks.each_attempt  # a success then reports only its end
+    with guard.client("up", transport=scripted(200, 200, 200)) as client:
+        client.get("/x")
+        attempts = recorder(guard, ev.AttemptEnded)
+        assert guard.hooks.each_attempt
+        client.get("/y")
+        started = recorder(guard, ev.AttemptStarted)
+        client.get("/z")
+    assert [e.outcome for e in ends if isinstance(e, ev.CallEnded)] == ["success"] * 3
+    assert len(attempts) == 2 and len(started) == 1

@@ -5,16 +5,23 @@ process, so each test uses upstream and route names of its own."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from django.test import RequestFactory
 from flask import Flask
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 import gateway_guard as gg
@@ -289,3 +296,269 @@ def test_the_flask_extension_serves_the_path() -> None:
     assert response.status_code == 200
     text = response.get_data(as_text=True)
     assert value(samples(text), "gateway_guard_breaker_state", upstream=up, state="closed") == 1
+
+
+# --- the buffered successes (#14) ---------------------------------------------------------------
+
+
+@pytest.mark.implementation
+def test_exact_counts_from_8_threads_of_10k_calls_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 real threads end 10,000 calls each through the hub the call core uses, while a
+    ninth scrapes: no call is lost or counted twice (appends are atomic, a flush takes
+    only what it counted)."""
+    # Small buffers: the threads flush them too, racing each other's appends (a flush
+    # that cleared what it had not counted lost 8-27% of the calls here).
+    monkeypatch.setattr(gm, "_BATCH", 8)
+    up = unique("threads")
+    guard = metered(up)
+    ended = guard.hooks.call_ended
+    assert ended is not None
+    threads, calls = 8, 10_000
+    # Binary fractions: their sum is exact in any order, so the sum is checked exactly.
+    durations = [k / 64 for k in range(8)]  # 0 .. 0.109375 s, over several buckets
+    stop = threading.Event()
+
+    start = threading.Barrier(threads + 1)
+
+    def end_calls(worker: int) -> None:
+        start.wait()
+        for i in range(calls):
+            if i % 100 == 99:  # 1%: a success after a retry, recorded at once
+                ended(up, None, "GET", worker, "success", 2, 0.5, 200, None)
+            elif i % 100 == 98:  # 1%: a failure
+                ended(up, None, "GET", worker, "failure", 1, 0.25, None, "connection_refused")
+            else:
+                ended(up, None, "GET", worker, "success", 1, durations[i % 8], 200, None)
+
+    def scrape() -> None:
+        start.wait()
+        while not stop.is_set():
+            gm.exposition()
+            for _ in range(50):  # and flushes between: more flushes for appends to race
+                gm._flush()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads as often as CPython will
+    try:
+        scraper = threading.Thread(target=scrape)
+        scraper.start()
+        workers = [threading.Thread(target=end_calls, args=(n,)) for n in range(threads)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        stop.set()
+        scraper.join()
+    finally:
+        sys.setswitchinterval(interval)
+    s = samples()
+    first = [i for i in range(calls) if i % 100 < 98]
+    ok, retried, failed = len(first) * threads, calls // 100 * threads, calls // 100 * threads
+    assert value(s, "gateway_guard_upstream_calls_total", upstream=up, outcome="success") == (
+        ok + retried
+    )
+    assert value(s, "gateway_guard_upstream_calls_total", upstream=up, outcome="failure") == failed
+    assert value(s, "gateway_guard_upstream_attempts_total", upstream=up) == (
+        ok + 2 * retried + failed
+    )
+    success = {"upstream": up, "outcome": "success"}
+    name = "gateway_guard_upstream_call_duration_seconds"
+    assert value(s, f"{name}_count", **success) == ok + retried
+    assert value(s, f"{name}_sum", **success) == (
+        sum(durations[i % 8] for i in first) * threads + 0.5 * retried
+    )
+    expected_le_0_05 = sum(durations[i % 8] <= 0.05 for i in first) * threads
+    assert value(s, f"{name}_bucket", **success, le="0.05") == expected_le_0_05
+    assert value(s, f"{name}_bucket", **success, le="+Inf") == ok + retried
+
+
+def test_exact_counts_from_8_threads_of_real_calls() -> None:
+    up = unique("threaded_calls")
+    guard = metered(up)
+    calls = 500
+    client = guard.client(up, transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+    with client:
+        workers = [
+            threading.Thread(target=lambda: [client.get("/") for _ in range(calls)])
+            for _ in range(8)
+        ]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+    s = samples()
+    assert value(s, "gateway_guard_upstream_calls_total", upstream=up, outcome="success") == (
+        8 * calls
+    )
+    assert value(s, "gateway_guard_upstream_attempts_total", upstream=up) == 8 * calls
+    count = "gateway_guard_upstream_call_duration_seconds_count"
+    assert value(s, count, upstream=up, outcome="success") == 8 * calls
+
+
+@pytest.mark.implementation
+def test_calls_ended_during_a_flush_wait_for_the_next() -> None:
+    """Deterministically, what the threads above race for: a flush takes only what it
+    counted, and the calls that end meanwhile stay buffered."""
+    up = unique("midflush")
+    guard = metered(up)
+    ended = guard.hooks.call_ended
+    assert ended is not None
+    buffer = gm._buffers[up]
+    counter = buffer.calls
+
+    class Meanwhile:
+        """The success counter, while other threads end three calls."""
+
+        def inc(self, amount: float) -> None:
+            counter.inc(amount)
+            for _ in range(3):
+                ended(up, None, "GET", 2, "success", 1, 0.001, 200, None)
+
+    for _ in range(5):
+        ended(up, None, "GET", 1, "success", 1, 0.001, 200, None)
+    buffer.calls = Meanwhile()  # type: ignore[assignment]
+    try:
+        gm._flush()
+    finally:
+        buffer.calls = counter
+    assert len(buffer.durations) == 3
+    s = samples()
+    assert value(s, "gateway_guard_upstream_calls_total", upstream=up, outcome="success") == 8
+    assert value(s, "gateway_guard_upstream_attempts_total", upstream=up) == 8
+
+
+@pytest.mark.implementation
+@pytest.mark.parametrize("in_bulk", [True, False])
+def test_buffered_durations_land_in_the_buckets_observe_would_choose(in_bulk: bool) -> None:
+    """The bulk add matches prometheus_client's own observe(), bounds included (a value
+    equal to a bound is in that bucket); without the layout it relies on, it observes."""
+    up = unique("buckets")
+    guard = metered(up)
+    ended = guard.hooks.call_ended
+    assert ended is not None
+    gm._buffers[up].in_bulk = in_bulk
+    registry = CollectorRegistry()
+    reference = Histogram("reference", "", registry=registry, buckets=gm._BUCKETS)
+    durations = [0.0, 0.005, 0.0050001, 0.01, 0.024, 1.0, 2.5, 59.9, 60.0, 61.0, 3600.0]
+    durations += [k / 1000 for k in range(0, 3000, 7)]
+    for duration in durations:
+        ended(up, None, "GET", 1, "success", 1, duration, 200, None)
+        reference.observe(duration)
+    s = samples()
+    expected = samples(generate_latest(registry))
+    for (name, labels), number in expected.items():
+        if name.endswith("_created"):
+            continue
+        ours = name.replace("reference", "gateway_guard_upstream_call_duration_seconds")
+        mine = value(s, ours, upstream=up, outcome="success", **dict(labels))
+        assert mine == pytest.approx(number, rel=1e-12), (name, labels)
+
+
+@pytest.mark.implementation
+def test_a_full_buffer_is_added_by_the_call_that_fills_it() -> None:
+    up = unique("full")
+    guard = metered(up)
+    ended = guard.hooks.call_ended
+    assert ended is not None
+    for _ in range(3 * gm._BATCH + 5):
+        ended(up, None, "GET", 1, "success", 1, 0.001, 200, None)
+        assert len(gm._buffers[up].durations) < gm._BATCH  # bounded, whoever scrapes
+    success = gm._buffers[up].calls
+    # Added without a scrape: prometheus_client's own reading of the child.
+    assert success._value.get() == 3 * gm._BATCH  # type: ignore[attr-defined]
+
+
+def test_a_guard_that_dies_leaves_its_buffered_calls_counted() -> None:
+    up = unique("dies")
+    guard = metered(up)
+    with guard.client(up, transport=scripted(200, 200)) as client:
+        client.get("/")
+        client.get("/")
+    del guard, client
+    gc.collect()
+    s = samples()
+    assert value(s, "gateway_guard_upstream_calls_total", upstream=up, outcome="success") == 2
+
+
+def test_prometheus_clients_own_exposition_adds_the_buffered_calls() -> None:
+    """generate_latest() / start_http_server() on the default registry, not ours."""
+    up = unique("own_exposition")
+    guard = metered(up)
+    with guard.client(up, transport=scripted(200)) as client:
+        client.get("/")
+    text = generate_latest(REGISTRY)
+    assert (
+        value(samples(text), "gateway_guard_upstream_calls_total", upstream=up, outcome="success")
+        == 1
+    )
+
+
+MULTIPROCESS_CALLS = """
+import os, sys, httpx
+import gateway_guard as gg
+
+guard = gg.Guard({"metrics": {"enabled": True}, "upstreams": {"mp": {"base_url": "http://up.test"}}})
+client = guard.client("mp", transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+for _ in range(int(sys.argv[1])):
+    client.get("/")
+print("called", flush=True)
+sys.stdin.readline()  # idle, alive: only the flusher can write the calls out
+if sys.argv[2] == "fork":
+    # A child forked with calls still buffered does not count the parent's again.
+    for _ in range(3):
+        client.get("/")
+    pid = os.fork()
+    if pid == 0:
+        for _ in range(4):
+            client.get("/")
+        import gateway_guard.metrics as gm
+        gm._flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+for _ in range(5):  # then exit at once, before the flusher's next turn: atexit adds them
+    client.get("/")
+"""
+
+
+def multiprocess_counts(directory: Path) -> tuple[float, float, float]:
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    labels = {"upstream": "mp", "outcome": "success"}
+    calls = registry.get_sample_value("gateway_guard_upstream_calls_total", labels)
+    attempts = registry.get_sample_value(
+        "gateway_guard_upstream_attempts_total", {"upstream": "mp"}
+    )
+    observed = registry.get_sample_value(
+        "gateway_guard_upstream_call_duration_seconds_count", labels
+    )
+    return calls or 0.0, attempts or 0.0, observed or 0.0
+
+
+@pytest.mark.parametrize("mode", ["exit", "fork"])
+def test_multiprocess_files_have_the_calls_within_a_second(tmp_path: Path, mode: str) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", MULTIPROCESS_CALLS, "20", mode],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        assert process.stdout.readline().strip() == "called"
+        called = time.monotonic()
+        while multiprocess_counts(tmp_path) != (20, 20, 20):
+            assert time.monotonic() - called < 1.0, multiprocess_counts(tmp_path)
+            time.sleep(0.02)
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        process.stdin.close()
+        process.stdout.close()
+    total = 20 + 5 + (3 + 4 if mode == "fork" else 0)
+    assert multiprocess_counts(tmp_path) == (total, total, total)

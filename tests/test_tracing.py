@@ -203,3 +203,37 @@ def test_an_sdk_set_after_the_guard_is_noticed() -> None:
         [sys.executable, "-c", SDK_LATER], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "2"  # the third call: its span and its attempt's
+
+
+METER_LATER = """
+import httpx
+import gateway_guard as gg
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+guard = gg.Guard({"tracing": {"enabled": True}, "upstreams": {"up": {"base_url": "http://u"}}})
+client = guard.client("up", transport=httpx.MockTransport(lambda r: httpx.Response(200)))
+client.get("/")  # no SDK yet: nothing to record
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+client.get("/")  # notices the meter provider at its end
+client.get("/")  # its attempt's duration is recorded
+data = reader.get_metrics_data()
+print(sum(
+    point.count
+    for resource in data.resource_metrics
+    for scope in resource.scope_metrics
+    for metric in scope.metrics
+    if metric.name == "http.client.request.duration"
+    for point in metric.data.data_points
+))
+"""
+
+
+def test_a_meter_provider_set_after_the_guard_is_noticed() -> None:
+    """A meter provider alone (no tracer provider) set after the Guard was made."""
+    out = subprocess.run(
+        [sys.executable, "-c", METER_LATER], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "1"  # the third call's one attempt
