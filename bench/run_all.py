@@ -119,6 +119,21 @@ NOTES: dict[str, list[str]] = {
         "uses, the breaker's no-op calls skipped).",
     ],
     "middleware": [
+        "Session of 2026-12-07 (third, issue 14), standalone runs, not yet a make bench: "
+        "the success path priced function by function against c5659a3 and brought back "
+        "to its cost with every later feature kept. cachegrind instructions a request: "
+        "+27,826 at c5659a3, +33,022 before, +28,675 after; simulated cycles +56,489, "
+        "+63,750, +57,621 (bench/middleware.py --cachegrind-only). The +4.83 µs below "
+        "also paid asgi-correlation-id's interop: imported by its own candidate in the "
+        "same process, it made every gateway_guard request look up its id (and adopt the "
+        "last request's, its variable never reset in the bench's one task); its rounds "
+        "now run after ours, against their own bare app. In the same quiet-ish window "
+        "(load 0.5, bare ~8.9 µs, --quick, 3 runs each): c5659a3 +3.18 to +3.49 µs, "
+        "after +3.09 to +3.60, before +3.19 to +4.08: on this machine, slower than "
+        "2026-11-22's, even c5659a3 misses 3 µs. Where the rest goes and what each "
+        "change saved: --instructions and the comments on each hot-path trick; with a "
+        "status page, a hook on other events, or an unused id library imported, see "
+        "CHANGELOG (Performance).",
         "Run of 2026-12-07 (second session, after #12-#16, quiet window): NOT met, +4.83 "
         "µs on a bare request of 8.91 µs (the machine is slower than on 2026-11-22, when "
         "the bare request took 6.74 µs). cachegrind instructions a request: +31,060 "

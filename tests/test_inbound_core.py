@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sys
+import types
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import pytest
@@ -25,6 +28,7 @@ import gateway_guard as gg
 # Django is configured once per process (django_setup.py, imported by test_django.py,
 # which is also the URLconf these tests use): imported so this module runs alone, or first.
 import test_django  # noqa: F401
+from gateway_guard.context import RequestContext
 from gateway_guard.django import GatewayGuardMiddleware
 from gateway_guard.flask import GatewayGuard, UpstreamHTTPError, UpstreamServiceUnavailable
 from gateway_guard.headers import format_retry_after
@@ -40,6 +44,7 @@ from gateway_guard.inbound import (
     start,
     try_admit,
 )
+from gateway_guard.inbound._ids import WATCH
 
 
 def make_guard(**settings: Any) -> gg.Guard:
@@ -79,6 +84,118 @@ def test_start_marks_exempt_paths_and_blocked_routes() -> None:
     guard.breaker("up").force_open()
     blocked = start(guard, "GET", "/pay", None, None).blocked
     assert isinstance(blocked, gg.CircuitOpenError) and blocked.upstream == "up"
+
+
+def _no_id_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a process that imported neither id library (another test module may have)."""
+    for name in ("asgi_correlation_id.context", "django_guid.context"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(WATCH, "idle", -1)
+    monkeypatch.setattr(WATCH, "seen", -1)
+    monkeypatch.setattr(WATCH, "libraries", ())
+
+
+@pytest.mark.parametrize("path", ["/", "/pay", "/healthz"])
+def test_start_sets_every_slot_as_the_constructor_would(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # start() fills the context without RequestContext.__init__ (a frame fewer): a slot
+    # the constructor sets must not be missed, nor get another default.
+    _no_id_libraries(monkeypatch)
+    guard = make_guard(
+        shed={"exempt": ["/healthz"]},
+        routes=[{"path": "/pay", "deadline": 5, "priority": "critical"}],
+    )
+    for admit_now in (False, True):
+        ctx = start(guard, "POST", path, "rid-1", None, admit_now)
+        built = RequestContext(
+            guard,
+            "rid-1",
+            ctx.route,
+            ctx.deadline_at,
+            None,
+            ctx.started,
+            ctx.exempt,
+            None,
+            None,
+            "POST",
+            path,
+        )
+        for slot in RequestContext.__slots__:
+            expected = getattr(built, slot)
+            if slot == "admitted":
+                expected = admit_now and not ctx.exempt
+            assert getattr(ctx, slot) == expected, slot
+        release(ctx)
+    assert guard.shedding.app.in_flight == 0
+
+
+def test_start_admit_now_takes_only_a_free_slot_the_request_needs() -> None:
+    guard = make_guard(
+        shed={"max_concurrent": 1, "max_queue": 0, "exempt": ["/healthz"]},
+        routes=[{"path": "/pay", "depends_on": ["up"]}],
+    )
+    first = start(guard, "GET", "/", None, None, True)
+    assert first.admitted and guard.shedding.app.in_flight == 1
+    full = start(guard, "GET", "/", None, None, True)
+    assert not full.admitted and not try_admit(full)  # the adapter goes on to admit_async
+    exempt = start(guard, "GET", "/healthz", None, None, True)
+    assert not exempt.admitted and try_admit(exempt)  # runs without a slot
+    release(first)
+    guard.breaker("up").force_open()
+    blocked = start(guard, "GET", "/pay", None, None, True)
+    assert not blocked.admitted and not try_admit(blocked)
+    assert admit(blocked) is blocked.blocked
+    for ctx in (full, exempt, blocked):
+        release(ctx)
+    assert guard.shedding.app.in_flight == 0
+
+
+def test_inbound_events_nobody_hears_are_never_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unheard(route: str | None) -> None:
+        raise AssertionError("built an event no hook hears")
+
+    guard = make_guard(shed={"max_concurrent": 1, "max_queue": 0})
+    ended: list[gg.events.Event] = []
+    guard.on(gg.events.CallEnded, ended.append)  # a hook, but not on the inbound events
+    for name in ("InboundAdmitted", "InboundReleased", "InboundShed"):
+        monkeypatch.setattr(f"gateway_guard.inbound._admission.{name}", unheard)
+    ctx = start(guard, "GET", "/", None, None, True)
+    assert ctx.admitted and isinstance(
+        admit(start(guard, "GET", "/", None, None)), gg.LoadShedError
+    )
+    release(ctx)
+    monkeypatch.undo()
+    heard: list[gg.events.Event] = []
+    guard.on(gg.events.InboundReleased, heard.append)
+    ctx = start(guard, "GET", "/", None, None, True)
+    release(ctx)
+    assert [type(e).__name__ for e in heard] == ["InboundReleased"] and not ended
+
+
+def test_an_id_library_loaded_after_the_first_requests_is_seen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The libraries are looked up again whenever sys.modules changes size: one imported
+    # late (a lazily built sub-app) is seen from the next request on.
+    _no_id_libraries(monkeypatch)
+    guard = make_guard()
+    assert start(guard, "GET", "/", None, None).foreign_id is None
+    assert WATCH.idle == len(sys.modules)  # no library: one compare a request from now on
+    late = types.ModuleType("asgi_correlation_id.context")
+    var: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+    late.correlation_id = var  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "asgi_correlation_id.context", late)
+    token = var.set("outer-id-1")
+    try:
+        ctx = start(guard, "GET", "/", None, None)
+    finally:
+        var.reset(token)
+    assert ctx.request_id == "outer-id-1" and ctx.foreign_id is not None
+    assert on_response_start(ctx, 200, {}, read) is None  # the library answers the header
+    release(ctx)
+    monkeypatch.delitem(sys.modules, "asgi_correlation_id.context")
+    assert start(guard, "GET", "/", None, None).foreign_id is None  # gone again
 
 
 # --- admission and release ---------------------------------------------------------------------

@@ -86,6 +86,20 @@ def test_asgi_correlation_id_one_id_one_header(
     assert record.request_id == rid  # type: ignore[attr-defined]
 
 
+def test_asgi_correlation_id_inside_us_gets_our_id_in_place_of_a_bad_one(
+    upstream: MisbehavingUpstream,
+) -> None:
+    # The request's own X-Request-ID is not one we echo: the library inside us must read
+    # ours instead of it (not beside it), or it would keep the bad one or make a third.
+    with serve_asgi(_starlette(upstream, "theirs-inside")) as url:
+        response = httpx.get(f"{url}/ids", headers={"X-Request-ID": "not (a valid) id"})
+    assert response.status_code == 200
+    assert len(response.headers.get_list("x-request-id")) == 1, response.headers
+    rid = response.headers["x-request-id"]
+    body = response.json()
+    assert body["theirs"] == body["ours"] == body["upstream"] == rid != "not (a valid) id"
+
+
 @pytest.mark.parametrize("order", ORDERS)
 def test_asgi_correlation_id_on_our_error_page(
     order: str, upstream: MisbehavingUpstream, caplog: pytest.LogCaptureFixture

@@ -14,6 +14,7 @@ from ._instrument import apply_settings
 from .context import reset_context, set_context
 from .guard import Guard
 from .inbound import (
+    BRANDABLE,
     REQUEST_ID,
     Wants,
     admit_async,
@@ -53,19 +54,23 @@ class GatewayGuardMiddleware:
         self.app = app
         self.guard = guard if guard is not None else Guard(settings)
         apply_settings(self.guard)  # the `instrument` setting
-        self._endpoints = self.guard.endpoints
+        endpoints = self._endpoints = self.guard.endpoints
+        # Endpoints.wants() without its call, on every request while a status page, health
+        # check or metrics path is set: -1,180 instructions a request with the frozenset
+        # of paths (bench/middleware.py --instructions, 2026-12-07, "+ status, health").
+        self._own_paths = endpoints.paths if endpoints is not None else None
+        self._own_prefix = endpoints.prefix if endpoints is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        endpoints = self._endpoints
-        if endpoints is not None and endpoints.wants(scope["path"]):
-            client = scope.get("client")
-            answer = endpoints.serve(
-                scope["method"], scope["path"], scope["headers"], _read, client and client[0]
-            )
-            await _send_page(send, answer)
+        path = scope["path"]
+        own = self._own_paths
+        if own is not None and (
+            path in own or (self._own_prefix is not None and path.startswith(self._own_prefix))
+        ):
+            await self._serve(scope, send)
             return
         # Only the two headers every request needs are looked for here; Accept matters
         # only to an error page, and is read from the scope when one is rendered.
@@ -75,44 +80,62 @@ class GatewayGuardMiddleware:
                 request_id = value
             elif name == b"traceparent":
                 traceparent = value
-        method = scope["method"]
-        ctx = start(self.guard, method, scope["path"], request_id, traceparent)
+        # admit_now: the common case takes a free slot in start() itself, without a
+        # coroutine (-3,660 simulated cycles a request, bench/middleware.py
+        # --cachegrind-only, 2026-12-07) or a call of try_admit (-470 instructions,
+        # bench/middleware.py --instructions, 2026-12-07).
+        ctx = start(self.guard, scope["method"], path, request_id, traceparent, True)
         if ctx.foreign_id is not None and ctx.foreign_id.pass_on:
-            scope = _with_request_id(scope, ctx.request_id)
-        # The common case takes a free slot without creating a coroutine: -3,660 simulated
-        # cycles a request (bench/middleware.py --cachegrind-only, 2026-12-07).
-        if not try_admit(ctx):
+            scope = _with_request_id(scope, ctx.request_id, request_id is not None)
+        if not ctx.admitted and not try_admit(ctx):
             refusal = await admit_async(ctx)
             if refusal is not None:
                 wants = Wants.from_asgi(scope["headers"])
-                await _send_page(send, respond(ctx, refusal, wants, method))
+                await _send_page(send, respond(ctx, refusal, wants, ctx.method))
                 return
 
-        started = replaced = False
+        # 0 until the app's response starts, then 1 (passed on) or 2 (replaced by our page).
+        # One variable, and the method read from ctx: each name the closure shares with
+        # this frame is a cell made per request (-500 instructions a cell,
+        # bench/middleware.py --instructions, 2026-12-07).
+        state = 0
 
         def guarded_send(message: Message) -> Awaitable[None]:
             # A plain function handing back the server's awaitable: one coroutine fewer
             # per message. The start message comes first (ASGI); later ones pass straight
             # on, unless they are the body of a response we replaced.
-            nonlocal started, replaced
-            if started:
-                return _dropped() if replaced else send(message)
+            nonlocal state
+            if state:
+                return send(message) if state == 1 else _dropped()
             if message["type"] != "http.response.start":
                 return send(message)
-            started = True
+            state = 1
             headers = message.get("headers") or ()
-            decision = on_response_start(ctx, message["status"], headers, _read)
+            status = message["status"]
+            if status not in BRANDABLE and (
+                ctx.foreign_id is None or not ctx.foreign_id.answers_header
+            ):
+                # on_response_start's answer when neither re-branding nor an id library
+                # that answers the header itself can apply, without its two calls: -1,610
+                # instructions a request (bench/middleware.py --instructions, 2026-12-07).
+                # The app's own X-Request-ID wins; else ours goes on a NEW list: an app
+                # may reuse one list for every response, which must never carry an
+                # earlier visitor's id. The message is ours to edit (as Starlette's
+                # MutableHeaders does).
+                for name, _ in headers:
+                    if name == _REQUEST_ID:
+                        return send(message)
+                message["headers"] = [*headers, (_REQUEST_ID, ctx.request_id.encode())]
+                return send(message)
+            decision = on_response_start(ctx, status, headers, _read)
             if decision is None:
                 return send(message)
             if isinstance(decision, str):
-                # A NEW list: an app may reuse one list for every response, which must
-                # never carry an earlier visitor's id. The message is ours to edit (as
-                # Starlette's MutableHeaders does); the list inside it may be shared.
                 message["headers"] = [*headers, (_REQUEST_ID, decision.encode())]
                 return send(message)
-            replaced = True
+            state = 2
             wants = Wants.from_asgi(scope["headers"])
-            return _send_page(send, respond(ctx, decision, wants, method))
+            return _send_page(send, respond(ctx, decision, wants, ctx.method))
 
         token = set_context(ctx)
         try:
@@ -121,16 +144,28 @@ class GatewayGuardMiddleware:
             error = as_upstream_error(exc)
             if error is None:
                 raise
-            if started:
+            if state:
                 # Too late for an error page. Returning without finishing the body makes
                 # the server close the connection, so the client sees an incomplete
                 # response instead of a truncated one that looks whole.
                 log_gateway_error(ctx, error, started=True)
                 return
-            await _send_page(send, respond(ctx, error, Wants.from_asgi(scope["headers"]), method))
+            wants = Wants.from_asgi(scope["headers"])
+            await _send_page(send, respond(ctx, error, wants, ctx.method))
         finally:
             reset_context(token)
             release(ctx)
+
+    async def _serve(self, scope: Scope, send: Send) -> None:
+        """Answer a request for a path the middleware serves itself (status page, health,
+        metrics)."""
+        endpoints = self._endpoints
+        assert endpoints is not None
+        client = scope.get("client")
+        answer = endpoints.serve(
+            scope["method"], scope["path"], scope["headers"], _read, client and client[0]
+        )
+        await _send_page(send, answer)
 
 
 def _read(headers: Iterable[tuple[bytes, bytes]], name: str) -> str | None:
@@ -142,11 +177,21 @@ def _read(headers: Iterable[tuple[bytes, bytes]], name: str) -> str | None:
     return None
 
 
-def _with_request_id(scope: Scope, request_id: str) -> Scope:
-    """A copy of ``scope`` whose request carries our id, for an id library inside us."""
-    headers = [(k, v) for k, v in scope["headers"] if k != _REQUEST_ID]
-    headers.append((_REQUEST_ID, request_id.encode()))
-    return {**scope, "headers": headers}
+def _with_request_id(scope: Scope, request_id: str, replace: bool) -> Scope:
+    """A copy of ``scope`` whose request carries our id, for an id library inside us;
+    ``replace``: the request has an ``X-Request-ID`` of its own (one we did not accept)."""
+    field = (_REQUEST_ID, request_id.encode())
+    if replace:
+        headers = []
+        for header in scope["headers"]:
+            if header[0] != _REQUEST_ID:
+                headers.append(header)
+        headers.append(field)
+    else:
+        headers = [*scope["headers"], field]
+    copy = dict(scope)
+    copy["headers"] = headers
+    return copy
 
 
 async def _dropped() -> None:

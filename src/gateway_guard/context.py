@@ -40,6 +40,9 @@ class RequestContext:
 
     Middlewares build one per request (see :func:`gateway_guard.inbound.start`); guarded
     transports read it. ``deadline_at`` and ``started`` are on the Guard's clock.
+
+    ``start()`` sets every slot itself rather than call ``__init__`` (cheaper by a frame):
+    a slot added here is set there too (tests/test_inbound_core.py checks both).
     """
 
     __slots__ = (

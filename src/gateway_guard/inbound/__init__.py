@@ -56,6 +56,7 @@ from ._errors import as_upstream_error as as_upstream_error
 from ._errors import log_gateway_error as log_gateway_error
 from ._errors import render_error as render_error
 from ._errors import respond as respond
+from ._response import BRANDABLE as BRANDABLE
 from ._response import REQUEST_ID as REQUEST_ID
 from ._response import AppError as AppError
 from ._response import FieldReader as FieldReader

@@ -60,8 +60,7 @@ def admit(ctx: RequestContext) -> UpstreamError | None:
     except LoadShedError as exc:
         return _refused(ctx, inbound_shed(exc))
     ctx.admitted = True
-    if ctx.guard.emitter is not None:
-        _admitted(ctx)
+    emit_admitted(ctx)
     return None
 
 
@@ -77,12 +76,17 @@ def try_admit(ctx: RequestContext) -> bool:
     if ctx.exempt:
         return True
     guard = ctx.guard
-    if guard.shedding.try_admit(ctx.route_key):
-        ctx.admitted = True
-        if guard.emitter is not None:
-            _admitted(ctx)
-        return True
-    return False
+    shedding = guard.shedding
+    key = ctx.route_key
+    # A route without a limiter of its own (most) takes the app's directly, a frame
+    # fewer than through InboundShedding.try_admit: -630 instructions a request
+    # (bench/middleware.py --instructions, 2026-12-07, with start() not admitting).
+    if not (shedding.app.try_acquire() if key is None else shedding.try_admit(key)):
+        return False
+    ctx.admitted = True
+    if guard.emitter is not None:
+        emit_admitted(ctx)
+    return True
 
 
 async def admit_async(ctx: RequestContext) -> UpstreamError | None:
@@ -96,8 +100,7 @@ async def admit_async(ctx: RequestContext) -> UpstreamError | None:
     except LoadShedError as exc:
         return _refused(ctx, inbound_shed(exc))
     ctx.admitted = True
-    if ctx.guard.emitter is not None:
-        _admitted(ctx)
+    emit_admitted(ctx)
     return None
 
 
@@ -106,15 +109,21 @@ def release(ctx: RequestContext) -> None:
     if ctx.admitted:
         ctx.admitted = False
         guard = ctx.guard
-        guard.shedding.release(ctx.route_key)
+        key = ctx.route_key
+        # As in try_admit: -590 instructions a request (bench/middleware.py
+        # --instructions, 2026-12-07).
+        if key is None:
+            guard.shedding.app.release()
+        else:
+            guard.shedding.release(key)
         hooks = guard.emitter
-        if hooks is not None:
+        if hooks is not None and hooks.wants(InboundReleased):
             hooks.emit(InboundReleased(_route(ctx)))
     if ctx.foreign_id is not None:
         forget(ctx.foreign_id)
 
 
-# --- events (only while a hook listens: guard.emitter is not None) ---------------------------
+# --- events (built only when heard: guard.emitter is set and wants it) ----------------------
 
 
 def _route(ctx: RequestContext) -> str | None:
@@ -122,15 +131,19 @@ def _route(ctx: RequestContext) -> str | None:
     return route.name if route is not None else None
 
 
-def _admitted(ctx: RequestContext) -> None:
+def emit_admitted(ctx: RequestContext) -> None:
+    """InboundAdmitted, for the hooks that hear it."""
     hooks = ctx.guard.emitter
-    if hooks is not None:
+    # Built only when a hook hears it: a hook on other events only (tracing's) no longer
+    # pays for two events a request: -6,400 instructions (bench/middleware.py
+    # --instructions, 2026-12-07, "+ a hook").
+    if hooks is not None and hooks.wants(InboundAdmitted):
         hooks.emit(InboundAdmitted(_route(ctx)))
 
 
 def _refused(ctx: RequestContext, error: UpstreamError) -> UpstreamError:
     hooks = ctx.guard.emitter
-    if hooks is not None:
+    if hooks is not None and hooks.wants(InboundShed):
         hooks.emit(
             InboundShed(
                 _route(ctx), _shed_reason(error), ctx.priority, error.upstream, error.retry_after

@@ -90,10 +90,11 @@ class Endpoints:
     __slots__ = (
         "_guard",
         "_page",
-        "_prefix",
         "_token",
         "health",
         "metrics",
+        "paths",
+        "prefix",
         "serve_metrics",
         "status",
     )
@@ -107,7 +108,10 @@ class Endpoints:
         #: Set by the metrics integration when it is loaded (``[metrics] path``).
         self.serve_metrics: Callable[[str], Served] | None = None
         self.status = status.rstrip("/") if status else None
-        self._prefix = self.status + "/" if self.status else None
+        #: What :meth:`wants` compares a path with, worked out once: the paths answered
+        #: whole, and the status page's prefix (None without one).
+        self.paths = frozenset(p for p in (health, self.status, metrics) if p)
+        self.prefix = self.status + "/" if self.status else None
         token = guard.settings.status.token
         self._token = token.encode() if token else None
         self._page: StatusPage | None = None
@@ -126,10 +130,8 @@ class Endpoints:
 
     def wants(self, path: str) -> bool:
         """Whether ``path`` is one the middleware answers itself."""
-        if path in (self.health, self.status, self.metrics):
-            return True
-        prefix = self._prefix
-        return prefix is not None and path.startswith(prefix)
+        prefix = self.prefix
+        return path in self.paths or (prefix is not None and path.startswith(prefix))
 
     def serve(
         self, method: str, path: str, headers: H, read: Reader[H], client: str | None

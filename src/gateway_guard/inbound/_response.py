@@ -28,7 +28,8 @@ H = TypeVar("H")
 #: (bench/middleware.py --cachegrind: 3,600 simulated cycles less a request, 1.7%).
 FieldReader = Callable[[H, str], "str | None"]
 
-_BRANDABLE = frozenset({502, 503, 504})
+#: The statuses of the app's own responses that ``brand_app_errors`` re-brands.
+BRANDABLE = frozenset({502, 503, 504})
 
 
 class AppError:
@@ -63,7 +64,7 @@ def on_response_start(
     carries two.
     """
     if (
-        status in _BRANDABLE
+        status in BRANDABLE
         and ctx.guard.settings.brand_app_errors
         and read(headers, "proxy-status") is None
     ):
