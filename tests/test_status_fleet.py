@@ -132,8 +132,18 @@ def test_the_fleet_lists_every_live_process_and_adds_up_their_windows(
     held = c.runtime("pay").bulkhead.try_acquire()  # one call in flight in c
     assert held
     try:
-        time.sleep(1.1)  # every process's heartbeat has carried its numbers
-        data = every_process_seen(a, 3)
+        every_process_seen(a, 3)
+
+        def carried() -> dict[str, Any] | None:
+            # Once every process's heartbeat (1 s apart, later on a busy machine) has
+            # carried these numbers.
+            data = status_data(a)
+            windows = [p["upstreams"].get("pay", {}) for p in data["fleet"]["processes"]]
+            calls = sorted(w.get("calls", 0) for w in windows)
+            in_flight = sorted(w.get("in_flight", 0) for w in windows)
+            return data if (calls, in_flight) == ([3, 5, 6], [0, 0, 1]) else None
+
+        data = until(carried, 5.0)
     finally:
         c.runtime("pay").bulkhead.release()
     processes = data["fleet"]["processes"]
