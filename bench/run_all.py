@@ -87,6 +87,17 @@ _SHARED_MACHINE = (
 )
 NOTES: dict[str, list[str]] = {
     "transport": [
+        "Run of 2026-12-07 (third session, quiet window, 23:32 UTC): NOT met, sync "
+        "1.063x and async 1.049x, unchanged by the clock although the guard's "
+        "instructions fell (bench/transport.py --quick --instructions: +10,662 -> +9,040 "
+        "sync, +12,136 -> +9,959 async; no send() override on guarded clients any more). "
+        "httpx-retries, a 30-line wrapper, measures about the same, and the older code "
+        "(c5659a3) loaded beside this one in one process came out 2-3 points cheaper by "
+        "time at only ~2,300 fewer instructions: what is left is cache and branch "
+        "behaviour of a Python-level wrapper inside httpx's call, not work we can drop. "
+        "Calls made within an inbound request, what apps really pay, fell from +46,760 to "
+        "+33,490 instructions (request id and trace written into httpx's raw headers). "
+        "Open work on issue #14.",
         "Run of 2026-12-07 (second session, after #12-#16, quiet window): NOT met, sync "
         "1.064x and async 1.053x (1.061x and 1.040x in the session's earlier, busier "
         "run). Instructions over bare stay at about +9,500 sync and +9,700 async (inside "
@@ -188,6 +199,10 @@ NOTES: dict[str, list[str]] = {
         "1.33 and 1.22.)"
     ],
     "outage: 4 overload at 3x capacity (async)": [
+        "Run of 2026-12-07 (third session): client-side shed p99 22.9 ms (2.6 ms in the "
+        "run before) while the server-side one stayed 0.279 ms: the tail is the load "
+        "generator and the sockets on the same two CPUs, not the shedding. Not rerun "
+        "for lack of time; the next session should look before trusting either figure.",
         "Run of 2026-11-22: the server-side shed time runs from the server handing the "
         "request to the app to the response's status line (`x-bench-us` in "
         "bench/outage/apps.py): met. The client-side one also includes the sockets, the "
@@ -226,12 +241,20 @@ NOTES: dict[str, list[str]] = {
         "in the same runs).",
     ],
     "instrument": [
+        "Run of 2026-12-07 (third session): another host +0.062 µs (met; httpx's own "
+        "transport lookup is done inline, -521 instructions against bare httpx). An "
+        "upstream host 1.0150x the explicit client, NOT met: the explicit client got "
+        "cheaper (no send() override), so the ratio is now the wrapper alone, +3,155 "
+        "instructions (1.0045x by instructions). Open work on issue #12.",
         "Run of 2026-12-07 (second session): a call to another host met; a call to an "
         "upstream NOT met at 1.0140x the explicit client (1.0117x before; 1.0035-1.0071x "
         "by instructions): the wrapper around httpx's Client._transport_for_url. Open "
         "work on issue #12.",
     ],
     "fleet": [
+        "Run of 2026-12-07 (third session): 0.996x in 201 short interleaved rounds "
+        "(95% CI about 0.98-1.01x); the earlier 31 long rounds could not tell 1.01x "
+        "from noise.",
         "Run of 2026-12-07 (second session): Redis backend / local 1.02x here (NOT met) "
         "and 0.964x in the run 30 minutes before. With the Redis backend a call runs the "
         "same code as with the local one (no Redis command on a call's path: 0.0005 "
