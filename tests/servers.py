@@ -1,14 +1,18 @@
 """Real servers on loopback for end-to-end tests: uvicorn (ASGI) and cheroot (WSGI).
 
 Each runs in a background thread of the test process, bound to 127.0.0.1 on an ephemeral
-port, and is stopped with bounded waits. The network is never faked here.
+port, and is stopped with bounded waits. The network is never faked here. Servers that
+need processes of their own (gunicorn's workers) run through :func:`server_process`.
 """
 
 from __future__ import annotations
 
+import queue
+import re
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,6 +20,41 @@ import uvicorn
 from cheroot import wsgi as cheroot_wsgi
 
 START_TIMEOUT = 15.0
+
+
+@contextmanager
+def server_process(
+    command: Sequence[str], *, cwd: Any, env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen[str], queue.Queue[str]]]:
+    """A server in its own process, with its stderr lines queued as they come (a thread
+    drains the pipe, so a chatty server never blocks on it); stopped with bounded waits."""
+    process = subprocess.Popen(
+        list(command), cwd=cwd, env=env, stderr=subprocess.PIPE, text=True, errors="replace"
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def drain() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.put(line)
+
+    reader = threading.Thread(target=drain, name="server-stderr", daemon=True)
+    reader.start()
+    try:
+        yield process, lines
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        reader.join(10)
+        if process.stderr is not None:
+            process.stderr.close()
+
+
+GUNICORN_LISTENING = re.compile(r"Listening at: (http://127\.0\.0\.1:\d+)")
 
 
 @contextmanager

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import gateway_guard as gg
 from gateway_guard.testing import MisbehavingUpstream
-from servers import serve_asgi
+from servers import GUNICORN_LISTENING, serve_asgi, server_process
 from test_tracing import EXPORTER
 
 pytestmark = pytest.mark.e2e
@@ -163,35 +161,11 @@ def gunicorn(directory: Path, env: dict[str, str]) -> Iterator[str]:
     command = [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync"]
     command += ["--bind", "127.0.0.1:0", "--timeout", "60", "-c", "gunicorn_conf.py"]
     command += ["e2e_metrics_app:app"]
-    process = subprocess.Popen(
-        command,
-        cwd=directory,
-        env={**os.environ, **env, "PYTHONPATH": path},
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-    )
-    lines: queue.Queue[str] = queue.Queue()
-
-    def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.put(line)
-
-    reader = threading.Thread(target=drain, name="gunicorn-stderr", daemon=True)
-    reader.start()
-    try:
+    with server_process(command, cwd=directory, env={**os.environ, **env, "PYTHONPATH": path}) as (
+        process,
+        lines,
+    ):
         yield _listening(lines, process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        reader.join(10)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 def _listening(lines: queue.Queue[str], process: subprocess.Popen[str]) -> str:
@@ -207,7 +181,7 @@ def _listening(lines: queue.Queue[str], process: subprocess.Popen[str]) -> str:
                 break
             continue
         seen.append(line)
-        match = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", line)
+        match = GUNICORN_LISTENING.search(line)
         if match:
             url = match.group(1)
         booted += "Booting worker" in line

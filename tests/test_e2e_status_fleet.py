@@ -13,10 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +28,7 @@ import pytest
 from browser import Browser, chromium
 from gateway_guard.testing.upstream import MisbehavingUpstream
 from redis_server import RedisServer, redis_server
+from servers import GUNICORN_LISTENING, server_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(120)]
 STARTUP = 60.0
@@ -105,28 +103,12 @@ def _until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 @contextmanager
 def _gunicorn(directory: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
-    process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "gunicorn", "--workers", str(WORKERS)),
-            *("--worker-class", "sync", "--bind", "127.0.0.1:0"),
-            *("--timeout", "30", "--graceful-timeout", "2", "fleet_status_app:app"),
-        ],
-        cwd=directory,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-    )
-    lines: queue.Queue[str] = queue.Queue()
-
-    def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.put(line)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
+    command = [
+        *(sys.executable, "-m", "gunicorn", "--workers", str(WORKERS)),
+        *("--worker-class", "sync", "--bind", "127.0.0.1:0"),
+        *("--timeout", "30", "--graceful-timeout", "2", "fleet_status_app:app"),
+    ]
+    with server_process(command, cwd=directory, env=env) as (process, lines):
         deadline = time.monotonic() + STARTUP
         url = None
         seen: list[str] = []
@@ -138,19 +120,9 @@ def _gunicorn(directory: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]
             except queue.Empty:
                 continue
             seen.append(line)
-            if match := re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", line):
+            if match := GUNICORN_LISTENING.search(line):
                 url = match.group(1)
         yield url, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        reader.join(10)
-        if process.stderr is not None:
-            process.stderr.close()
 
 
 @pytest.fixture(scope="module")
