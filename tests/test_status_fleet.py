@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,7 +27,7 @@ from gateway_guard.errors import UpstreamConnectError
 from gateway_guard.inbound._errors import log_gateway_error
 from gateway_guard.inbound._start import start
 from redis_server import RedisServer, redis_server
-from servers import serve_wsgi
+from servers import serve_asgi, serve_wsgi
 
 STATUS = "/_gateway_guard"
 JSON = {"Accept": "application/json"}
@@ -388,6 +389,55 @@ def test_a_slow_redis_delays_the_page_once_by_command_timeout_at_most(
     assert timings[0] < 0.1 + 0.1, timings  # the read, bounded by command_timeout
     # After a failed read the page does not ask again for a while.
     assert max(timings[1:]) < 0.02, timings
+
+
+def test_a_slow_redis_never_holds_the_event_loop(
+    fleet: Callable[..., gg.Guard], server: RedisServer
+) -> None:
+    """Under an ASGI server the page's Redis read waits on a worker thread: while it
+    waits, the app's other requests on the same event loop are answered."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    a = fleet(state={"command_timeout": 0.6})
+    connected(a)
+
+    async def ping(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("pong")
+
+    app = Starlette(routes=[Route("/ping", ping)])
+    app.add_middleware(gg.GatewayGuardMiddleware, guard=a)
+    with serve_asgi(app) as base, httpx.Client(base_url=base, timeout=5) as client:
+        assert client.get("/ping").text == "pong"
+        page: dict[str, Any] = {}
+
+        def load_page() -> None:
+            started = time.perf_counter()
+            with httpx.Client(base_url=base, timeout=5) as own:
+                page["data"] = own.get(STATUS, headers=JSON).json()
+            page["seconds"] = time.perf_counter() - started
+
+        assert server.command("CLIENT", "PAUSE", "2000", "ALL") == "+OK"
+        try:
+            loader = threading.Thread(target=load_page)
+            loader.start()
+            time.sleep(0.15)  # the page's read is waiting on the paused Redis by now
+            pings = []
+            for _ in range(3):
+                started = time.perf_counter()
+                assert client.get("/ping").text == "pong"
+                pings.append(time.perf_counter() - started)
+            waited_while_page_loaded = loader.is_alive()
+            loader.join(5)
+        finally:
+            server.command("CLIENT", "UNPAUSE")
+    # The page did wait on Redis (bounded by command_timeout), and answered with local data.
+    assert page["seconds"] > 0.5, page
+    assert page["data"]["recent_errors_scope"] == "process"
+    # Meanwhile the loop served every ping at once, not after the page's read.
+    assert waited_while_page_loaded
+    assert max(pings) < 0.2, pings
 
 
 # --- the local backend, and the HTML -------------------------------------------------------

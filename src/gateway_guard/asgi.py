@@ -8,7 +8,10 @@ decisions are in :mod:`gateway_guard.inbound`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from functools import partial
 from typing import Any
+
+import anyio.to_thread
 
 from ._instrument import apply_settings
 from .context import reset_context, set_context
@@ -162,9 +165,21 @@ class GatewayGuardMiddleware:
         endpoints = self._endpoints
         assert endpoints is not None
         client = scope.get("client")
-        answer = endpoints.serve(
-            scope["method"], scope["path"], scope["headers"], _read, client and client[0]
+        serve = partial(
+            endpoints.serve,
+            scope["method"],
+            scope["path"],
+            scope["headers"],
+            _read,
+            client and client[0],
         )
+        if scope["path"] == endpoints.health:
+            answer = serve()  # no I/O: answered on the loop, even with every thread busy
+        else:
+            # The status page may wait on Redis (up to the fleet store's command_timeout)
+            # and /metrics reads every worker's files in multiprocess mode: on a worker
+            # thread, so that the event loop goes on serving the app meanwhile.
+            answer = await anyio.to_thread.run_sync(serve)
         await _send_page(send, answer)
 
 
