@@ -120,6 +120,29 @@ def test_match_patterns_and_other_hosts() -> None:
     assert len(handler.seen) == 2
 
 
+def test_one_client_alternating_between_hosts_gets_each_hosts_guard() -> None:
+    # The wrapper remembers the last decision per transport: a client that alternates
+    # between two upstreams, another port and another host must never reuse it wrongly.
+    guard = gg.Guard(SETTINGS)
+    gg.instrument(guard, clients=("httpx",))
+    handler = Upstream(200)
+    urls = [
+        ("http://payments.internal:8080/x", "payments"),
+        ("http://other.internal/x", "other"),
+        ("http://payments.internal:9999/x", None),  # the upstream's host, another port
+        ("https://eu.pay.test/x", "payments"),
+        ("https://payments.internal/x", None),  # another scheme: its default port, 443
+        ("http://payments.internal:8080/x", "payments"),
+    ]
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        for _ in range(3):
+            for url, _upstream in urls:
+                assert client.get(url).status_code == 200
+    calls = {name: guard.breaker(name).snapshot().calls for name in ("payments", "other")}
+    assert calls == {"payments": 9, "other": 3}
+    assert len(handler.seen) == 18
+
+
 def test_an_explicitly_guarded_client_is_not_guarded_twice() -> None:
     guard = gg.Guard(SETTINGS)
     gg.instrument(guard, clients=("httpx",))
