@@ -345,27 +345,25 @@ def _year_of(timestamp: float) -> int:
 
 # --- request ids and trace context -----------------------------------------------------------
 
-# A private generator, not the random module's shared one: an application that calls
-# random.seed(...) (tests, simulations) must not make our ids repeat across processes or
-# restarts. Mersenne Twister seeded from os.urandom gives 128 well-mixed bits without a
-# system call: about 0.13 us an id, against 0.35 us for os.urandom(16).hex() and 1.8 us for
-# uuid4().hex (CPython 3.11). getrandbits() is one C call, so threads cannot interleave
-# inside an id. Its output is predictable to someone who sees enough of it, which is fine:
-# request ids correlate log lines, they are not secrets, and clients choose their own
-# X-Request-ID anyway.
+# A private generator, not the random module's shared one, for trace and span ids: an
+# application that calls random.seed(...) (tests, simulations) must not make our ids repeat
+# across processes or restarts. Mersenne Twister seeded from os.urandom gives 128
+# well-mixed bits without a system call; getrandbits() is one C call, so threads cannot
+# interleave inside an id.
 _rng = random.Random()
 _randbits = _rng.getrandbits
-# Request ids are drawn 64 at a time and handed out with list.pop(). Hot, that costs what
-# one getrandbits/to_bytes/hex per id does (~0.11 us); inside a request, where those three
-# C paths are cold and list.pop() is not, cachegrind on bench/middleware.py counts ~0.04 us
-# less. list.pop() is atomic, so two threads never get one id; two threads refilling at
-# once each add fresh ids.
+_urandom = os.urandom
+# Request ids come from the kernel's generator, 64 at a time (one getrandom() call per 64
+# ids, handed out with list.pop()): cheaper per id than Mersenne Twister's bits turned into
+# bytes, -783 instructions a request (bench/middleware.py's child under valgrind, ASLR off,
+# PYTHONHASHSEED=0, 2026-12-08), and unpredictable besides. list.pop() is atomic, so two
+# threads never get one id; two threads refilling at once each add fresh ids.
 _ID_BATCH = 64
 _ids: list[str] = []
 
 
 def _after_fork_in_child() -> None:
-    # A forked child inherits the generator's state and the unused ids; without this,
+    # A forked child inherits the unused ids and the generator's state; without this,
     # parent and child (and every worker of a pre-forking server) would hand out the same.
     _ids.clear()
     _rng.seed()
@@ -382,14 +380,14 @@ def new_request_id() -> str:
     """A fresh request id: 32 lowercase hex characters (128 random bits).
 
     Collisions are a birthday problem over 2**128: after a trillion ids the chance of any
-    repeat is about 1e-15. Ids are unique across forked workers (the generator is reseeded
-    in every child) but are not secret; never use one as a credential.
+    repeat is about 1e-15. Ids are unique across forked workers (a child drops the ids it
+    inherited unused) but are not secret; never use one as a credential.
     """
     try:
         return _ids.pop()
     except IndexError:
         # One C call each: 64 ids of 32 hex digits, split apart by hex()'s separator.
-        batch = _randbits(128 * _ID_BATCH).to_bytes(16 * _ID_BATCH).hex(" ", 16).split()
+        batch = _urandom(16 * _ID_BATCH).hex(" ", 16).split()
         request_id = batch.pop()  # ours: other threads may empty _ids before we pop it
         _ids.extend(batch)
         return request_id
