@@ -142,7 +142,10 @@ class Call:
     def __init__(
         self, rt: UpstreamRuntime, method: str, headers: RequestHeaders, streaming: bool
     ) -> None:
-        now = rt.clock()
+        # A callable held in a slot is read into a local first: CPython 3.11 cannot
+        # specialise a method-style call of an instance attribute (rt.clock()).
+        clock = rt.clock
+        now = clock()
         self.rt = rt
         self.method = method
         self.headers = headers
@@ -173,7 +176,14 @@ class Call:
             ctx.upstream = rt.name  # log records name it (gateway_guard.log)
         self.policy: CallPolicy = policy
         self.deadline_at = deadline_at
-        rt.budget.record_call(now)
+        # RetryBudget.record_call(now), inline by its protocol (see RetryBudget), and the clock
+        # read into a local above: 690,394 -> 689,377 instructions a client call
+        # (bench/transport.py's call under valgrind, ASLR off, PYTHONHASHSEED=0, 2026-12-08).
+        budget = rt.budget
+        calls = budget.calls
+        budget.calls = calls + 1
+        if now >= budget.next_second:
+            budget.mark(now, calls)
         # The first attempt's admission, as admit() with the breaker's passing hint, inline
         # (and _succeeded inline in answered): -1.0 us/call sync, -0.9 us async in
         # bench/transport.py client calls, interleaved runs, 2026-12-07.
@@ -201,7 +211,8 @@ class Call:
     def admit(self) -> None:
         """Admit a retry: the breaker may have opened, the deadline may have run out."""
         self.attempt += 1
-        now = self.rt.clock()
+        clock = self.rt.clock  # as in __init__
+        now = clock()
         remaining = self.deadline_at - now
         if remaining <= 0.0:
             raise self._deadline_error()

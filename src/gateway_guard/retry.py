@@ -294,7 +294,9 @@ class RetryBudget:
     between ``window - 1`` and ``window`` seconds after it was made).
 
     :meth:`record_call` is on every call's path and takes no lock: the count is a plain
-    ``+= 1`` and only the first call of a second takes the lock, to write its mark.
+    ``+= 1`` and only the first call of a second takes the lock, to write its mark. The
+    call core does the same inline, by this protocol: ``before = calls; calls = before +
+    1``, then ``mark(now, before)`` when ``now >= next_second``.
     CPython 3.11 does not switch threads inside that increment; an interpreter that did
     could lose a call, which only makes the budget *stricter* (fewer retries allowed),
     never looser. Retries are counted under the lock in :meth:`try_spend`.
@@ -303,18 +305,18 @@ class RetryBudget:
     __slots__ = (
         "__weakref__",
         "_clock",
-        "_count",
         "_lock",
         "_mark_calls",
         "_mark_seconds",
         "_min_per_second",
-        "_next_second",
         "_peers",
         "_ratio",
         "_retries",
         "_retry_seconds",
         "_size",
         "_start",
+        "calls",
+        "next_second",
     )
 
     def __init__(
@@ -338,9 +340,9 @@ class RetryBudget:
         self._clock = clock
         self._size = size = math.ceil(window)
         self._lock = threading.Lock()
-        self._count = 0
+        self.calls = 0
         # The first call at or after _next_second writes the mark of its second.
-        self._next_second = -math.inf
+        self.next_second = -math.inf
         # _mark_seconds[i] is the second whose mark slot i holds (None: never written);
         # _mark_calls[i] how many calls were counted before that second's first one.
         self._mark_seconds: list[int | None] = [None] * size
@@ -373,25 +375,25 @@ class RetryBudget:
 
         ``now`` saves a clock read when the caller has one.
         """
-        before = self._count
-        self._count = before + 1
+        before = self.calls
+        self.calls = before + 1
         if now is None:
             now = self._clock()
-        if now >= self._next_second:
-            self._mark(now, before)
+        if now >= self.next_second:
+            self.mark(now, before)
 
-    def _mark(self, now: float, before: int) -> None:
+    def mark(self, now: float, before: int) -> None:
         """The first call of a new second: note how many calls came before it."""
         second = int(now)
         with self._lock:
             # Another thread's call of the same second may have got here first.
-            if second + 1 > self._next_second:
+            if second + 1 > self.next_second:
                 slot = second % self._size
                 self._mark_seconds[slot] = second
                 self._mark_calls[slot] = before
                 # A float, so the hot path's comparison with the clock stays float-float
                 # (a mixed comparison is a slower, generic one in CPython).
-                self._next_second = float(second + 1)
+                self.next_second = float(second + 1)
 
     def _counts_locked(self, second: int) -> tuple[int, int]:
         """(calls, retries) in the window ending with ``second``."""
@@ -405,7 +407,7 @@ class RetryBudget:
                 and (earliest is None or stamp < earliest)
             ):
                 earliest, before = stamp, calls
-        calls = self._count - before if earliest is not None else 0
+        calls = self.calls - before if earliest is not None else 0
         retries = 0
         for stamp, bucket in zip(self._retry_seconds, self._retries, strict=True):
             if stamp is not None and oldest < stamp <= second:
@@ -457,8 +459,8 @@ class RetryBudget:
         before = (
             self._mark_calls[before_slot] if self._mark_seconds[before_slot] == second - 1 else None
         )
-        now_calls = self._count - current if current is not None else 0
-        end = current if current is not None else self._count
+        now_calls = self.calls - current if current is not None else 0
+        end = current if current is not None else self.calls
         before_calls = end - before if before is not None else 0
         return now_calls, before_calls
 
