@@ -2,10 +2,17 @@
 
 This machine is shared and noisy, so one candidate timed after another measures the
 neighbours as much as the code. The bench scripts therefore time their candidates in
-*interleaved rounds* (rotated each round: A,B,C then B,C,A then C,A,B ...) and compare
+*interleaved rounds* (each round in a new shuffled order, seeded) and compare
 each candidate with the baseline timed **in the same round**; what they report is the
 median of those per-round ratios (with a confidence interval, and their minimum), never
 a ratio of two medians taken minutes apart.
+
+The order is shuffled, not rotated: rotating (A,B,C then B,C,A ...) keeps every
+candidate behind the same neighbour in every round, and what ran just before shifts a
+sample by itself. Measured on bench/transport.py with a second bare httpx client as a
+control row (2026-12-08): rotated, the control came out at 1.015x the baseline (interval
+1.004-1.027x); shuffled, 1.002x (0.990-1.011x). Two copies of the same guard code loaded
+side by side differed by 1.4% when rotated.
 
 Every loop here runs a fixed number of times. ``interleave`` can also stop early, after
 a whole round, once a wall-clock budget is spent, so a script stays bounded on a machine
@@ -33,6 +40,7 @@ import gc
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -177,7 +185,8 @@ def interleave(
     budget: float | None = None,
     min_rounds: int = 3,
 ) -> Rounds:
-    """Time every timer once per round, ``rounds`` times, rotating the order each round.
+    """Time every timer once per round, ``rounds`` times, in a new shuffled order each
+    round (seeded, so a run is repeatable; see the module doc for why not rotated).
 
     ``warmup`` calls of each timer come first and are not kept. With ``budget`` (seconds),
     no new round starts once that much wall time has passed, provided ``min_rounds`` are
@@ -188,16 +197,18 @@ def interleave(
         for name in names:
             timers[name](warmup)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    shuffler = random.Random(len(names) * 1_000_003 + rounds)
     start = time.perf_counter()
     done = 0
     stopped = False
-    for r in range(rounds):
+    for _ in range(rounds):
         if budget is not None and done >= min_rounds and time.perf_counter() - start > budget:
             stopped = True
             break
         gc.collect(1)
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        order = names[:]
+        shuffler.shuffle(order)
+        for name in order:
             samples[name].append(timers[name](number) / number * 1e6)
         done += 1
     return Rounds(samples, number, done, time.perf_counter() - start, stopped)

@@ -22,7 +22,7 @@ Method: ``timeit`` statements with the breaker's methods bound to locals in the 
 a driver's loop would hold them, so rows compare breakers and not attribute lookups. The
 clock is the process's CPU time and the garbage collector stays on (see
 ``bench/_common.py`` for why). Rows are timed in interleaved rounds (each round times
-every row once, in rotated order); a row's µs/call is the median over rounds, and its
+every row once, in a shuffled order); a row's µs/call is the median over rounds, and its
 ratio the median of the per-round ratios against its baseline timed in the same round.
 """
 

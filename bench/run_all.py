@@ -1179,10 +1179,11 @@ def run_sections(
 METHOD = """\
 - **Interleaved rounds.** The machine is shared and noisy, so a candidate timed after
   another would measure the neighbours as much as the code. The overhead scripts
-  (transport, middleware, breaker) time all their candidates once per round, rotating
-  their order each round, and compare each candidate with its baseline timed *in the same
-  round*. The supporting limiter and render scripts interleave their cases in a fixed
-  order.
+  (transport, middleware, breaker) time all their candidates once per round, in a new
+  shuffled order each round (rotating would keep each candidate behind the same
+  neighbour, a bias of up to 1.5% measured with a control row), and compare each
+  candidate with its baseline timed *in the same round*. The supporting limiter and
+  render scripts interleave their cases in a fixed order.
 - **Medians of per-round ratios.** In the overhead sections a ratio is the median over
   rounds of candidate ÷ baseline from the same round (with a distribution-free ~95%
   interval where given), never a ratio of two medians taken minutes apart; "added µs" is
