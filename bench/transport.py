@@ -168,7 +168,11 @@ def _request_context(guard: Any) -> contextvars.Context:
     from gateway_guard.context import RequestContext, set_context
 
     ctx = contextvars.copy_context()
-    ctx.run(set_context, RequestContext(guard=guard, request_id="bench-request-0001"))
+    # As start() makes it: calls are recorded only for debug mode's Server-Timing.
+    request = RequestContext(
+        guard=guard, request_id="bench-request-0001", records=guard.settings.debug
+    )
+    ctx.run(set_context, request)
     return ctx
 
 

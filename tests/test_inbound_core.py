@@ -120,6 +120,7 @@ def test_start_sets_every_slot_as_the_constructor_would(
             None,
             "POST",
             path,
+            guard.settings.debug,  # a middleware records calls for debug mode only
         )
         for slot in RequestContext.__slots__:
             expected = getattr(built, slot)

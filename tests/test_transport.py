@@ -29,6 +29,7 @@ from gateway_guard.context import (
     set_context,
 )
 from gateway_guard.headers import parse_traceparent
+from gateway_guard.inbound._start import start
 from gateway_guard.testing import FakeClock
 
 BASE_URL = "http://up.test"
@@ -1131,6 +1132,24 @@ def test_call_records_are_bounded(
     driver.send_many(guard, Upstream(), MAX_RECORDS + 8)
 
     assert len(ctx.calls) == MAX_RECORDS
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_middleware_records_calls_only_for_debug_modes_server_timing(
+    driver: Driver, clock: FakeClock, debug: bool
+) -> None:
+    # Only debug mode's Server-Timing reads the records: without it, no call pays for one.
+    guard = gg.Guard({"debug": debug, "upstreams": {"up": {"base_url": BASE_URL}}}, clock=clock)
+    ctx = start(guard, "GET", "/orders/1", None, None)
+    token = set_context(ctx)
+    try:
+        driver.send(guard, Upstream())
+        with pytest.raises(gg.UpstreamStatusError):
+            driver.send(guard, Upstream(status(500)))
+    finally:
+        reset_context(token)
+    assert ctx.records is debug
+    assert len(ctx.calls) == (2 if debug else 0)
 
 
 # --- circuit breaker ---------------------------------------------------------------------------

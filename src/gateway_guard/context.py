@@ -56,6 +56,7 @@ class RequestContext:
         "method",
         "path",
         "priority",
+        "records",
         "request_id",
         "route",
         "route_key",
@@ -78,6 +79,7 @@ class RequestContext:
         traceparent: str | None = None,
         method: str = "-",
         path: str = "-",
+        records: bool = True,
     ) -> None:
         self.guard = guard
         self.request_id = request_id
@@ -105,6 +107,9 @@ class RequestContext:
             # The key of the route's own shedding limiter, when it has one.
             self.route_key = route.shed_key
         self._calls: list[CallRecord] | None = None
+        # Whether the upstream calls are recorded (``calls``): only debug mode's
+        # Server-Timing reads them, so the middlewares record only with ``debug = true``.
+        self.records = records
         # For log lines and the status page: the raw path is only ever shown bounded and
         # escaped (gateway_guard.log), never used as a key.
         self.method = method
@@ -122,9 +127,10 @@ class RequestContext:
 
     @property
     def wants_records(self) -> bool:
-        """False once MAX_RECORDS calls are remembered: callers skip building more."""
+        """False when calls are not recorded, or once MAX_RECORDS are: callers skip
+        building more."""
         calls = self._calls
-        return calls is None or len(calls) < MAX_RECORDS
+        return self.records and (calls is None or len(calls) < MAX_RECORDS)
 
     def record(self, call: CallRecord) -> None:
         calls = self._calls

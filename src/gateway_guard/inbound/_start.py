@@ -70,6 +70,8 @@ def start(
     ctx.exempt = exempt
     ctx.admitted = False
     ctx._calls = None
+    # Only debug mode's Server-Timing reads the calls: no record of each call otherwise.
+    ctx.records = guard.settings.debug
     ctx.method = method
     ctx.path = path
     ctx.upstream = None
