@@ -138,6 +138,10 @@ class Guard:
         # ``clock`` (monotonic seconds) drives deadlines, breakers, budgets and limiters;
         # tests pass a fake one. RequestContext.deadline_at is on this clock too.
         self.settings: Settings = load_settings(settings)
+        # Read on every inbound request: a plain attribute, as a pydantic model's attribute
+        # read costs ~420 instructions (its __getattr__ keeps CPython 3.11 from
+        # specialising it; bench/middleware.py's child under valgrind, 2026-12-08).
+        self.debug: bool = self.settings.debug
         self.policies: Policies = compile_policies(self.settings)
         self.clock = clock
         self._ssl: ssl.SSLContext | None = None

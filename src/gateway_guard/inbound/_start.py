@@ -71,14 +71,14 @@ def start(
     ctx.admitted = False
     ctx._calls = None
     # Only debug mode's Server-Timing reads the calls: no record of each call otherwise.
-    ctx.records = guard.settings.debug
+    ctx.records = guard.debug
     ctx.method = method
     ctx.path = path
     ctx.upstream = None
     ctx.foreign_id = foreign
     if route is None:
         # The clock is read only when something needs it: here, only debug timings.
-        ctx.started = guard.clock() if guard.settings.debug else 0.0
+        ctx.started = guard.clock() if guard.debug else 0.0
         ctx.deadline_at = None
         ctx.blocked = blocked = None
         ctx.priority = "normal"
