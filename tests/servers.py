@@ -2,7 +2,8 @@
 
 Each runs in a background thread of the test process, bound to 127.0.0.1 on an ephemeral
 port, and is stopped with bounded waits. The network is never faked here. Servers that
-need processes of their own (gunicorn's workers) run through :func:`server_process`.
+need processes of their own (gunicorn's workers) run through :func:`server_process`, and
+:func:`listening_url` waits until one logs its URL and answers there.
 """
 
 from __future__ import annotations
@@ -119,7 +120,20 @@ def listening_url(
         # A gunicorn worker boots after the arbiter listens: wait until it answers.
         if match and answers(match.group(1) + probe, deadline=deadline, any_status=any_status):
             return match.group(1)
-    raise RuntimeError(f"{what} did not start:\n" + "".join(seen[-30:]))
+    # With what came after the listening line: a worker's traceback, when one did not boot.
+    raise RuntimeError(f"{what} did not start:\n" + "".join([*seen, *queued(lines)][-30:]))
+
+
+def queued(lines: queue.Queue[str]) -> list[str]:
+    """The lines queued so far, taken off the queue; no more than were there when called,
+    so a server that keeps writing cannot keep this going."""
+    taken: list[str] = []
+    for _ in range(lines.qsize()):
+        try:
+            taken.append(lines.get_nowait())
+        except queue.Empty:
+            break
+    return taken
 
 
 @contextmanager
