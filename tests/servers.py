@@ -2,7 +2,8 @@
 
 Each runs in a background thread of the test process, bound to 127.0.0.1 on an ephemeral
 port, and is stopped with bounded waits. The network is never faked here. Servers that
-need processes of their own (gunicorn's workers) run through :func:`server_process`.
+need processes of their own (gunicorn's workers) run through :func:`server_process`, and
+:func:`listening_url` waits until one logs its URL and answers there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 from cheroot import wsgi as cheroot_wsgi
 
@@ -24,12 +26,29 @@ START_TIMEOUT = 15.0
 
 @contextmanager
 def server_process(
-    command: Sequence[str], *, cwd: Any, env: dict[str, str]
+    command: Sequence[str],
+    *,
+    cwd: Any,
+    env: dict[str, str],
+    log: list[str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Iterator[tuple[subprocess.Popen[str], queue.Queue[str]]]:
     """A server in its own process, with its stderr lines queued as they come (a thread
-    drains the pipe, so a chatty server never blocks on it); stopped with bounded waits."""
+    drains the pipe, so a chatty server never blocks on it); stopped with bounded waits,
+    also when the body raises (a server that did not start).
+
+    ``log``, if given, also gets every line, for a test that checks what the server logged
+    over its whole run (the queue is consumed while waiting for it to start). ``pass_fds``
+    goes to :class:`subprocess.Popen`: a listening socket the test bound for the server.
+    """
     process = subprocess.Popen(
-        list(command), cwd=cwd, env=env, stderr=subprocess.PIPE, text=True, errors="replace"
+        list(command),
+        cwd=cwd,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        pass_fds=pass_fds,
     )
     lines: queue.Queue[str] = queue.Queue()
 
@@ -37,6 +56,8 @@ def server_process(
         assert process.stderr is not None
         for line in process.stderr:
             lines.put(line)
+            if log is not None:
+                log.append(line)
 
     reader = threading.Thread(target=drain, name="server-stderr", daemon=True)
     reader.start()
@@ -55,6 +76,64 @@ def server_process(
 
 
 GUNICORN_LISTENING = re.compile(r"Listening at: (http://127\.0\.0\.1:\d+)")
+
+
+def answers(url: str, *, deadline: float, any_status: bool = False) -> bool:
+    """Whether ``url`` answers 200 (any status, with ``any_status``) before ``deadline``
+    (a :func:`time.monotonic` value), polled every 50 ms."""
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=2.0)
+        except httpx.TransportError:
+            response = None
+        if response is not None and (any_status or response.status_code == 200):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def listening_url(
+    process: subprocess.Popen[str],
+    lines: queue.Queue[str],
+    *,
+    listening: re.Pattern[str] = GUNICORN_LISTENING,
+    probe: str = "/healthz",
+    any_status: bool = False,
+    timeout: float = START_TIMEOUT,
+    what: str = "gunicorn",
+) -> str:
+    """The base URL a :func:`server_process` logs on stderr (``listening``'s group 1), once
+    ``probe`` there answers as :func:`answers` says, all within ``timeout`` seconds.
+
+    Not started in time, or exited: :class:`RuntimeError` "<what> did not start" with the
+    last stderr lines, which is all a failed start in CI has to go on.
+    """
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        match = listening.search(line)
+        # A gunicorn worker boots after the arbiter listens: wait until it answers.
+        if match and answers(match.group(1) + probe, deadline=deadline, any_status=any_status):
+            return match.group(1)
+    # With what came after the listening line: a worker's traceback, when one did not boot.
+    raise RuntimeError(f"{what} did not start:\n" + "".join([*seen, *queued(lines)][-30:]))
+
+
+def queued(lines: queue.Queue[str]) -> list[str]:
+    """The lines queued so far, taken off the queue; no more than were there when called,
+    so a server that keeps writing cannot keep this going."""
+    taken: list[str] = []
+    for _ in range(lines.qsize()):
+        try:
+            taken.append(lines.get_nowait())
+        except queue.Empty:
+            break
+    return taken
 
 
 @contextmanager

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
-import subprocess
 import sys
 import threading
 import time
@@ -32,8 +30,7 @@ from fastapi import FastAPI
 
 import gateway_guard as gg
 from gateway_guard.testing.upstream import MisbehavingUpstream
-from servers import serve_asgi
-from test_e2e_quickstart import _listening_url
+from servers import listening_url, serve_asgi, server_process
 
 pytestmark = pytest.mark.e2e
 
@@ -131,37 +128,10 @@ def gunicorn(
     command = [sys.executable, "-m", "gunicorn", "--workers", str(workers)]
     command += ["--worker-class", "sync", "--bind", "127.0.0.1:0", "--timeout", "30"]
     command += [f"{module}:app"]
-    process = subprocess.Popen(
-        command,
-        cwd=directory,
-        env={**os.environ, **env, "PYTHONPATH": path},
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-    )
-    lines: queue.Queue[str] = queue.Queue()
     log: list[str] = []
-
-    def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.put(line)
-            log.append(line)
-
-    reader = threading.Thread(target=drain, name="gunicorn-stderr", daemon=True)
-    reader.start()
-    try:
-        yield _listening_url(lines, process), log
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        reader.join(10)
-        if process.stderr is not None:
-            process.stderr.close()
+    server_env = {**os.environ, **env, "PYTHONPATH": path}
+    with server_process(command, cwd=directory, env=server_env, log=log) as (process, lines):
+        yield listening_url(process, lines), log
 
 
 FLASK_APP = """

@@ -13,15 +13,12 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import queue
-import re
 import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import pytest
 
 from gateway_guard.testing.upstream import MisbehavingUpstream
 from redis_server import RedisServer, redis_server
+from servers import answers, listening_url, queued, server_process
 
 # Six worker processes start on a machine that may be busy: a generous start-up wait and
 # test timeout; the claims themselves are timed inside each test.
@@ -170,58 +168,9 @@ class Fleet:
         return len(current) == WORKERS and all(s in states for s in current.values())
 
 
-def _pump(stream: object, lines: queue.Queue[str]) -> threading.Thread:
-    def drain() -> None:
-        for line in stream:  # type: ignore[attr-defined]
-            lines.put(line)
-
-    thread = threading.Thread(target=drain, daemon=True)
-    thread.start()
-    return thread
-
-
-@contextmanager
-def _process(
-    command: list[str], cwd: Path, env: dict[str, str], **kw: object
-) -> Iterator[queue.Queue[str]]:
-    process = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-        **kw,  # type: ignore[call-overload]
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    reader = _pump(process.stderr, lines)
-    try:
-        yield lines
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        reader.join(10)
-        if process.stderr is not None:
-            process.stderr.close()
-
-
 def _wait_healthy(url: str, lines: queue.Queue[str]) -> None:
-    deadline = time.monotonic() + STARTUP
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    seen = []
-    while not lines.empty():
-        seen.append(lines.get())
-    raise RuntimeError(f"{url} did not answer:\n" + "".join(seen[-30:]))
+    if not answers(f"{url}/healthz", deadline=time.monotonic() + STARTUP):
+        raise RuntimeError(f"{url} did not answer:\n" + "".join(queued(lines)[-30:]))
 
 
 @pytest.fixture(scope="module")
@@ -256,15 +205,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             "FLEET_SETTINGS": str(settings),
             "STATE_DIR": str(states),
         }
-        gunicorn_lines = stack.enter_context(
-            _process(
+        arbiter, gunicorn_lines = stack.enter_context(
+            server_process(
                 [
                     *(sys.executable, "-m", "gunicorn", "--workers", "4"),
                     *("--worker-class", "sync", "--bind", "127.0.0.1:0"),
                     *("--timeout", "60", "--graceful-timeout", "2", "fleet_flask:app"),
                 ],
-                directory,
-                env,
+                cwd=directory,
+                env=env,
             )
         )
         # uvicorn's own supervisor, on a socket bound here to an ephemeral port.
@@ -272,39 +221,26 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(128)
         sock.set_inheritable(True)
-        uvicorn_lines = stack.enter_context(
-            _process(
+        _, uvicorn_lines = stack.enter_context(
+            server_process(
                 [
                     *(sys.executable, "-m", "uvicorn", "fleet_fastapi:app", "--workers", "2"),
                     *("--fd", str(sock.fileno()), "--log-level", "warning"),
                     *("--timeout-graceful-shutdown", "2"),
                 ],
-                directory,
-                env,
+                cwd=directory,
+                env=env,
                 pass_fds=(sock.fileno(),),
             )
         )
         fastapi = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        flask = _gunicorn_url(gunicorn_lines)
-        _wait_healthy(flask, gunicorn_lines)
+        flask = listening_url(arbiter, gunicorn_lines, timeout=STARTUP)
         _wait_healthy(fastapi, uvicorn_lines)
         fleet = Fleet(flask, fastapi, states, redis, upstream)
         _until(lambda: len(fleet.current()) == WORKERS, STARTUP, "every worker started")
         time.sleep(2.2)  # every store connected, and heartbeats exchanged
         yield fleet
         _client.close()
-
-
-def _gunicorn_url(lines: queue.Queue[str]) -> str:
-    deadline = time.monotonic() + STARTUP
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        if match := re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", line):
-            return match.group(1)
-    raise RuntimeError("gunicorn did not start")
 
 
 def _until(condition: Callable[[], bool], timeout: float, what: str) -> float:

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import ast
 import os
-import queue
 import re
 import subprocess
 import sys
-import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -33,7 +31,7 @@ from fastapi import FastAPI
 
 import gateway_guard as gg
 from gateway_guard.testing.upstream import MisbehavingUpstream
-from servers import START_TIMEOUT, serve_asgi
+from servers import listening_url, serve_asgi, server_process
 
 pytestmark = pytest.mark.e2e
 
@@ -179,53 +177,8 @@ def gunicorn_quickstart(up: MisbehavingUpstream, directory: Path) -> Iterator[st
     env = {**os.environ, "PYTHONPATH": path, "QUICKSTART_SETTINGS": str(settings)}
     command = [sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "sync"]
     command += ["--bind", "127.0.0.1:0", "--timeout", "60", "quickstart_flask:app"]
-    process = subprocess.Popen(
-        command, cwd=directory, env=env, stderr=subprocess.PIPE, text=True, errors="replace"
-    )
-    lines: queue.Queue[str] = queue.Queue()
-
-    def drain() -> None:  # also keeps the pipe from filling up while the server runs
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.put(line)
-
-    reader = threading.Thread(target=drain, name="gunicorn-stderr", daemon=True)
-    reader.start()
-    try:
-        url = _listening_url(lines, process)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        reader.join(10)
-        if process.stderr is not None:
-            process.stderr.close()
-
-
-def _listening_url(lines: queue.Queue[str], process: subprocess.Popen[str]) -> str:
-    deadline = time.monotonic() + START_TIMEOUT
-    seen: list[str] = []
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            line = lines.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        match = re.search(r"Listening at: (http://127\.0\.0\.1:\d+)", line)
-        if match:
-            # The worker boots after the arbiter listens: wait until it answers.
-            url = match.group(1)
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
-                        return url
-                except httpx.TransportError:
-                    time.sleep(0.05)
-    raise RuntimeError("gunicorn did not start:\n" + "".join(seen[-20:]))
+    with server_process(command, cwd=directory, env=env) as (process, lines):
+        yield listening_url(process, lines)
 
 
 def test_gunicorn_sync_worker_gives_the_visitor_a_504_within_5_s(
@@ -266,6 +219,8 @@ def test_gunicorn_sync_worker_breaker_opens_within_10_s(
 # --- every quickstart, pasted into a file and run as its first line says ---------------------
 
 README_PAYMENTS_URL = "http://payments.internal:8080"
+# gunicorn's line, or uvicorn's "Uvicorn running on http://...".
+QUICKSTART_LISTENING = re.compile(r"(?:Listening at:|running on) (http://127\.0\.0\.1:\d+)")
 # The visitor's browser and a page's script, as Chromium sends them.
 NAVIGATION = {
     "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
@@ -303,56 +258,18 @@ def run_quickstart(name: str, up: MisbehavingUpstream, directory: Path) -> Itera
     (directory / f"{match.group(1)}.py").write_text(code, encoding="utf-8")
     (directory / "gateway_guard.toml").write_text(quickstart_toml(up.url), encoding="utf-8")
     path = os.pathsep.join(p for p in (str(directory), os.environ.get("PYTHONPATH")) if p)
-    process = subprocess.Popen(
-        _command(first_line, match.group(2)),
-        cwd=directory,
-        env={**os.environ, "PYTHONPATH": path},
-        stderr=subprocess.PIPE,
-        text=True,
-        errors="replace",
-    )
-    lines: queue.Queue[str] = queue.Queue()
-
-    def drain() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.put(line)
-
-    reader = threading.Thread(target=drain, name=f"{name}-stderr", daemon=True)
-    reader.start()
-    try:
-        yield _serving_url(lines, process)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        reader.join(10)
-        if process.stderr is not None:
-            process.stderr.close()
-
-
-def _serving_url(lines: queue.Queue[str], process: subprocess.Popen[str]) -> str:
-    deadline = time.monotonic() + START_TIMEOUT
-    seen: list[str] = []
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            line = lines.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        seen.append(line)
-        match = re.search(r"(?:Listening at:|running on) (http://127\.0\.0\.1:\d+)", line)
-        if match:
-            url = match.group(1)
-            while time.monotonic() < deadline:  # a gunicorn worker boots after it listens
-                try:
-                    httpx.get(f"{url}/orders/0", timeout=2.0)
-                    return url
-                except httpx.TransportError:
-                    time.sleep(0.05)
-    raise RuntimeError("the quickstart did not start:\n" + "".join(seen[-30:]))
+    command = _command(first_line, match.group(2))
+    env = {**os.environ, "PYTHONPATH": path}
+    with server_process(command, cwd=directory, env=env) as (process, lines):
+        # Probed at a page, not /healthz (no quickstart has one): any answer means serving.
+        yield listening_url(
+            process,
+            lines,
+            listening=QUICKSTART_LISTENING,
+            probe="/orders/0",
+            any_status=True,
+            what="the quickstart",
+        )
 
 
 WEB_QUICKSTARTS = ["fastapi", "flask", "django", "wsgi"]
