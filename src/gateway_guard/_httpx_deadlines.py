@@ -80,7 +80,9 @@ def classified(exc: BaseException, upstream: str) -> UpstreamError:
 
 
 def _remaining(call: Call) -> float:
-    remaining = call.deadline_at - call.rt.clock()
+    # The clock read into a local: CPython 3.11 cannot specialise call.rt.clock().
+    clock = call.rt.clock
+    remaining = call.deadline_at - clock()
     if remaining <= 0.0:
         raise DeadlineExceeded(f"deadline of upstream {call.rt.name!r} exhausted")
     return remaining

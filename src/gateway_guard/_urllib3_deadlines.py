@@ -128,14 +128,18 @@ class _Socket:
     def _clip(self) -> None:
         """Past ``_until``: give the real socket what is left of the deadline, or raise."""
         call = cast(Bound, self._timeout).call
-        remaining = call.deadline_at - self._clock()
+        clock = self._clock
+        remaining = call.deadline_at - clock()
         if remaining <= 0.0:
             raise DeadlineExceeded(f"deadline of upstream {call.rt.name!r} exhausted")
         self._inner.settimeout(remaining)
         self._applied = remaining
 
     def sendall(self, data: Any, flags: int = 0) -> None:
-        clipped = self._clock() > self._until
+        # The clock read into a local: CPython 3.11 cannot specialise a method-style call
+        # of an instance attribute (self._clock()), and this runs on every write and read.
+        clock = self._clock
+        clipped = clock() > self._until
         if clipped:
             self._clip()
         try:
@@ -182,7 +186,8 @@ class _Reader(socket.SocketIO):
         if self._timeout_occurred:
             raise OSError("cannot read from timed out object")
         owner = self._owner
-        clipped = owner._clock() > owner._until
+        clock = owner._clock  # as in _Socket.sendall
+        clipped = clock() > owner._until
         if clipped:
             owner._clip()
         try:
@@ -211,7 +216,8 @@ class _Wrapped(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int | None:
         owner = self._owner
-        clipped = owner._clock() > owner._until
+        clock = owner._clock  # as in _Socket.sendall
+        clipped = clock() > owner._until
         if clipped:
             owner._clip()
         try:
