@@ -187,21 +187,26 @@ class GuardedAdapter(HTTPAdapter):
                     response = super().send(request, True, _timeouts(call), verify, cert, proxies)
                     complete = False
                     if not stream:
-                        # Content-Length read from the store of the header dict requests
-                        # builds anyway, and encoded bare (decoded as Latin-1, so it
-                        # encodes; non-ASCII is no digit to reads_ahead): -570 and -700
-                        # instructions a call against headers.get() and encode("ascii",
-                        # "replace") (bench/clients.py --instructions, 2026-12-08).
+                        # Content-Length from the store of the header dict requests builds
+                        # anyway, encoded bare (it was decoded as Latin-1, so it encodes;
+                        # non-ASCII is no digit to reads_ahead): -920 and -280 instructions
+                        # against headers.get() and encode("ascii", "replace") (cachegrind,
+                        # 10,000 lookups, 2026-12-08).
                         length = response.headers._store.get("content-length")  # type: ignore[attr-defined]
                         if call.reads_ahead(
                             response.status_code,
                             None if length is None else length[1].encode(),
                         ):
-                            # A body that breaks off or stalls now fails this attempt, like
-                            # any other transport error just below. One that cannot be
-                            # decoded fails it too, and the call core never retries that
-                            # (the same bytes would fail the same way): one failure.
-                            _read(response)
+                            # Read as _read_whole reads it, inline (-370 instructions a call
+                            # against a helper's frame, cachegrind, 2026-12-08). A body that
+                            # breaks off or stalls now fails this attempt, like any other
+                            # transport error just below; one that cannot be decoded fails
+                            # it too, and the call core never retries that (the same bytes
+                            # would fail the same way): one failure.
+                            response._content = b"".join(
+                                response.raw.stream(CONTENT_CHUNK_SIZE, decode_content=True)
+                            )
+                            response._content_consumed = True  # type: ignore[attr-defined]
                             complete = True
                 except _TRANSPORT_ERRORS as exc:
                     error = classified(exc, rt.name)
@@ -315,7 +320,8 @@ class GuardedBody:
 
 def _read_whole(response: requests.Response, call: Call) -> None:
     """Read the body now, as the session would (``response.content``), and settle the
-    call at its end: a body that breaks off raises the classified UpstreamError.
+    call at its end: a body that breaks off raises the classified UpstreamError. For a
+    ``stream=False`` body the call core did not have read within the attempt.
 
     Read as ``Response.content`` reads it (``raw.stream`` in ``CONTENT_CHUNK_SIZE``
     chunks, decoded), but from urllib3's response directly, so that its errors are
@@ -324,7 +330,7 @@ def _read_whole(response: requests.Response, call: Call) -> None:
     calls of bench/clients.py, 2026-12-07).
     """
     try:
-        _read(response)
+        content = b"".join(response.raw.stream(CONTENT_CHUNK_SIZE, decode_content=True))
     except _TRANSPORT_ERRORS as exc:
         error = classified(exc, call.rt.name)
         call.body_failed(error)
@@ -332,13 +338,9 @@ def _read_whole(response: requests.Response, call: Call) -> None:
     except BaseException:
         call.cancelled()
         raise
-    call.body_done()
-
-
-def _read(response: requests.Response) -> None:
-    """Read the whole body into ``response.content``, decoded; its errors are urllib3's."""
-    response._content = b"".join(response.raw.stream(CONTENT_CHUNK_SIZE, decode_content=True))
+    response._content = content
     response._content_consumed = True  # type: ignore[attr-defined]
+    call.body_done()
 
 
 def _read_capped(response: requests.Response) -> None:
