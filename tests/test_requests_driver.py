@@ -31,6 +31,7 @@ from gateway_guard.breaker import BreakerState
 from gateway_guard.context import RequestContext, reset_context, set_context
 from gateway_guard.errors import from_exception
 from gateway_guard.testing.upstream import MisbehavingUpstream
+from servers import serve_wsgi
 
 pytestmark = pytest.mark.e2e
 
@@ -336,14 +337,195 @@ def test_streamed_body_outcome_is_recorded_at_its_end(
 def test_streamed_body_that_breaks_off_is_one_failure(
     guard: gg.Guard, session: requests.Session, upstream: MisbehavingUpstream
 ) -> None:
+    # stream=True, like httpx's client.stream(): the caller reads the body as it comes and
+    # may have used part of it, so it is never fetched again.
     upstream.set_mode("truncated")
+    response = session.get("/", stream=True)
     with pytest.raises(gg.UpstreamProtocolError) as info:
-        session.get("/")
+        response.content  # noqa: B018
     assert info.value.proxy_error == "http_response_incomplete"
     snapshot = guard.breaker("up").snapshot()
     assert (snapshot.calls, snapshot.failures) == (1, 1)
-    # A body that broke off after the headers came is never retried.
     assert upstream.stats().requests == 1
+
+
+# --- bodies read within the attempt (stream=False) ---------------------------------------------
+
+
+def outcomes(guard: gg.Guard) -> list[tuple[str, str | None]]:
+    """Each attempt's (outcome, proxy_error), as the guard's events report them."""
+    seen: list[tuple[str, str | None]] = []
+    guard.on(gg.events.AttemptEnded, lambda e: seen.append((e.outcome, e.proxy_error)))
+    return seen
+
+
+def heal_after_first_attempt(guard: gg.Guard, upstream: MisbehavingUpstream) -> None:
+    """The upstream answers ``ok`` from the first retry on (switched before its wait)."""
+    guard.on(gg.events.RetryScheduled, lambda e: upstream.set_mode("ok"))
+
+
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("GET", {}), ("PUT", {}), ("POST", {"Idempotency-Key": "order-1"})],
+)
+def test_body_that_breaks_off_is_retried(
+    upstream: MisbehavingUpstream, method: str, headers: dict[str, str]
+) -> None:
+    # Issue #12: with stream=False the body is read within the attempt, as httpx's
+    # client.get() does, so one that breaks off is a failed attempt, retried.
+    guard = make_guard(upstream)
+    attempts = outcomes(guard)
+    heal_after_first_attempt(guard, upstream)
+    upstream.set_mode("truncated")  # Content-Length: 1000, 100 bytes sent, closed
+    with guard.session("up") as s:
+        response = s.request(method, "/orders", headers=headers, data=b"{}")
+    assert response.status_code == 200
+    assert response.json()["method"] == method  # the whole body of the second answer
+    assert upstream.stats().requests == 2
+    assert attempts == [("failure", "http_response_incomplete"), ("success", None)]
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 0)  # judged by its last attempt
+    assert guard.bulkhead("up").in_flight == 0
+
+
+def test_body_that_keeps_breaking_off_fails_after_every_attempt(
+    guard: gg.Guard, session: requests.Session, upstream: MisbehavingUpstream
+) -> None:
+    upstream.set_mode("truncated")
+    with pytest.raises(gg.UpstreamProtocolError) as info:
+        session.get("/")
+    assert (info.value.proxy_error, info.value.attempts) == ("http_response_incomplete", 3)
+    assert upstream.stats().requests == 3
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
+
+
+def test_post_whose_body_breaks_off_is_not_retried(
+    guard: gg.Guard, session: requests.Session, upstream: MisbehavingUpstream
+) -> None:
+    # Without an Idempotency-Key the POST may have taken effect: never sent twice.
+    upstream.set_mode("truncated")
+    with pytest.raises(gg.UpstreamProtocolError) as info:
+        session.post("/charges", json={"amount": 1})
+    assert info.value.attempts == 1
+    assert upstream.stats().methods == {"POST": 1}
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
+
+
+@pytest.mark.parametrize(("limit", "requests_seen"), [(0, 1), (999, 1), (1000, 3)])
+def test_buffer_body_bytes_caps_the_bodies_read_within_the_attempt(
+    upstream: MisbehavingUpstream, limit: int, requests_seen: int
+) -> None:
+    # The truncated answer says Content-Length: 1000. Above the limit (or with 0: never)
+    # the body is read after the call, and breaking off is one failure, not retried.
+    guard = make_guard(upstream, retry=dict(FAST_RETRY, buffer_body_bytes=limit))
+    attempts = outcomes(guard)
+    upstream.set_mode("truncated")
+    with guard.session("up") as s, pytest.raises(gg.UpstreamProtocolError) as info:
+        s.get("/")
+    assert info.value.proxy_error == "http_response_incomplete"
+    assert info.value.attempts == upstream.stats().requests == requests_seen
+    if requests_seen == 1:
+        # The attempt itself succeeded (its headers came); the body failed after it.
+        assert attempts == [("success", None)]
+    assert guard.breaker("up").snapshot().failures == 1
+
+
+def test_body_with_no_attempt_left_is_read_after_the_call(upstream: MisbehavingUpstream) -> None:
+    # attempts = 1: no retry could replace the body, so it is read as before, after the
+    # call; breaking off is one failure.
+    guard = make_guard(upstream, retry={"attempts": 1})
+    attempts = outcomes(guard)
+    upstream.set_mode("truncated")
+    with guard.session("up") as s, pytest.raises(gg.UpstreamProtocolError) as info:
+        s.get("/")
+    assert info.value.proxy_error == "http_response_incomplete"
+    assert attempts == [("success", None)]
+    assert upstream.stats().requests == 1
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
+
+
+def _event_stream_that_breaks_off(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+    # No Content-Length: cheroot sends it chunked, and the connection closes before the
+    # last chunk.
+    start_response("200 OK", [("Content-Type", "text/event-stream")])
+    yield b"data: 1\n\n"
+    raise ConnectionAbortedError("the upstream went away mid-body")
+
+
+def test_body_of_unknown_length_is_not_read_within_the_attempt() -> None:
+    # A body of unknown length (server-sent events, a chunked download) may never end: it is
+    # not held for a retry, so breaking off is one failure.
+    seen: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        seen.append(environ["PATH_INFO"])
+        return _event_stream_that_breaks_off(environ, start_response)
+
+    with serve_wsgi(app) as url:
+        guard = gg.Guard({"upstreams": {"up": {"base_url": url, "retry": dict(FAST_RETRY)}}})
+        with guard.session("up") as s, pytest.raises(gg.UpstreamProtocolError):
+            s.get("/events")
+    assert seen == ["/events"]
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
+
+
+def test_corrupt_content_encoding_is_one_failure_never_retried() -> None:
+    # Read within the attempt (it has a small Content-Length), but decoding the same bytes
+    # again would fail the same way: one failure, as with httpx.
+    seen: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ["PATH_INFO"])
+        body = b"not gzip at all"
+        start_response("200 OK", [("Content-Encoding", "gzip"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    with serve_wsgi(app) as url:
+        guard = gg.Guard({"upstreams": {"up": {"base_url": url, "retry": dict(FAST_RETRY)}}})
+        with guard.session("up") as s, pytest.raises(gg.UpstreamProtocolError) as info:
+            s.get("/report")
+    assert (info.value.status, info.value.proxy_error) == (502, "http_response_content_coding")
+    assert info.value.attempts == 1
+    assert seen == ["/report"]
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
+
+
+def test_body_that_stalls_is_retried(upstream: MisbehavingUpstream) -> None:
+    # A byte every 600 ms: each attempt's body read times out after 0.3 s, well inside the
+    # deadline, and the next attempt asks again.
+    guard = make_guard(upstream, read_timeout=0.3, deadline=5.0)
+    attempts = outcomes(guard)
+    upstream.set_mode("drip_body", drip_ms=600)
+    with guard.session("up") as s, pytest.raises(gg.UpstreamTimeout) as info:
+        s.get("/")
+    assert (info.value.status, info.value.proxy_error) == (504, "connection_read_timeout")
+    assert info.value.attempts == upstream.stats().requests == 3
+    # The last attempt has no retry behind it: its body is read after the call, as before.
+    assert attempts == [("failure", "connection_read_timeout")] * 2 + [("success", None)]
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
+
+
+def test_body_that_drips_past_the_deadline_ends_there(upstream: MisbehavingUpstream) -> None:
+    # A byte every 50 ms never trips the 0.4 s read timeout: the deadline ends the attempt
+    # reading it, and leaves no time for another.
+    guard = make_guard(upstream, read_timeout=0.4, deadline=1.0)
+    attempts = outcomes(guard)
+    upstream.set_mode("drip_body", drip_ms=50)
+    started = time.monotonic()
+    with guard.session("up") as s, pytest.raises(gg.UpstreamTimeout) as info:
+        s.get("/")
+    assert 0.9 <= time.monotonic() - started < 1.6
+    assert (info.value.status, info.value.proxy_error) == (504, "http_response_timeout")
+    assert attempts == [("failure", "http_response_timeout")]
+    assert upstream.stats().requests == 1
+    snapshot = guard.breaker("up").snapshot()
+    assert (snapshot.calls, snapshot.failures) == (1, 1)
 
 
 def test_streamed_body_closed_early_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
@@ -437,6 +619,42 @@ def test_body_read_interrupted_gives_back_a_probe(upstream: MisbehavingUpstream)
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert breaker.state is BreakerState.CLOSED
+
+
+def test_body_read_within_the_attempt_interrupted_counts_nothing(
+    upstream: MisbehavingUpstream,
+) -> None:
+    # Interrupted while the body is read within the attempt (attempts left): nothing is
+    # held against the upstream, and the bulkhead slot is given back.
+    guard = make_guard(upstream)
+    attempts = outcomes(guard)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with guard.session("up") as s:
+            upstream.set_mode("drip_body", drip_ms=50)
+            timer = threading.Timer(
+                0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1)
+            )
+            timer.start()
+            try:
+                with pytest.raises(_Interrupted):
+                    s.get("/")
+            finally:
+                timer.cancel()
+                timer.join()
+            assert attempts == [("cancelled", None)]
+            snapshot = guard.breaker("up").snapshot()
+            assert (snapshot.calls, snapshot.failures) == (0, 0)
+            assert guard.bulkhead("up").in_flight == 0
+            upstream.set_mode("ok")
+            assert s.get("/").status_code == 200
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert upstream.stats().requests == 2
 
 
 def test_connections_are_reused(session: requests.Session, upstream: MisbehavingUpstream) -> None:
