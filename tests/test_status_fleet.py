@@ -174,6 +174,36 @@ def test_the_fleet_lists_every_live_process_and_adds_up_their_windows(
     assert data["fleet"]["read_ago"] <= 1.5
 
 
+def test_this_processs_row_is_its_own_window_whatever_order_redis_keeps(
+    fleet: Callable[..., gg.Guard],
+) -> None:
+    # Peers that reported before this process come first in Redis's hash: this process's
+    # row must still hold its own counts, not the running fleet totals.
+    b, c = fleet(), fleet()
+    connected(b, c)
+    for _ in range(3):
+        fail(b.breaker("pay"))
+    for _ in range(5):
+        succeed(c.breaker("pay"))
+    every_process_seen(b, 2)
+    a = fleet()
+    connected(a)
+    for _ in range(2):
+        succeed(a.breaker("pay"))
+
+    def carried() -> dict[str, Any] | None:
+        data = status_data(a)
+        fleet_pay = data["upstreams"]["pay"].get("fleet") or {}
+        return data if fleet_pay.get("calls") == 10 and fleet_pay.get("processes") == 3 else None
+
+    data = until(carried, 5.0)
+    mine = next(p for p in data["fleet"]["processes"] if p["this_process"])
+    assert mine["upstreams"]["pay"]["calls"] == 2
+    assert mine["upstreams"]["pay"]["failures"] == 0
+    rows = sorted(p["upstreams"]["pay"]["calls"] for p in data["fleet"]["processes"])
+    assert rows == [2, 3, 5]
+
+
 def test_hosts_are_named_only_with_debug(fleet: Callable[..., gg.Guard]) -> None:
     quiet, loud = fleet(), fleet(debug=True)
     connected(quiet, loud)

@@ -649,14 +649,17 @@ class FleetStore:
         for name, member in self._members.items():
             snap = member.breaker.snapshot()
             own = member.bulkhead.in_flight if member.bulkhead is not None else 0
-            totals = {"calls": snap.calls, "failures": snap.failures, "slow_calls": snap.slow}
+            mine = {"calls": snap.calls, "failures": snap.failures, "slow_calls": snap.slow}
+            totals = dict(mine)
             reporting, in_flight = 1, own
             for who, entry in view.entries.get(name, {}).items():
                 row = processes.get(who)
                 if row is None:
                     row = processes[who] = self._process_row(who, debug)
                 if who == self._me:
-                    row["upstreams"][name] = {**totals, "in_flight": own}
+                    # This process's own window: never the running totals, which already
+                    # hold whichever peers came before it in Redis's order.
+                    row["upstreams"][name] = {**mine, "in_flight": own}
                     continue
                 row["last_seen"] = min(row["last_seen"], _ago(view, entry, age))
                 row["upstreams"][name] = {
