@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -580,6 +581,26 @@ class _Interrupted(BaseException):
     """Raised by a signal handler in the middle of a body read, as KeyboardInterrupt is."""
 
 
+@contextmanager
+def interrupted_after(seconds: float) -> Iterator[None]:
+    """Expect the block to be interrupted by a signal handler raising ``_Interrupted`` in
+    this thread after ``seconds`` (as Ctrl-C or a worker's timeout signal would)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Timer(seconds, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1))
+    timer.start()
+    try:
+        with pytest.raises(_Interrupted):
+            yield
+    finally:
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGUSR1, previous)
+
+
 def test_body_read_interrupted_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
     # With stream=False the adapter reads the body itself: an interruption there (Ctrl-C,
     # a worker's timeout signal) says nothing about the upstream, but frees the probe slot.
@@ -591,33 +612,17 @@ def test_body_read_interrupted_gives_back_a_probe(upstream: MisbehavingUpstream)
     }
     guard = make_guard(upstream, retry={"attempts": 1}, breaker=breaker_settings)
     breaker = guard.breaker("up")
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise _Interrupted
-
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    try:
-        with guard.session("up") as s:
-            upstream.set_mode("status", status=502)
-            with pytest.raises(gg.UpstreamStatusError):
-                s.get("/")
-            time.sleep(0.1)
-            upstream.set_mode("drip_body", drip_ms=50)
-            timer = threading.Timer(
-                0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1)
-            )
-            timer.start()
-            try:
-                with pytest.raises(_Interrupted):
-                    s.get("/")
-            finally:
-                timer.cancel()
-                timer.join()
-            assert breaker.snapshot().probes_in_flight == 0
-            upstream.set_mode("ok")
-            assert s.get("/").status_code == 200  # the next probe is admitted, and closes it
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    with guard.session("up") as s:
+        upstream.set_mode("status", status=502)
+        with pytest.raises(gg.UpstreamStatusError):
+            s.get("/")
+        time.sleep(0.1)
+        upstream.set_mode("drip_body", drip_ms=50)
+        with interrupted_after(0.3):
+            s.get("/")
+        assert breaker.snapshot().probes_in_flight == 0
+        upstream.set_mode("ok")
+        assert s.get("/").status_code == 200  # the next probe is admitted, and closes it
     assert breaker.state is BreakerState.CLOSED
 
 
@@ -628,32 +633,16 @@ def test_body_read_within_the_attempt_interrupted_counts_nothing(
     # held against the upstream, and the bulkhead slot is given back.
     guard = make_guard(upstream)
     attempts = outcomes(guard)
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise _Interrupted
-
-    previous = signal.signal(signal.SIGUSR1, interrupt)
-    try:
-        with guard.session("up") as s:
-            upstream.set_mode("drip_body", drip_ms=50)
-            timer = threading.Timer(
-                0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGUSR1)
-            )
-            timer.start()
-            try:
-                with pytest.raises(_Interrupted):
-                    s.get("/")
-            finally:
-                timer.cancel()
-                timer.join()
-            assert attempts == [("cancelled", None)]
-            snapshot = guard.breaker("up").snapshot()
-            assert (snapshot.calls, snapshot.failures) == (0, 0)
-            assert guard.bulkhead("up").in_flight == 0
-            upstream.set_mode("ok")
-            assert s.get("/").status_code == 200
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+    with guard.session("up") as s:
+        upstream.set_mode("drip_body", drip_ms=50)
+        with interrupted_after(0.3):
+            s.get("/")
+        assert attempts == [("cancelled", None)]
+        snapshot = guard.breaker("up").snapshot()
+        assert (snapshot.calls, snapshot.failures) == (0, 0)
+        assert guard.bulkhead("up").in_flight == 0
+        upstream.set_mode("ok")
+        assert s.get("/").status_code == 200
     assert upstream.stats().requests == 2
 
 
