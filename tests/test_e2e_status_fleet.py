@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +27,7 @@ import pytest
 from browser import Browser, chromium
 from gateway_guard.testing.upstream import MisbehavingUpstream
 from redis_server import RedisServer, redis_server
-from servers import GUNICORN_LISTENING, server_process
+from servers import listening_url, server_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(120)]
 STARTUP = 60.0
@@ -109,20 +108,10 @@ def _gunicorn(directory: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]
         *("--timeout", "30", "--graceful-timeout", "2", "fleet_status_app:app"),
     ]
     with server_process(command, cwd=directory, env=env) as (process, lines):
-        deadline = time.monotonic() + STARTUP
-        url = None
-        seen: list[str] = []
-        while url is None:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError("gunicorn did not start:\n" + "".join(seen[-30:]))
-            try:
-                line = lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            seen.append(line)
-            if match := GUNICORN_LISTENING.search(line):
-                url = match.group(1)
-        yield url, process.pid
+        yield (
+            listening_url(process, lines, timeout=STARTUP),
+            process.pid,
+        )
 
 
 @pytest.fixture(scope="module")
