@@ -40,6 +40,8 @@ from bisect import bisect_right
 from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+import anyio.to_thread
+
 try:
     import prometheus_client
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -604,7 +606,9 @@ def make_asgi_app() -> _ASGIApp:
     ) -> None:
         if scope["type"] != "http":
             return
-        body, content_type = exposition()
+        # On a worker thread: in multiprocess mode a scrape reads every worker's files,
+        # which must not hold the event loop (as the middleware's own /metrics).
+        body, content_type = await anyio.to_thread.run_sync(exposition)
         await send(
             {
                 "type": "http.response.start",
