@@ -197,16 +197,11 @@ class GuardedAdapter(HTTPAdapter):
                             response.status_code,
                             None if length is None else length[1].encode(),
                         ):
-                            # Read as _read_whole reads it, inline (-370 instructions a call
-                            # against a helper's frame, cachegrind, 2026-12-08). A body that
-                            # breaks off or stalls now fails this attempt, like any other
-                            # transport error just below; one that cannot be decoded fails
-                            # it too, and the call core never retries that (the same bytes
-                            # would fail the same way): one failure.
-                            response._content = b"".join(
-                                response.raw.stream(CONTENT_CHUNK_SIZE, decode_content=True)
-                            )
-                            response._content_consumed = True  # type: ignore[attr-defined]
+                            # A body that breaks off or stalls now fails this attempt,
+                            # like any other transport error just below; one that cannot be
+                            # decoded fails it too, and the call core never retries that
+                            # (the same bytes would fail the same way): one failure.
+                            _read(response)
                             complete = True
                 except _TRANSPORT_ERRORS as exc:
                     error = classified(exc, rt.name)
@@ -330,7 +325,7 @@ def _read_whole(response: requests.Response, call: Call) -> None:
     calls of bench/clients.py, 2026-12-07).
     """
     try:
-        content = b"".join(response.raw.stream(CONTENT_CHUNK_SIZE, decode_content=True))
+        _read(response)
     except _TRANSPORT_ERRORS as exc:
         error = classified(exc, call.rt.name)
         call.body_failed(error)
@@ -338,9 +333,15 @@ def _read_whole(response: requests.Response, call: Call) -> None:
     except BaseException:
         call.cancelled()
         raise
-    response._content = content
-    response._content_consumed = True  # type: ignore[attr-defined]
     call.body_done()
+
+
+def _read(response: requests.Response) -> None:
+    """The whole body into ``response.content``, decoded, as ``Response.content`` reads it
+    (``raw.stream`` in ``CONTENT_CHUNK_SIZE`` chunks); its errors are urllib3's. Used
+    within the attempt (read ahead) and after it (:func:`_read_whole`)."""
+    response._content = b"".join(response.raw.stream(CONTENT_CHUNK_SIZE, decode_content=True))
+    response._content_consumed = True  # type: ignore[attr-defined]
 
 
 def _read_capped(response: requests.Response) -> None:
