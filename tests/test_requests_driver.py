@@ -529,7 +529,10 @@ def test_body_that_drips_past_the_deadline_ends_there(upstream: MisbehavingUpstr
     assert (snapshot.calls, snapshot.failures) == (1, 1)
 
 
-def test_streamed_body_closed_early_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
+@contextmanager
+def probing(upstream: MisbehavingUpstream) -> Iterator[tuple[gg.Guard, requests.Session]]:
+    """A guarded session whose breaker a 502 has opened, now due to admit one half-open
+    probe (its open time is 50 ms)."""
     breaker_settings = {
         "min_calls": 1,
         "window_size": 1,
@@ -537,13 +540,18 @@ def test_streamed_body_closed_early_gives_back_a_probe(upstream: MisbehavingUpst
         "half_open_calls": 1,
     }
     guard = make_guard(upstream, retry={"attempts": 1}, breaker=breaker_settings)
-    breaker = guard.breaker("up")
     with guard.session("up") as s:
         upstream.set_mode("status", status=502)
         with pytest.raises(gg.UpstreamStatusError):
             s.get("/")
-        assert breaker.state is BreakerState.OPEN
+        assert guard.breaker("up").state is BreakerState.OPEN
         time.sleep(0.1)
+        yield guard, s
+
+
+def test_streamed_body_closed_early_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
+    with probing(upstream) as (guard, s):
+        breaker = guard.breaker("up")
         upstream.set_mode("drip_body", drip_ms=50)
         response = s.get("/", stream=True)
         assert breaker.snapshot().probes_in_flight == 1
@@ -555,19 +563,8 @@ def test_streamed_body_closed_early_gives_back_a_probe(upstream: MisbehavingUpst
 
 
 def test_streamed_body_dropped_unread_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
-    breaker_settings = {
-        "min_calls": 1,
-        "window_size": 1,
-        "open_seconds": 0.05,
-        "half_open_calls": 1,
-    }
-    guard = make_guard(upstream, retry={"attempts": 1}, breaker=breaker_settings)
-    breaker = guard.breaker("up")
-    with guard.session("up") as s:
-        upstream.set_mode("status", status=502)
-        with pytest.raises(gg.UpstreamStatusError):
-            s.get("/")
-        time.sleep(0.1)
+    with probing(upstream) as (guard, s):
+        breaker = guard.breaker("up")
         upstream.set_mode("drip_body", drip_ms=50)
         response = s.get("/", stream=True)
         del response
@@ -604,19 +601,8 @@ def interrupted_after(seconds: float) -> Iterator[None]:
 def test_body_read_interrupted_gives_back_a_probe(upstream: MisbehavingUpstream) -> None:
     # With stream=False the adapter reads the body itself: an interruption there (Ctrl-C,
     # a worker's timeout signal) says nothing about the upstream, but frees the probe slot.
-    breaker_settings = {
-        "min_calls": 1,
-        "window_size": 1,
-        "open_seconds": 0.05,
-        "half_open_calls": 1,
-    }
-    guard = make_guard(upstream, retry={"attempts": 1}, breaker=breaker_settings)
-    breaker = guard.breaker("up")
-    with guard.session("up") as s:
-        upstream.set_mode("status", status=502)
-        with pytest.raises(gg.UpstreamStatusError):
-            s.get("/")
-        time.sleep(0.1)
+    with probing(upstream) as (guard, s):
+        breaker = guard.breaker("up")
         upstream.set_mode("drip_body", drip_ms=50)
         with interrupted_after(0.3):
             s.get("/")
