@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -141,6 +142,81 @@ def test_one_client_alternating_between_hosts_gets_each_hosts_guard() -> None:
     calls = {name: guard.breaker(name).snapshot().calls for name in ("payments", "other")}
     assert calls == {"payments": 9, "other": 3}
     assert len(handler.seen) == 18
+
+
+def test_a_clients_remembered_decision_follows_its_transport_and_the_instrumented_guard() -> None:
+    # The wrapper keeps the client's last decision on the client: a transport swapped in
+    # later, or another Guard instrumented since, must not get the earlier decision.
+    first, second = gg.Guard(SETTINGS), gg.Guard(SETTINGS)
+    gg.instrument(first, clients=("httpx",))
+    before, after = Upstream(200), Upstream(503)
+    with httpx.Client(transport=httpx.MockTransport(before)) as client:
+        url = "http://payments.internal:8080/x"
+        assert client.get(url).status_code == 200
+        assert client.get(url).status_code == 200
+        client._transport = httpx.MockTransport(after)
+        with pytest.raises(gg.UpstreamStatusError):
+            client.get(url)
+        assert (len(before.seen), len(after.seen)) == (2, 3)  # the new one, guarded
+        gg.instrument(second, clients=("httpx",))
+        with pytest.raises(gg.UpstreamStatusError):
+            client.get(url)
+    assert first.breaker("payments").snapshot().calls == 3
+    assert second.breaker("payments").snapshot().calls == 1
+
+
+class Forwarding(httpx.Client):
+    """An SDK's client that answers any missing attribute (as some wrappers do), here with
+    something that cannot be indexed."""
+
+    def __getattr__(self, name: str) -> Any:
+        return 42
+
+
+def test_a_client_class_answering_every_attribute_is_still_guarded() -> None:
+    guard = gg.Guard(SETTINGS)
+    gg.instrument(guard, clients=("httpx",))
+    handler = Upstream(200)
+    with Forwarding(transport=httpx.MockTransport(handler)) as client:
+        for _ in range(3):
+            assert client.get("http://payments.internal:8080/x").status_code == 200
+            assert client.get("http://example.com/x").status_code == 200
+    assert guard.breaker("payments").snapshot().calls == 3
+    assert len(handler.seen) == 6
+
+
+def test_threads_sharing_one_client_between_upstreams_each_get_the_right_guard() -> None:
+    # One client, several threads, each calling its own host: whatever order the client's
+    # remembered decision is written and read in, every call goes to its own upstream.
+    guard = gg.Guard(SETTINGS)
+    ended: list[str] = []  # list.append: safe from any thread
+    guard.on(gg.events.CallEnded, lambda event: ended.append(event.upstream))
+    gg.instrument(guard, clients=("httpx",))
+    handler = Upstream(200)
+    urls = [
+        "http://payments.internal:8080/x",
+        "http://other.internal/x",
+        "http://payments.internal:9999/x",  # not an upstream: the same host, another port
+        "http://example.com/x",
+    ]
+    calls = 200
+    barrier = threading.Barrier(len(urls))
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+
+        def run(url: str) -> None:
+            barrier.wait()
+            for _ in range(calls):
+                assert client.get(url).status_code == 200
+
+        threads = [threading.Thread(target=run, args=(url,)) for url in urls]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)
+    assert sorted(ended) == ["other"] * calls + ["payments"] * calls
+    assert len(handler.seen) == len(urls) * calls
 
 
 def test_an_explicitly_guarded_client_is_not_guarded_twice() -> None:

@@ -18,6 +18,7 @@ transport lives (weakly keyed), so connection pools are the client's own and are
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -58,12 +59,17 @@ class _Routes:
 
     def decide(self, transport: Any, url: httpx.URL, host: str, sync: bool) -> Any:
         """The transport for a URL whose host may belong to an upstream (the slow path:
-        the wrapper's inline lookup of a remembered decision missed)."""
+        the client's last decision, which the wrapper compares inline, was another)."""
         if self.has_paths:  # base_url paths: the decision depends on the path too
             return self._choose(transport, url, host, sync)
         decisions = self._decisions(transport)
         if decisions is None:
             return self._choose(transport, url, host, sync)
+        ref = url._uri_reference
+        key = (host, ref[3], ref[0])  # (host, port, scheme)
+        chosen = decisions.get(key)
+        if chosen is not None:
+            return chosen
         chosen = self._choose(transport, url, host, sync)
         for other in decisions.values():
             # The same upstream reached by another host name: one wrapper, one pool.
@@ -78,18 +84,17 @@ class _Routes:
             decisions.clear()
         # Two threads may both decide: either answer is right, and both wrappers share the
         # upstream's breaker, budget and bulkhead.
-        decisions[(host, url._uri_reference.port, url._uri_reference.scheme)] = chosen
+        decisions[key] = chosen
         return chosen
 
     def _decisions(self, transport: Any) -> dict[Any, Any] | None:
         attrs = getattr(transport, "__dict__", None)
         if attrs is not None:
-            # Kept on the transport itself, read inline by the wrapper; tagged with these
-            # routes, so a re-instrumented Guard never gets another Guard's wrapper.
-            # [these routes, decisions by (host, port, scheme), the last one taken].
+            # Kept on the transport itself, tagged with these routes, so a re-instrumented
+            # Guard never gets another Guard's wrapper: [these routes, decisions by key].
             entry = attrs.get(_CACHE)
             if entry is None or entry[0] is not self:
-                entry = attrs[_CACHE] = [self, {}, None]
+                entry = attrs[_CACHE] = [self, {}]
             return entry[1]  # type: ignore[no-any-return]
         try:
             return self.weak.setdefault(transport, {})
@@ -122,37 +127,43 @@ def _wrapper(original: Callable[[Any, httpx.URL], Any], sync: bool) -> Callable[
             return transport
         # The parsed URL as httpx stores it: the host lower case and IDNA-encoded (not
         # ``url.host``, which decodes IDNA on each read; patterns are ASCII). The test
-        # below is all a call to another host pays: +1,180 instructions on the 2,100 of
-        # httpx's own method (bench/instrument.py, 2026-12-07).
+        # below is all a call to another host pays. ``ref`` is a NamedTuple: its fields are
+        # read by index, since CPython 3.11 does not specialise reading a NamedTuple's field
+        # by name (each is a generic attribute lookup).
         ref = url._uri_reference
-        host = ref.host
+        host = ref[2]
         if host not in routes.names:
             tops = routes.tops
             if not tops or host[host.rfind(".") + 1 :] not in tops:
                 return transport
-        # One guarded wrapper per (transport, upstream), made on the first call and kept
-        # with the transport (its connection pool is the one reused); the decision is read
-        # back here without a call: 6,010 -> 5,230 instructions per call of this method,
-        # httpx's own being 2,100 (valgrind, 2026-12-07; bench/instrument.py counts whole
-        # calls: +2,500 on 715,000, 1.0035x the explicit guard.client() call).
+        # A client calls one upstream over and over: its last decision, kept on the client
+        # (routes, its transport, host, port, scheme, the transport to use) and compared
+        # field by field, answers without a call. Against reading the decision kept on the
+        # transport (its __dict__ is a generic lookup) and the fields by name: +1,944 ->
+        # +1,184 instructions a call over the explicit guard.client() call, and +436 -> +217
+        # to another host over a bare call (bench/instrument.py's calls under valgrind, ASLR
+        # off, mean of PYTHONHASHSEED 0-3, 2026-12-08). The tuple's type is checked: a
+        # client class with __getattr__ may answer for a missing attribute.
         try:
-            entry = transport.__dict__[_CACHE]
-        except (AttributeError, KeyError):
-            entry = None
-        if entry is not None and entry[0] is routes:
-            port, scheme = ref.port, ref.scheme
-            # A client calls one upstream over and over: the last decision, compared field
-            # by field, spares building, hashing and comparing a key: +1,225 -> +597
-            # instructions a call over the explicit guard.client() call (bench/instrument.py
-            # children under valgrind, ASLR off, PYTHONHASHSEED=0, 2026-12-08).
-            last = entry[2]
-            if last is not None and last[0] == host and last[1] == port and last[2] == scheme:
-                return last[3]
-            chosen = entry[1].get((host, port, scheme))
-            if chosen is not None:
-                entry[2] = (host, port, scheme, chosen)  # one store: atomic for other threads
-                return chosen
-        return routes.decide(transport, url, host, sync)
+            last = self._gateway_guard_last
+        except AttributeError:
+            last = None
+        if (
+            type(last) is tuple
+            and last[0] is routes
+            and last[1] is transport
+            and last[2] == host
+            and last[3] == ref[3]
+            and last[4] == ref[0]
+        ):
+            return last[5]
+        chosen = routes.decide(transport, url, host, sync)
+        if not routes.has_paths:
+            # One store: atomic for other threads using the client. Each wrapper made is
+            # kept with the transport (decide), so its connection pool is the one reused.
+            with contextlib.suppress(AttributeError, TypeError):  # a client that refuses it
+                self._gateway_guard_last = (routes, transport, host, ref[3], ref[0], chosen)
+        return chosen
 
     _transport_for_url.__wrapped__ = original  # type: ignore[attr-defined]
     _transport_for_url.__gateway_guard__ = True  # type: ignore[attr-defined]
