@@ -415,6 +415,44 @@ def test_reset_reaches_processes_that_disagree(fleet: Callable[..., gg.Guard]) -
     until(lambda: a.breaker("pay").state is BreakerState.CLOSED, 1.0)
 
 
+def test_an_operators_action_is_not_undone_by_a_record_read_before_it() -> None:
+    """The race the fleet e2e test caught under load: the sync thread read the record, an
+    operator forced the breaker open here, then the sync adopted what it had read (closed)
+    over it, and the force-open was published as "closed". A record is not adopted over an
+    action this process has not published yet."""
+    guard = gg.Guard(settings("redis://127.0.0.1:9/0", "test:race"))  # never connects
+    try:
+        store = guard._store
+        assert store is not None
+        member = store._members["pay"]
+        breaker = guard.breaker("pay")
+        read_before = {"state": "closed", "gen": "7", "epoch": "e1", "opens": "0"}
+        breaker.force_open()
+        with store._lock:
+            store._adopt(member, read_before, int(time.time() * 1000))
+        assert breaker.state is BreakerState.FORCED_OPEN
+        assert (member.epoch, member.gen) == ("", 0)  # not taken as seen: read again later
+        member.manual_seen = breaker.manual_seq  # as _publish does once it is published
+        with store._lock:
+            store._adopt(member, read_before, int(time.time() * 1000))
+        assert breaker.state is BreakerState.CLOSED  # a later decision elsewhere: adopted
+        assert (member.epoch, member.gen) == ("e1", 7)
+    finally:
+        guard.close()
+
+
+def test_adopt_refuses_a_state_over_an_operators_later_action() -> None:
+    breaker = gg.CircuitBreaker("pay", BreakerPolicy(), clock=FakeClock())
+    seen = breaker.manual_seq
+    assert breaker.adopt(BreakerState.FORCED_OPEN, manual_seq=seen)
+    breaker.reset()
+    assert not breaker.adopt(BreakerState.FORCED_OPEN, manual_seq=seen)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.adopt(BreakerState.FORCED_OPEN)  # no sequence given: as before
+    assert breaker.adopt(BreakerState.CLOSED, manual_seq=breaker.manual_seq)
+    assert breaker.state is BreakerState.CLOSED
+
+
 def test_a_slow_redis_never_delays_a_call(
     fleet: Callable[..., gg.Guard], server: RedisServer
 ) -> None:

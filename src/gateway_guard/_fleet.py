@@ -273,6 +273,9 @@ class FleetUpstream:
     # A transition this process decided while Redis was away, published on return:
     # "manual" (an operator's, which wins), "auto" (the breaker's own), or "".
     dirty: str = ""
+    # The breaker's manual_seq when this process last published its state: an operator's
+    # action taken since is not undone by adopting another process's decision.
+    manual_seen: int = 0
     unsubscribe: Any = None
     active: bool = field(default=False)
 
@@ -369,6 +372,7 @@ class FleetStore:
         self._init_process()
         _fork.register(self)
         for member in self._members.values():
+            member.manual_seen = member.breaker.manual_seq
             member.unsubscribe = member.breaker.subscribe(self._on_transition)
             member.breaker.attach_fleet(self)
         self._recent = recent
@@ -803,6 +807,9 @@ class FleetStore:
                 self._scripts["report"](keys=[member.record_key], args=[payload, "return", 0, 0])
 
     def _publish(self, member: FleetUpstream, reason: str, expected: str | None = None) -> None:
+        # Read before the snapshot: an operator's action between the two is in the snapshot
+        # or still to be published, and until then no adoption may undo it (_adopt).
+        seq = member.breaker.manual_seq
         snap = member.breaker.snapshot()
         state = snap.state
         wait = 0.0
@@ -832,6 +839,7 @@ class FleetStore:
             return
         with self._lock:
             member.dirty = ""
+            member.manual_seen = seq
             if int(applied):
                 member.epoch, member.gen = record["epoch"], int(record["gen"])
                 member.peers = (0, 0, 0)
@@ -918,15 +926,24 @@ class FleetStore:
 
     def _adopt(self, member: FleetUpstream, record: dict[str, str], now_ms: int) -> None:
         # Called with self._lock held (the breaker's lock is taken inside, never around).
+        try:
+            state = BreakerState(record.get("state", "closed"))
+        except ValueError:  # a state this version does not know: not adopted, not re-read
+            member.epoch, member.gen = record.get("epoch", ""), int(record.get("gen", 0))
+            return
+        remaining = (int(record.get("open_until", now_ms)) - now_ms) / 1000.0
+        # Refused while an operator's action here is not published yet: the record (read by
+        # the sync, or a message in flight) is older than that action, which the drain is
+        # about to publish on top of it. Seen in the fleet e2e test under load: a force-open
+        # undone 1 ms later by the sync's read of the record before it, then published as
+        # "closed" (_publish sends the breaker's state as it is then).
+        if not member.breaker.adopt(
+            state, remaining, int(record.get("opens", 0)), manual_seq=member.manual_seen
+        ):
+            return
         member.epoch = record.get("epoch", "")
         member.gen = int(record.get("gen", 0))
         member.peers = (0, 0, 0)
-        try:
-            state = BreakerState(record.get("state", "closed"))
-        except ValueError:
-            return
-        remaining = (int(record.get("open_until", now_ms)) - now_ms) / 1000.0
-        member.breaker.adopt(state, remaining, int(record.get("opens", 0)))
 
     def _listen(self) -> None:
         backoff = TICK / 2

@@ -355,6 +355,7 @@ class CircuitBreaker:
         "_fleet_probes",
         "_half_open_calls",
         "_lock",
+        "_manual_seq",
         "_max_open_seconds",
         "_min_calls",
         "_open_seconds",
@@ -432,6 +433,10 @@ class CircuitBreaker:
         self._fleet_probes = (0, 0, 0)
         self._open_until = 0.0
         self._consecutive_opens = 0
+        # How many operator actions (force_open, disable, force_closed, reset) this breaker
+        # has taken: the fleet store adopts no state decided elsewhere over one it has not
+        # published yet (adopt's ``manual_seq``).
+        self._manual_seq = 0
         # The half-open spell: its number (the token its probes carry), the probe slots
         # taken (admitted, minus those given back), and what the probes reported.
         self._spell = 0
@@ -846,6 +851,7 @@ class CircuitBreaker:
     def _manual(self, new: BreakerState, reason: str, *, fresh: bool = False) -> None:
         with self._lock:
             owed = self._drain() if self._dropped else 0
+            self._manual_seq += 1
             if fresh or new is _CLOSED:
                 self._window.clear()
                 self._consecutive_opens = 0
@@ -893,16 +899,32 @@ class CircuitBreaker:
         if changed is not None:
             self._notify_state(*changed)
 
+    @property
+    def manual_seq(self) -> int:
+        """How many operator actions this breaker has taken (see :meth:`adopt`)."""
+        return self._manual_seq
+
     def adopt(
-        self, state: BreakerState, open_remaining: float = 0.0, consecutive_opens: int = 0
-    ) -> None:
-        """Take on a state the fleet decided elsewhere (reason ``"fleet"``).
+        self,
+        state: BreakerState,
+        open_remaining: float = 0.0,
+        consecutive_opens: int = 0,
+        *,
+        manual_seq: int | None = None,
+    ) -> bool:
+        """Take on a state the fleet decided elsewhere (reason ``"fleet"``); False when
+        refused.
 
         ``open_remaining``: seconds until an OPEN breaker may probe; HALF_OPEN is adopted
         as OPEN with nothing remaining, so the next admit starts this process's part of
-        the fleet's probing."""
+        the fleet's probing. ``manual_seq``: the :attr:`manual_seq` the fleet has seen
+        published; when an operator has acted here since, the state is refused, checked
+        under the lock: a record read before a force-open must not undo it before it is
+        published."""
         changed: _Change | None = None
         with self._lock:
+            if manual_seq is not None and manual_seq != self._manual_seq:
+                return False
             owed = self._drain() if self._dropped else 0
             current = self._state
             if state is _OPEN or state is _HALF_OPEN:
@@ -921,6 +943,7 @@ class CircuitBreaker:
             self._pay(owed)
         if changed is not None:
             self._notify_state(*changed)
+        return True
 
     # --- reading -------------------------------------------------------------------------
 
