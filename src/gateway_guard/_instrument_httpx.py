@@ -14,6 +14,8 @@ client's own or a mount's. The patch wraps the chosen transport in the upstream'
 
 Each wrapped transport is made once per (transport, upstream) and kept as long as the
 transport lives (weakly keyed), so connection pools are the client's own and are reused.
+A client also keeps the last decision taken for it, which the wrapper compares inline: a
+client calls one upstream over and over. Both are inert once uninstrumented.
 """
 
 from __future__ import annotations
